@@ -1,0 +1,256 @@
+"""
+Values that travel with a message: who sent it, to whom, over what session,
+and what became of each recipient.
+
+Everything here is an immutable value (``attrs.frozen``) that can be turned
+into JSON and back without loss; the spool stores them that way.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+
+@attrs.frozen
+class Address:
+    """
+    A mailbox as it stands in an SMTP path (RFC 5321 4.1.2), source route
+    removed.
+
+    ``local`` is kept in its wire form: a quoted local part keeps its quotes
+    and backslashes, so the address can be sent on exactly as received.
+    """
+
+    local: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def isASCII(self) -> bool:
+        return str(self).isascii()
+
+
+class BodyType(enum.Enum):
+    """The BODY= parameter of MAIL (RFC 6152)."""
+
+    SEVENBIT = "7BIT"
+    EIGHTBITMIME = "8BITMIME"
+
+
+@attrs.frozen
+class Session:
+    """
+    What the server knows about the client when a message is accepted.
+
+    ``user`` is the authenticated identity (AUTH), ``tlsProtocol`` and
+    ``tlsCipher`` are ``None`` on a connection without TLS.
+    """
+
+    clientAddress: str
+    clientPort: int | None = None
+    helo: str = ""
+    user: str | None = None
+    tlsProtocol: str | None = None
+    tlsCipher: str | None = None
+    listener: str = "submission"
+
+    def toJSON(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> Session:
+        return cls(**data)
+
+
+@attrs.frozen
+class Envelope:
+    """
+    One SMTP transaction's envelope: reverse-path and forward-paths.
+
+    ``sender`` is ``None`` for the null reverse-path ``<>`` (bounces).
+    """
+
+    sender: Address | None
+    recipients: tuple[Address, ...]
+    body: BodyType = BodyType.SEVENBIT
+    smtputf8: bool = False
+    declaredSize: int | None = None
+
+    def toJSON(self) -> dict[str, Any]:
+        return {
+            "sender": None if self.sender is None else str(self.sender),
+            "recipients": [str(r) for r in self.recipients],
+            "body": self.body.value,
+            "smtputf8": self.smtputf8,
+            "declaredSize": self.declaredSize,
+        }
+
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> Envelope:
+        sender = data["sender"]
+        return cls(
+            sender=None if sender is None else splitAddress(sender),
+            recipients=tuple(splitAddress(r) for r in data["recipients"]),
+            body=BodyType(data.get("body", "7BIT")),
+            smtputf8=bool(data.get("smtputf8", False)),
+            declaredSize=data.get("declaredSize"),
+        )
+
+
+def splitAddress(text: str) -> Address:
+    """
+    Split an address already validated on the way in (``local@domain``) at
+    its last ``@``; a quoted local part may itself contain ``@``.
+    """
+    local, at, domain = text.rpartition("@")
+    if not at:
+        raise ValueError(f"not an address: {text!r}")
+    return Address(local, domain)
+
+
+class RecipientStatus(enum.Enum):
+    """Where one recipient of a queued message stands."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+
+
+@attrs.frozen
+class DeliveryResult:
+    """
+    The outcome of one delivery attempt for one recipient.
+
+    ``permanent`` is true for a 5xx reply or a failure that retrying cannot
+    fix; ``code``/``enhanced``/``text`` hold the upstream reply when there was
+    one (``code`` 0 for network, TLS and timeout failures).
+    """
+
+    recipient: Address
+    success: bool
+    permanent: bool = False
+    code: int = 0
+    enhanced: str = ""
+    text: str = ""
+    remote: str = ""
+
+    @property
+    def transient(self) -> bool:
+        return not self.success and not self.permanent
+
+
+@attrs.frozen
+class RecipientState:
+    """
+    The durable state of one recipient of a queued message.
+
+    ``code``, ``enhanced``, ``diagnostic`` and ``remote`` describe the last
+    attempt (the upstream's reply, or our own reason when there was none);
+    a bounce (RFC 3464) is built from them.
+    """
+
+    address: Address
+    status: RecipientStatus = RecipientStatus.PENDING
+    attempts: int = 0
+    lastAttempt: float | None = None
+    code: int = 0
+    enhanced: str = ""
+    diagnostic: str = ""
+    remote: str = ""
+
+    def toJSON(self) -> dict[str, Any]:
+        data = attrs.asdict(self)
+        data["address"] = str(self.address)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> RecipientState:
+        data = dict(data)
+        data["address"] = splitAddress(data["address"])
+        data["status"] = RecipientStatus(data["status"])
+        return cls(**data)
+
+    def withResult(self, result: DeliveryResult, when: float) -> RecipientState:
+        """This state after ``result`` was seen at ``when``."""
+        if result.success:
+            status = RecipientStatus.DELIVERED
+        elif result.permanent:
+            status = RecipientStatus.BOUNCED
+        else:
+            status = RecipientStatus.PENDING
+        return attrs.evolve(
+            self,
+            status=status,
+            attempts=self.attempts + 1,
+            lastAttempt=when,
+            code=result.code,
+            enhanced=result.enhanced,
+            diagnostic=result.text,
+            remote=result.remote,
+        )
+
+
+@attrs.frozen
+class QueuedMessage:
+    """
+    A committed message as the spool describes it: its envelope, the session
+    it came in on, and the state of every recipient.
+
+    ``arrival`` and ``nextAttempt`` are POSIX timestamps. ``held`` messages
+    are not tried until released.
+    """
+
+    queueId: str
+    envelope: Envelope
+    session: Session
+    arrival: float
+    size: int
+    recipients: tuple[RecipientState, ...]
+    nextAttempt: float = 0.0
+    held: bool = False
+    warned: bool = False
+
+    @property
+    def pendingRecipients(self) -> tuple[RecipientState, ...]:
+        return tuple(r for r in self.recipients if r.status is RecipientStatus.PENDING)
+
+    @property
+    def finished(self) -> bool:
+        return not self.pendingRecipients
+
+    @property
+    def isBounce(self) -> bool:
+        return self.envelope.sender is None
+
+    def toJSON(self) -> dict[str, Any]:
+        return {
+            "queueId": self.queueId,
+            "envelope": self.envelope.toJSON(),
+            "session": self.session.toJSON(),
+            "arrival": self.arrival,
+            "size": self.size,
+            "recipients": [r.toJSON() for r in self.recipients],
+            "nextAttempt": self.nextAttempt,
+            "held": self.held,
+            "warned": self.warned,
+        }
+
+    @classmethod
+    def fromJSON(cls, data: dict[str, Any]) -> QueuedMessage:
+        return cls(
+            queueId=data["queueId"],
+            envelope=Envelope.fromJSON(data["envelope"]),
+            session=Session.fromJSON(data["session"]),
+            arrival=float(data["arrival"]),
+            size=int(data["size"]),
+            recipients=tuple(RecipientState.fromJSON(r) for r in data["recipients"]),
+            nextAttempt=float(data.get("nextAttempt", 0.0)),
+            held=bool(data.get("held", False)),
+            warned=bool(data.get("warned", False)),
+        )

@@ -1,0 +1,141 @@
+"""
+Every seam of mailgw as a zope interface, and nothing else.
+
+Failures on these seams are either transient (the caller replies 4xx or
+retries later) or permanent (5xx, or a bounce); each method says which
+exceptions mean which.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class ISubmitter(Interface):
+    """
+    The avatar of an authenticated client: who may now submit mail.
+    """
+
+    login = Attribute("str: the authentication identity, as the backend knows it")
+
+
+class IMessageWriter(Interface):
+    """
+    One message being written into the spool.
+
+    ``write`` and ``commit`` raise or fail with
+    L{mailgw.queue.spool.SpoolFullError} when the disk is full (452 4.3.1)
+    and L{mailgw.queue.spool.SpoolError} for any other local failure
+    (451 4.3.0); both are transient. After a failure nothing of the message
+    is left behind.
+    """
+
+    queueId = Attribute("str: the queue id the message will have once committed")
+
+    def write(data: bytes) -> None:
+        """
+        Append message bytes (CRLF line endings, dot-stuffing removed).
+        """
+
+    def commit():  # type: ignore[no-untyped-def]
+        """
+        Make the message durable.
+
+        @return: a Deferred that fires with the queue id only once the
+            message and its envelope are fsync'd, renamed into the queue and
+            the directory fsync'd; only then may the server reply 250.
+        """
+
+    def abort() -> None:
+        """
+        Drop the message; nothing of it stays on disk. Idempotent, and safe
+        after a failed write or commit.
+        """
+
+
+class ISpool(Interface):
+    """
+    Durable storage of accepted messages and of each recipient's state.
+    """
+
+    def begin(envelope, session):  # type: ignore[no-untyped-def]
+        """
+        Start a message for L{mailgw.envelope.Envelope} ``envelope``
+        received over L{mailgw.envelope.Session} ``session``.
+
+        @return: an L{IMessageWriter}.
+        @raise SpoolError: transient local failure.
+        """
+
+    def pending():  # type: ignore[no-untyped-def]
+        """
+        @return: a list of every committed L{mailgw.envelope.QueuedMessage},
+            held ones included, oldest first.
+        """
+
+    def load(queueId):  # type: ignore[no-untyped-def]
+        """
+        @return: the L{mailgw.envelope.QueuedMessage} ``queueId``.
+        @raise KeyError: no such message.
+        """
+
+    def openMessage(queueId):  # type: ignore[no-untyped-def]
+        """
+        @return: a binary file object positioned at the start of the
+            message bytes (trace header included), for reading.
+        @raise KeyError: no such message.
+        """
+
+    def update(message):  # type: ignore[no-untyped-def]
+        """
+        Durably replace the stored state (recipients, next attempt, held,
+        warned) of ``message.queueId`` with that of ``message``.
+
+        @return: a Deferred that fires with ``message`` once the new state is
+            on disk (written, fsync'd, renamed, directory fsync'd).
+        """
+
+    def remove(queueId):  # type: ignore[no-untyped-def]
+        """
+        Remove a message and its state from the spool.
+
+        @return: a Deferred that fires when it is gone from disk.
+        """
+
+
+class IRelay(Interface):
+    """
+    Hands queued messages to upstream MTAs.
+    """
+
+    def deliver(message):  # type: ignore[no-untyped-def]
+        """
+        Try once to deliver L{mailgw.envelope.QueuedMessage} ``message`` to
+        its pending recipients.
+
+        @return: a Deferred that fires with a list of
+            L{mailgw.envelope.DeliveryResult}, one per pending recipient;
+            it does not fail: network, TLS and timeout problems are
+            transient results, and a message the upstream can never take
+            (8-bit or UTF-8 to an upstream without support) is permanent.
+        """
+
+
+class ISubmissionPolicy(Interface):
+    """
+    Decides what an authenticated client may send.
+
+    Each check returns ``None`` (accept), an L{mailgw.server.replies.SMTPReply}
+    (refuse with that reply), or a Deferred of either.
+    """
+
+    def checkSender(session, sender):  # type: ignore[no-untyped-def]
+        """
+        May ``session.user`` use reverse-path ``sender`` (an
+        L{mailgw.envelope.Address} or ``None`` for ``<>``)?
+        """
+
+    def checkRecipient(session, sender, recipient):  # type: ignore[no-untyped-def]
+        """
+        May this transaction add ``recipient``?
+        """
