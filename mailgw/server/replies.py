@@ -60,8 +60,12 @@ RECIPIENT_OK = reply(250, "2.1.5", "Ok")
 RESET_OK = reply(250, "2.0.0", "Ok")
 QUEUED = reply(250, "2.0.0", "Ok: queued as {queueId}")
 BYE = reply(221, "2.0.0", "Bye")
-HELP = reply(214, "2.0.0", "See RFC 5321 and RFC 6409; commands: EHLO HELO STARTTLS AUTH "
-             "MAIL RCPT DATA RSET NOOP QUIT HELP VRFY")
+HELP = reply(
+    214,
+    "2.0.0",
+    "See RFC 5321 and RFC 6409; commands: EHLO HELO STARTTLS AUTH "
+    "MAIL RCPT DATA RSET NOOP QUIT HELP VRFY",
+)
 VRFY = reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 AUTH_OK = reply(235, "2.7.0", "Authentication successful")
 READY_TLS = reply(220, "2.0.0", "Ready to start TLS")
@@ -107,7 +111,8 @@ NEED_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 par
 # 5xx: message
 TOO_BIG = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BAD_LINE_ENDINGS = reply(
-    554, "5.6.0",
+    554,
+    "5.6.0",
     "Message contains a bare CR or LF or a NUL; send CRLF line endings only",
 )
 DATA_LINE_TOO_LONG = reply(554, "5.6.0", "Message has a line longer than {limit} octets")

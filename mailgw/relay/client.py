@@ -1,0 +1,384 @@
+"""
+mailgw's outbound ESMTP client: one session with one upstream host that
+delivers several queued messages, with TLS that is never downgraded, AUTH
+only under TLS, RFC 5321 4.5.3.2 timeouts and every outcome turned into a
+L{DeliveryResult} per pending recipient.
+
+L{deliverBatch} never fails: network, TLS, timeout and protocol problems are
+transient results; replies are classified as docs/relay-client.md tabulates.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from typing import BinaryIO
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailgw.config import TLSMode
+from mailgw.envelope import DeliveryResult, QueuedMessage
+from mailgw.relay.clientprotocol import (
+    ConnectionFailed,
+    ProtocolError,
+    RelayError,
+    Reply,
+    SMTPClientProtocol,
+    describeFailure,
+)
+from mailgw.relay.clienttransaction import Capabilities, Outcome, Transaction, classify, wireSafe
+
+__all__ = ["RelaySettings", "RelayTimeouts", "TLSMode", "deliverBatch", "MessageOpener"]
+
+log = Logger()
+
+#: Opens a queued message's bytes for reading, given its queue id (e.g.
+#: L{mailgw.interfaces.ISpool.openMessage}).
+MessageOpener = Callable[[str], BinaryIO]
+
+
+@attrs.frozen
+class RelayTimeouts:
+    """
+    Seconds to wait, RFC 5321 4.5.3.2 defaults. C{command} covers what that
+    section does not list (STARTTLS, AUTH, RSET; HELO uses C{ehlo});
+    C{quit} bounds the polite goodbye, after every result is already known.
+    """
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    ehlo: float = 300.0
+    command: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    dataInitiation: float = 120.0
+    dataBlock: float = 180.0
+    finalDot: float = 600.0
+    quit: float = 30.0
+
+
+def _hideSecret(auth: tuple[str, str, str] | None) -> str:
+    return "None" if auth is None else f"({auth[0]!r}, '***', {auth[2]!r})"
+
+
+@attrs.frozen
+class RelaySettings:
+    """
+    How to talk to one upstream.
+
+    @ivar hostname: the upstream's name, as given to C{optionsForClientTLS}
+        when C{tlsCreator} was built; it is the C{remote} of every result.
+    @ivar ehloHostname: our name in EHLO/HELO.
+    @ivar tlsMode: STARTTLS (required), OPPORTUNISTIC (when offered, then
+        required to succeed), IMPLICIT (L{deliverBatch} wraps the endpoint
+        in TLS itself) or NONE (plain text; loopback upstreams only).
+    @ivar tlsCreator: verifies the upstream certificate; required unless
+        C{tlsMode} is NONE.
+    @ivar auth: C{(user, password, "PLAIN" | "LOGIN")} or None.
+    """
+
+    hostname: str
+    ehloHostname: str
+    tlsMode: TLSMode = TLSMode.STARTTLS
+    tlsCreator: IOpenSSLClientConnectionCreator | None = None
+    auth: tuple[str, str, str] | None = attrs.field(default=None, repr=_hideSecret)
+    timeouts: RelayTimeouts = RelayTimeouts()
+
+    def __attrs_post_init__(self) -> None:
+        if not self.ehloHostname or not wireSafe(self.ehloHostname) or " " in self.ehloHostname:
+            raise ValueError(f"bad EHLO host name {self.ehloHostname!r}")
+        if self.tlsMode is not TLSMode.NONE and self.tlsCreator is None:
+            raise ValueError(f"TLS mode {self.tlsMode.value} needs a tlsCreator")
+        if self.auth is not None and self.auth[2] not in ("PLAIN", "LOGIN"):
+            raise ValueError(f"unsupported AUTH mechanism {self.auth[2]!r}")
+
+
+def deliverBatch(
+    reactor: IReactorTime,
+    endpoint: IStreamClientEndpoint,
+    settings: RelaySettings,
+    messages: Sequence[tuple[QueuedMessage, MessageOpener]],
+) -> Deferred[list[list[DeliveryResult]]]:
+    """
+    Deliver C{messages} over one connection made with C{endpoint} (a plain
+    TCP endpoint; for IMPLICIT mode this wraps it with C{wrapClientTLS}).
+
+    @return: a Deferred that never fails and fires, once the connection is
+        closed, with one list per message of one L{DeliveryResult} per
+        I{pending} recipient, in the message's order. Successes are 2xx to
+        the final dot; 5xx to MAIL, RCPT, DATA or the final dot are
+        permanent for the recipients concerned, and so is a message the
+        upstream cannot take (8-bit, SMTPUTF8, too big); everything else
+        (4xx, network, TLS, certificate, timeout, protocol errors, AUTH
+        refused, 530) is transient.
+    """
+    return Deferred.fromCoroutine(_deliverBatch(reactor, endpoint, settings, messages))
+
+
+class _ClientFactory(Factory):
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+
+    def buildProtocol(self, addr: object) -> SMTPClientProtocol:
+        return SMTPClientProtocol(self.clock)
+
+
+async def _connect(
+    reactor: IReactorTime, endpoint: IStreamClientEndpoint, settings: RelaySettings
+) -> SMTPClientProtocol:
+    if settings.tlsMode is TLSMode.IMPLICIT:
+        assert settings.tlsCreator is not None  # RelaySettings checks it
+        endpoint = wrapClientTLS(settings.tlsCreator, endpoint, clock=reactor)
+    connecting = endpoint.connect(_ClientFactory(reactor))
+    timer = reactor.callLater(settings.timeouts.connect, connecting.cancel)
+    try:
+        protocol: SMTPClientProtocol = await connecting
+    except Exception as e:
+        if not timer.active():
+            raise ConnectionFailed("timeout connecting to upstream") from e
+        raise ConnectionFailed(describeFailure(Failure(e))) from e
+    finally:
+        if timer.active():
+            timer.cancel()
+    return protocol
+
+
+async def _deliverBatch(
+    reactor: IReactorTime,
+    endpoint: IStreamClientEndpoint,
+    settings: RelaySettings,
+    messages: Sequence[tuple[QueuedMessage, MessageOpener]],
+) -> list[list[DeliveryResult]]:
+    transactions = [Transaction.forMessage(m, settings.hostname) for m, _ in messages]
+    work = list(zip(transactions, (o for _, o in messages), strict=True))
+    protocol: SMTPClientProtocol | None = None
+    try:
+        if not all(t.finished for t in transactions):
+            protocol = await _connect(reactor, endpoint, settings)
+            await _Session(protocol, settings).run(work)
+    except Exception as e:
+        if not isinstance(e, RelayError):
+            log.failure("relay client bug; every unfinished recipient is deferred")
+            e = RelayError("internal error in the relay client")
+        log.info("relay to {remote} ended: {why}", remote=settings.hostname, why=str(e))
+        for t in transactions:
+            t.failUnfinished(e)
+        if protocol is not None and e.polite:
+            await _Session(protocol, settings).quit()
+        elif protocol is not None:
+            protocol.fail(e)  # abort: the connection is out of step or hostile
+    if protocol is not None:
+        protocol.close(settings.timeouts.quit)
+        await protocol.whenClosed()
+    return [t.results() for t in transactions]
+
+
+class _Session:
+    """The dialogue with one upstream, from greeting to QUIT."""
+
+    def __init__(self, protocol: SMTPClientProtocol, settings: RelaySettings) -> None:
+        self.protocol = protocol
+        self.settings = settings
+        self.timeouts = settings.timeouts
+        self.capabilities = Capabilities()
+        self.tls = settings.tlsMode is TLSMode.IMPLICIT
+
+    async def command(self, line: str, timeout: float, waitingFor: str) -> Reply:
+        self.protocol.send(line.encode("utf-8") + b"\r\n", 1)
+        return await self.protocol.nextReply(timeout, waitingFor)
+
+    async def run(self, work: list[tuple[Transaction, MessageOpener]]) -> None:
+        greeting = await self.protocol.nextReply(self.timeouts.greeting, "greeting")
+        if greeting.code != 220:
+            raise _refused("the session", greeting)
+        await self.hello()
+        await self.secure()
+        await self.authenticate()
+        for transaction, opener in work:
+            if not transaction.finished:
+                await self.deliver(transaction, opener)
+        await self.quit()
+
+    async def hello(self) -> None:
+        reply = await self.command(
+            f"EHLO {self.settings.ehloHostname}", self.timeouts.ehlo, "reply to EHLO"
+        )
+        if reply.positive:
+            self.capabilities = Capabilities.fromEHLO(reply)
+            return
+        # HELO only where nothing EHLO alone offers is needed (RFC 5321 3.2).
+        mayHELO = self.settings.tlsMode is not TLSMode.STARTTLS and self.settings.auth is None
+        if not (500 <= reply.code < 600 and mayHELO):
+            raise _refused("EHLO", reply)
+        reply = await self.command(
+            f"HELO {self.settings.ehloHostname}", self.timeouts.ehlo, "reply to HELO"
+        )
+        if not reply.positive:
+            raise _refused("HELO", reply)
+        self.capabilities = Capabilities()
+
+    async def secure(self) -> None:
+        mode = self.settings.tlsMode
+        if mode not in (TLSMode.STARTTLS, TLSMode.OPPORTUNISTIC):
+            return
+        if not self.capabilities.offers("STARTTLS"):
+            if mode is TLSMode.STARTTLS:
+                raise RelayError("TLS required but upstream did not offer STARTTLS", polite=True)
+            return
+        reply = await self.command("STARTTLS", self.timeouts.command, "reply to STARTTLS")
+        if reply.code != 220:
+            # Once offered, TLS is required to work: never fall back to plain
+            # text, whatever the mode (an attacker could provoke the refusal).
+            raise _refused("STARTTLS", reply)
+        self.protocol.startTLS(self.settings.tlsCreator)
+        self.tls = True
+        # RFC 3207 4.2: forget what was learnt before TLS, and ask again.
+        self.capabilities = Capabilities()
+        await self.hello()
+
+    async def authenticate(self) -> None:
+        if self.settings.auth is None:
+            return
+        user, password, mechanism = self.settings.auth
+        if not self.tls and self.settings.tlsMode is not TLSMode.NONE:
+            raise RelayError(
+                "refusing to send AUTH credentials without TLS (upstream did not offer STARTTLS)",
+                polite=True,
+            )
+        if mechanism not in self.capabilities.authMechanisms:
+            raise RelayError(f"upstream does not offer AUTH {mechanism}", polite=True)
+        if mechanism == "PLAIN":
+            token = _b64(b"\0" + user.encode("utf-8") + b"\0" + password.encode("utf-8"))
+            reply = await self.command(f"AUTH PLAIN {token}", self.timeouts.command, "AUTH reply")
+        else:
+            reply = await self.command("AUTH LOGIN", self.timeouts.command, "AUTH reply")
+            for secret in (user, password):
+                if reply.code != 334:
+                    break
+                reply = await self.command(
+                    _b64(secret.encode("utf-8")), self.timeouts.command, "AUTH reply"
+                )
+        if reply.code == 235:
+            return
+        if reply.code == 334:
+            # A challenge we have no answer for: cancel (RFC 4954 4).
+            reply = await self.command("*", self.timeouts.command, "AUTH reply")
+        if reply.code == 535:
+            raise RelayError(
+                f"upstream rejected our AUTH credentials ({reply}); check the relay configuration",
+                polite=True,
+            )
+        raise _refused("AUTH", reply)
+
+    async def deliver(self, transaction: Transaction, opener: MessageOpener) -> None:
+        if transaction.refuse(self.capabilities):
+            return
+        try:
+            message = opener(transaction.message.queueId)
+        except (OSError, KeyError) as e:
+            why = f"cannot open the message in the spool: {e}"
+            transaction.finishAll(Outcome(False, False, 0, "", why))
+            return
+        try:
+            await self.transaction(transaction, message)
+        finally:
+            message.close()
+
+    async def transaction(self, transaction: Transaction, message: BinaryIO) -> None:
+        protocol, timeouts = self.protocol, self.timeouts
+        mail = transaction.mailCommand(self.capabilities)
+        toSend = transaction.unfinished()
+        rcpts = [f"RCPT TO:<{address}>" for _, address in toSend]
+        pipelining = self.capabilities.offers("PIPELINING")
+        if pipelining:
+            # RFC 2920 3.1: MAIL, every RCPT and DATA in one group.
+            lines = [mail, *rcpts, "DATA"]
+            protocol.send("".join(f"{line}\r\n" for line in lines).encode("utf-8"), len(lines))
+            mailReply = await protocol.nextReply(timeouts.mail, "reply to MAIL")
+        else:
+            mailReply = await self.command(mail, timeouts.mail, "reply to MAIL")
+        _check(mailReply)
+        if not mailReply.positive:
+            transaction.finishAll(classify(mailReply))
+        accepted = 0
+        if mailReply.positive or pipelining:
+            # Replies to a pipelined group are read whatever MAIL got.
+            for rcpt, (index, _) in zip(rcpts, toSend, strict=True):
+                if pipelining:
+                    reply = await protocol.nextReply(timeouts.rcpt, "reply to RCPT")
+                else:
+                    reply = await self.command(rcpt, timeouts.rcpt, "reply to RCPT")
+                _check(reply)
+                if mailReply.positive and reply.positive:
+                    accepted += 1
+                elif mailReply.positive:
+                    transaction.finish(index, classify(reply))
+        dataReply: Reply | None = None
+        if pipelining:
+            dataReply = await protocol.nextReply(timeouts.dataInitiation, "reply to DATA")
+        elif accepted:
+            dataReply = await self.command("DATA", timeouts.dataInitiation, "reply to DATA")
+        if dataReply is not None:
+            _check(dataReply, intermediate=True)
+        if not accepted:
+            if dataReply is not None and dataReply.code == 354:
+                # RFC 2920 3.1: DATA accepted with no recipient: end it empty.
+                protocol.send(b".\r\n", 1)
+                _check(await protocol.nextReply(timeouts.finalDot, "reply to the final dot"))
+            elif mailReply.positive:
+                await self.reset()
+            return
+        assert dataReply is not None
+        if dataReply.code != 354:
+            if dataReply.positive:
+                raise ProtocolError(f"protocol error: DATA answered with {dataReply}")
+            transaction.finishAll(classify(dataReply))
+            await self.reset()
+            return
+        await protocol.sendBody(message, timeouts.dataBlock)
+        final = await protocol.nextReply(timeouts.finalDot, "reply to the final dot")
+        _check(final)
+        transaction.finishAll(classify(final))
+
+    async def reset(self) -> None:
+        """RSET after a transaction that failed midway (RFC 5321 4.1.1.5)."""
+        reply = await self.command("RSET", self.timeouts.command, "reply to RSET")
+        if not reply.positive:
+            raise _refused("RSET", reply)
+
+    async def quit(self) -> None:
+        """Say goodbye; every result is known by now, so failures are ignored."""
+        try:
+            await self.command("QUIT", self.timeouts.quit, "reply to QUIT")
+        except RelayError:
+            pass
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _refused(what: str, reply: Reply) -> RelayError:
+    # 421 means the upstream is closing the connection (RFC 5321 3.8).
+    return RelayError(f"upstream refused {what}: {reply}", reply, polite=reply.code != 421)
+
+
+def _check(reply: Reply, intermediate: bool = False) -> None:
+    """
+    Refuse replies that make no sense at this point, and end the session
+    on 421 (RFC 5321 3.8: the upstream is closing).
+    """
+    if reply.code == 421:
+        raise RelayError(f"upstream is closing the connection: {reply}", reply)
+    if 300 <= reply.code < 400 and not (intermediate and reply.code == 354):
+        raise ProtocolError(f"protocol error: unexpected reply {reply}")

@@ -1,0 +1,88 @@
+"""
+Per-listener settings and the factory that builds one server protocol per
+connection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+
+from mailgw.interfaces import ISpool, ISubmissionPolicy
+from mailgw.policy import AcceptAll
+from mailgw.server.sasl import availableMechanisms
+
+if TYPE_CHECKING:
+    from mailgw.server.protocol import SubmissionServer
+
+
+@attrs.frozen
+class ServerSettings:
+    """
+    What every connection of one listener shares. Sizes are octets, times
+    seconds.
+    """
+
+    hostname: str
+    maxMessageSize: int = 36700160
+    maxRecipients: int = 100
+    maxLineLength: int = 65536
+    idleTimeout: float = 300.0
+    maxErrors: int = 20
+    legacyAuthLine: bool = False
+
+
+class SubmissionFactory(Factory):
+    """
+    Builds L{SubmissionServer} protocols for one listener.
+
+    ``implicitTLS`` is true for a submissions (port 465) listener: the
+    endpoint is wrapped in TLS by the caller, and STARTTLS is not offered.
+    ``tlsContext`` is the server context shared by STARTTLS and implicit TLS.
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        portal: Portal,
+        spool: ISpool,
+        clock: IReactorTime,
+        tlsContext: Any,
+        implicitTLS: bool = False,
+        policy: ISubmissionPolicy | None = None,
+    ) -> None:
+        self.settings = settings
+        self.portal = portal
+        self.spool = spool
+        self.clock = clock
+        self.tlsContext = tlsContext
+        self.implicitTLS = implicitTLS
+        self.policy = policy if policy is not None else AcceptAll()
+        self.connections: set[SubmissionServer] = set()
+        self.mechanisms = availableMechanisms(list(portal.listCredentialsInterfaces()))
+
+    @property
+    def listenerName(self) -> str:
+        return "submissions" if self.implicitTLS else "submission"
+
+    def buildProtocol(self, addr: Any) -> SubmissionServer:
+        from mailgw.server.protocol import SubmissionServer
+
+        protocol = SubmissionServer()
+        protocol.factory = self
+        return protocol
+
+    def shutdown(self) -> Deferred[Any]:
+        """
+        Tell every client that the service is going away (421 4.3.2) and
+        close; a message being committed gets its reply first.
+
+        @return: a Deferred that fires once every connection is closed.
+        """
+        waits = [connection.shutdown() for connection in list(self.connections)]
+        return DeferredList(waits, consumeErrors=True)

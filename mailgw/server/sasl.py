@@ -1,0 +1,158 @@
+"""
+SASL exchanges for SMTP AUTH (RFC 4954): PLAIN (RFC 4616), LOGIN
+(draft-murchison-sasl-login) and CRAM-MD5 (RFC 2195), each turned into a
+L{twisted.cred} credentials object for the portal.
+
+An exchange sees only decoded bytes; base64, ``*`` (cancel) and line
+lengths are the protocol's business. No payload is ever logged.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Protocol
+
+import attrs
+from twisted.cred.credentials import (
+    CramMD5Credentials,
+    ICredentials,
+    IUsernameHashedPassword,
+    IUsernamePassword,
+    UsernamePassword,
+)
+
+
+class SASLFailure(Exception):
+    """
+    The client's response is not acceptable. ``malformed`` responses get
+    501 5.5.2; the others get the same 535 5.7.8 as a wrong password, so
+    nothing tells a client which part of its credentials was wrong.
+    """
+
+    def __init__(self, reason: str, malformed: bool = False) -> None:
+        super().__init__(reason)
+        self.malformed = malformed
+
+
+@attrs.frozen
+class Challenge:
+    """Send ``334 base64(data)`` and wait for a response."""
+
+    data: bytes
+
+
+@attrs.frozen
+class Done:
+    """The exchange is complete; log in with ``credentials``."""
+
+    credentials: ICredentials
+
+
+Step = Challenge | Done
+
+
+class Exchange(Protocol):
+    def start(self, initial: bytes | None) -> Step: ...
+
+    def respond(self, response: bytes) -> Step: ...
+
+
+@attrs.define
+class PlainExchange:
+    """RFC 4616: ``[authzid] NUL authcid NUL passwd``, in one response."""
+
+    def start(self, initial: bytes | None) -> Step:
+        if initial is None:
+            return Challenge(b"")
+        return self.respond(initial)
+
+    def respond(self, response: bytes) -> Step:
+        fields = response.split(b"\0")
+        if len(fields) != 3:
+            raise SASLFailure("PLAIN response must have exactly three fields", malformed=True)
+        authzid, authcid, password = fields
+        if not authcid or not password:
+            raise SASLFailure("empty authentication identity or password")
+        # Acting for another identity is not supported: a client that asks
+        # for it is refused rather than silently logged in as itself.
+        if authzid and authzid != authcid:
+            raise SASLFailure("authorization identity differs from authentication identity")
+        return Done(UsernamePassword(authcid, password))
+
+
+@attrs.define
+class LoginExchange:
+    """The LOGIN mechanism: username and password, each in its own step."""
+
+    _username: bytes | None = None
+
+    def start(self, initial: bytes | None) -> Step:
+        if initial is None:
+            return Challenge(b"Username:")
+        return self.respond(initial)
+
+    def respond(self, response: bytes) -> Step:
+        if self._username is None:
+            self._username = response
+            return Challenge(b"Password:")
+        if not self._username or not response:
+            raise SASLFailure("empty username or password")
+        return Done(UsernamePassword(self._username, response))
+
+
+@attrs.define
+class CramMD5Exchange:
+    """RFC 2195: a challenge, then ``user SP hex(HMAC-MD5(secret, challenge))``."""
+
+    hostname: str
+    _credentials: CramMD5Credentials | None = None
+
+    def start(self, initial: bytes | None) -> Step:
+        if initial is not None:
+            raise SASLFailure("CRAM-MD5 takes no initial response", malformed=True)
+        credentials = CramMD5Credentials(self.hostname)
+        # Our own challenge from a CSPRNG (RFC 2195 asks for a unique one).
+        credentials.challenge = (
+            f"<{secrets.token_hex(8)}.{secrets.randbelow(10**9)}@{self.hostname}>".encode()
+        )
+        self._credentials = credentials
+        return Challenge(credentials.challenge)
+
+    def respond(self, response: bytes) -> Step:
+        assert self._credentials is not None
+        username, space, digest = response.rpartition(b" ")
+        if not space or not username or len(digest) != 32:
+            raise SASLFailure("CRAM-MD5 response is not 'user digest'", malformed=True)
+        try:
+            int(digest, 16)
+        except ValueError:
+            raise SASLFailure("CRAM-MD5 digest is not hexadecimal", malformed=True) from None
+        self._credentials.username = username
+        self._credentials.response = digest.lower()
+        return Done(self._credentials)
+
+
+MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
+def availableMechanisms(credentialInterfaces: list[type]) -> tuple[str, ...]:
+    """
+    The mechanisms the portal's checkers can verify: PLAIN and LOGIN need
+    a checker of plain passwords, CRAM-MD5 one of hashed passwords.
+    """
+    offered = []
+    if IUsernamePassword in credentialInterfaces:
+        offered += ["PLAIN", "LOGIN"]
+    if IUsernameHashedPassword in credentialInterfaces:
+        offered.append("CRAM-MD5")
+    return tuple(offered)
+
+
+def makeExchange(mechanism: str, hostname: str) -> Exchange:
+    if mechanism == "PLAIN":
+        return PlainExchange()
+    if mechanism == "LOGIN":
+        return LoginExchange()
+    if mechanism == "CRAM-MD5":
+        return CramMD5Exchange(hostname)
+    raise KeyError(mechanism)

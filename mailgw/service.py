@@ -1,0 +1,204 @@
+"""
+The gateway as one Twisted service: spool, listeners and (when configured)
+the queue runner. ``twistd mailgw`` builds it from options; an embedding
+application builds it from a L{mailgw.config.Config} and its reactor and
+adds it to its own service tree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.cred import strcred
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailgw.auth.realm import makePortal
+from mailgw.config import Config, ConfigError
+from mailgw.interfaces import ISpool, ISubmissionPolicy
+from mailgw.queue.spool import Spool
+from mailgw.server.factory import ServerSettings, SubmissionFactory
+
+
+def threadRunner(reactor: Any) -> Callable[..., Deferred[Any]]:
+    """A ``runInThread(f, *args)`` on ``reactor``'s thread pool."""
+
+    def runInThread(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+
+    return runInThread
+
+
+def serverSettings(config: Config) -> ServerSettings:
+    server = config.server
+    return ServerSettings(
+        hostname=config.fqdn(),
+        maxMessageSize=server.maxMessageSize,
+        maxRecipients=server.maxRecipients,
+        maxLineLength=server.maxLineLength,
+        idleTimeout=server.idleTimeout,
+        maxErrors=server.maxErrors,
+        legacyAuthLine=server.legacyAuthLine,
+    )
+
+
+def makeCheckers(config: Config) -> list[ICredentialsChecker]:
+    """
+    One checker per ``auth.backends`` entry (strcred strings).
+
+    @raise ConfigError: a backend string is unknown or its checker cannot
+        be made (e.g. the passwd file is missing).
+    """
+    checkers = []
+    for backend in config.auth.backends:
+        try:
+            checkers.append(strcred.makeChecker(backend))
+        except (
+            strcred.InvalidAuthType,
+            strcred.InvalidAuthArgumentString,
+            ValueError,
+            OSError,
+        ) as e:
+            authType = backend.partition(":")[0]
+            raise ConfigError(config.source, "auth.backends", f"{authType}: {e}") from None
+    return checkers
+
+
+class GatewayService(MultiService):
+    """
+    The whole gateway.
+
+    Building it runs the start-up safety checks (listeners, certificate and
+    key, an auth backend) and raises L{ConfigError} when one fails; starting
+    it opens the spool and the listeners.
+
+    ``checkers`` replaces the checkers made from ``config.auth.backends``;
+    ``policy``, ``spool`` may replace the defaults (tests and embedders).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        checkers: Sequence[ICredentialsChecker] | None = None,
+        policy: ISubmissionPolicy | None = None,
+        spool: ISpool | None = None,
+        exitOnListenFailure: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.exitOnListenFailure = exitOnListenFailure
+        self.tlsContext = config.check(requireAuth=checkers is None)
+        self.checkers = list(checkers) if checkers is not None else makeCheckers(config)
+        if not self.checkers:
+            raise ConfigError(
+                config.source, "auth.backends", "no auth backend: nobody could log in"
+            )
+        self.portal = makePortal(self.checkers)
+        self.spool: ISpool = (
+            spool
+            if spool is not None
+            else Spool(config.spool.directory, reactor, threadRunner(reactor))
+        )
+        self.settings = serverSettings(config)
+        self.factories: list[SubmissionFactory] = []
+        self._listeners: list[tuple[str, Any]] = []
+        for description in config.server.submission:
+            self._addListener(description, implicitTLS=False, policy=policy)
+        for description in config.server.submissions:
+            self._addListener(description, implicitTLS=True, policy=policy)
+        self.ports: list[IListeningPort] = []
+        self._listening: Deferred[list[IListeningPort]] | None = None
+
+    def _addListener(
+        self, description: str, implicitTLS: bool, policy: ISubmissionPolicy | None
+    ) -> None:
+        factory = SubmissionFactory(
+            self.settings,
+            self.portal,
+            self.spool,
+            self.reactor,
+            self.tlsContext,
+            implicitTLS=implicitTLS,
+            policy=policy,
+        )
+        self.factories.append(factory)
+        # RFC 8314 3.3: on the submissions port TLS starts with the first byte.
+        wrapped = TLSMemoryBIOFactory(self.tlsContext, False, factory) if implicitTLS else factory
+        self._listeners.append((description, wrapped))
+
+    def privilegedStartService(self) -> None:
+        # Bind (ports below 1024 included) before twistd drops privileges.
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        waits = []
+        for description, factory in self._listeners:
+            endpoint = serverFromString(self.reactor, description)
+            d = endpoint.listen(factory)
+            d.addCallback(self._listeningOn, description)
+            waits.append(d)
+        self._listening = gatherResults(waits, consumeErrors=True)
+        self._listening.addErrback(self._listenFailed)
+
+    def _listeningOn(self, port: IListeningPort, description: str) -> IListeningPort:
+        self.ports.append(port)
+        self.log.info(
+            "listening on {description}: {address}", description=description, address=port.getHost()
+        )
+        return port
+
+    def _listenFailed(self, failure: Any) -> None:
+        error = failure.value
+        error = getattr(error, "subFailure", failure).value  # FirstError from gatherResults
+        self.log.error("Cannot listen: {error}", error=error)
+        if self.exitOnListenFailure:
+            # twistd: an operator must see this, and the process must not
+            # run on without its listeners.
+            sys.stderr.write(f"mailgw: cannot listen: {error}\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    def whenListening(self) -> Deferred[list[IListeningPort]]:
+        """Fires with the listening ports, in the order of the config."""
+        if self._listening is None:
+            return succeed([])
+        d: Deferred[list[IListeningPort]] = Deferred()
+        self._listening.addBoth(lambda result: (d.callback(self.ports), result)[1])
+        return d
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop listening, say 421 to connected clients, then stop the rest."""
+        stopping = [port.stopListening() for port in self.ports]
+        self.ports = []
+        self._listening = None
+        d: Deferred[Any] = DeferredList([d for d in stopping if d is not None])
+        d.addCallback(lambda _: DeferredList([f.shutdown() for f in self.factories]))
+        d.addCallback(lambda _: super(GatewayService, self).stopService())
+        d.addCallback(lambda _: self._closeSpool())
+        return d
+
+    def _closeSpool(self) -> None:
+        close = getattr(self.spool, "close", None)
+        if close is not None:
+            close()

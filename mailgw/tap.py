@@ -1,0 +1,122 @@
+"""
+``twistd mailgw``: command-line options and the service they build.
+
+Options given on the command line override the configuration file
+(``--config``); repeatable options (``--submission``, ``--auth``, ...)
+replace the file's list when given at all.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from mailgw import demo
+from mailgw.config import ConfigError, configFromDict, mergeOverrides, readConfigFile
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the mailgw submission gateway. Listeners are Twisted endpoint strings, for "
+        "example tcp:587 or tcp:port=2587:interface=127.0.0.1; --submissions listeners "
+        "are plain endpoints that mailgw wraps in TLS. --demo runs a self-contained "
+        "gateway on 127.0.0.1 (ports 2587 and 2465) with a generated certificate and a "
+        "demo user, all kept in the demo directory."
+    )
+
+    optFlags = [
+        ["demo", None, "Run on the demo defaults (see --demo-dir)."],
+    ]
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        ["certificate", None, None, "PEM file with the server certificate and its chain."],
+        ["key", None, None, "PEM file with the server's private key."],
+        ["spool", None, None, "Spool directory."],
+        ["hostname", None, None, "Host name for the greeting and Received: header."],
+        ["relay-tls", None, None, "TLS to the relay: starttls, opportunistic, implicit, none."],
+        ["relay-ca", None, None, "PEM file of CA certificates to verify the relay with."],
+        ["relay-auth", None, None, "USER:PASSWORDFILE to log in to the relay with."],
+        ["demo-dir", None, "demo", "Directory the demo keeps its files in."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["submission"] = []
+        self["submissions"] = []
+        self["auth"] = []
+        self["relay"] = []
+
+    def opt_submission(self, endpoint: str) -> None:
+        """STARTTLS submission listener, an endpoint string (repeatable)."""
+        self["submission"].append(endpoint)
+
+    def opt_submissions(self, endpoint: str) -> None:
+        """Implicit-TLS submission listener, a plain endpoint string (repeatable)."""
+        self["submissions"].append(endpoint)
+
+    def opt_auth(self, backend: str) -> None:
+        """Auth backend, a strcred string such as passwd:/etc/mailgw/passwd (repeatable)."""
+        self["auth"].append(backend)
+
+    def opt_relay(self, hostport: str) -> None:
+        """Smarthost HOST:PORT for the default route, tried in order (repeatable)."""
+        self["relay"].append(hostport)
+
+    def overrides(self) -> dict[str, Any]:
+        """The options given, as dotted configuration keys."""
+        values: dict[str, Any] = {}
+        for option, key in [
+            ("submission", "server.submission"),
+            ("submissions", "server.submissions"),
+            ("auth", "auth.backends"),
+            ("relay", "relay.smarthosts"),
+        ]:
+            if self[option]:
+                values[key] = list(self[option])
+        for option, key in [
+            ("certificate", "tls.certificate"),
+            ("key", "tls.key"),
+            ("spool", "spool.directory"),
+            ("hostname", "server.hostname"),
+            ("relay-tls", "relay.tls"),
+            ("relay-ca", "relay.ca_file"),
+        ]:
+            if self[option] is not None:
+                values[key] = self[option]
+        if self["relay-auth"] is not None:
+            user, colon, passwordFile = self["relay-auth"].rpartition(":")
+            if not colon or not user or not passwordFile:
+                raise usage.UsageError("--relay-auth takes USER:PASSWORDFILE")
+            values["relay.auth_user"] = user
+            values["relay.auth_password_file"] = passwordFile
+        return values
+
+
+def makeService(options: Options) -> IService:
+    """Build the gateway, or exit with a one-line error naming what is wrong."""
+    from twisted.internet import reactor
+
+    from mailgw.service import GatewayService
+
+    try:
+        data: dict[str, Any] = {}
+        source = "command line"
+        if options["config"]:
+            source = options["config"]
+            data = readConfigFile(source)
+        overrides = options.overrides()
+        if options["demo"]:
+            demoOverrides, password = demo.prepareDemo(options["demo-dir"])
+            overrides = {**demoOverrides, **overrides}
+        config = configFromDict(mergeOverrides(data, overrides), source=source)
+        service = GatewayService(config, reactor, exitOnListenFailure=True)
+        if options["demo"]:
+            demo.banner(config, password)
+        return service
+    except ConfigError as e:
+        sys.stderr.write(f"mailgw: {e}\n")
+        raise SystemExit(1) from None

@@ -1,0 +1,211 @@
+"""
+In-memory fakes of mailgw's seams, for our own tests and for those of
+applications that embed mailgw. Each implements its interface fully and is
+checked with C{verifyObject}; each has knobs to inject failures and delays.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import BinaryIO
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from mailgw.envelope import Envelope, QueuedMessage, RecipientState, Session
+from mailgw.interfaces import IMessageWriter, ISpool
+from mailgw.queue.spool import SpoolError
+
+
+@implementer(IMessageWriter)
+@attrs.define(eq=False)
+class MemoryMessageWriter:
+    """
+    A message being written into a L{MemorySpool}; behaves like the real
+    writer (L{mailgw.queue.spool.SpoolWriter}) as seen from outside.
+
+    @ivar data: the bytes written so far.
+    @ivar state: ``"open"``, ``"committing"`` (commit held, see
+        L{MemorySpool.holdCommits}), ``"committed"``, ``"failed"`` or
+        ``"aborted"``.
+    """
+
+    spool: MemorySpool
+    queueId: str
+    envelope: Envelope
+    session: Session
+    data: bytearray = attrs.field(factory=bytearray)
+    state: str = "open"
+    error: SpoolError | None = None
+    abortRequested: bool = False
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.state != "open":
+            raise RuntimeError(f"write to a {self.state} message")
+        error, self.spool._writeError = self.spool._writeError, None
+        if error is not None:
+            raise self._fail(error)
+        self.data += data
+
+    def commit(self) -> Deferred[str]:
+        if self.error is not None:
+            return fail(self.error)
+        if self.state != "open":
+            raise RuntimeError(f"commit of a {self.state} message")
+        self.state = "committing"
+        error, self.spool._commitError = self.spool._commitError, None
+        if error is not None:
+            return fail(self._fail(error))
+        if self.spool.holdCommits:
+            d: Deferred[str] = Deferred()
+            self.spool.heldCommits.append((self, d))
+            return d
+        return succeed(self._finish())
+
+    def abort(self) -> None:
+        if self.state == "committing":
+            self.abortRequested = True
+        elif self.state in ("open", "failed"):
+            self.state = "aborted"
+            self.data.clear()
+            self.spool.aborted.append(self.queueId)
+
+    def _fail(self, error: SpoolError) -> SpoolError:
+        self.state, self.error = "failed", error
+        self.data.clear()
+        return error
+
+    def _finish(self) -> str:
+        """Record the message as committed and return its id."""
+        if self.abortRequested:
+            self.state = "aborted"
+            self.spool.aborted.append(self.queueId)
+            raise SpoolError(f"{self.queueId} aborted during its commit")
+        now = self.spool.clock.seconds()
+        message = QueuedMessage(
+            queueId=self.queueId,
+            envelope=self.envelope,
+            session=self.session,
+            arrival=now,
+            size=len(self.data),
+            recipients=tuple(RecipientState(r) for r in self.envelope.recipients),
+            nextAttempt=now,
+        )
+        self.state = "committed"
+        self.spool.committed[self.queueId] = (message, bytes(self.data))
+        return self.queueId
+
+
+@implementer(ISpool)
+@attrs.define(eq=False)
+class MemorySpool:
+    """
+    L{ISpool} in memory. Queue ids are deterministic (``00000000000000000001``,
+    ``...02``, ...) and of the same form as the real spool's.
+
+    Knobs:
+      - L{failNextBegin}, L{failNextWrite}, L{failNextCommit}: the next call
+        of that kind fails with the given L{SpoolError} (default: a plain
+        L{SpoolError}; pass a L{mailgw.queue.spool.SpoolFullError} for 452).
+      - ``holdCommits``: while true, ``commit`` returns an unfired Deferred
+        and appends ``(writer, deferred)`` to ``heldCommits``; fire them with
+        L{releaseCommits} or L{failHeldCommits}, so a test can see that
+        nothing is replied before the commit.
+
+    Records:
+      - ``committed``: queue id -> (L{QueuedMessage}, message bytes), in
+        commit order; L{update} replaces the QueuedMessage, L{remove} drops
+        the entry.
+      - ``writers``: every writer begun; ``aborted``: ids of aborted writers;
+        ``removed``: ids passed to L{remove}.
+
+    @ivar clock: gives arrival times; a fresh L{Clock} (time 0) by default.
+    """
+
+    clock: IReactorTime = attrs.field(factory=Clock)
+    holdCommits: bool = False
+    heldCommits: list[tuple[MemoryMessageWriter, Deferred[str]]] = attrs.field(factory=list)
+    committed: dict[str, tuple[QueuedMessage, bytes]] = attrs.field(factory=dict)
+    writers: list[MemoryMessageWriter] = attrs.field(factory=list)
+    aborted: list[str] = attrs.field(factory=list)
+    removed: list[str] = attrs.field(factory=list)
+    _counter: int = 0
+    _beginError: SpoolError | None = None
+    _writeError: SpoolError | None = None
+    _commitError: SpoolError | None = None
+
+    def failNextBegin(self, error: SpoolError | None = None) -> None:
+        """Make the next L{begin} raise ``error``."""
+        self._beginError = error or SpoolError("injected begin failure")
+
+    def failNextWrite(self, error: SpoolError | None = None) -> None:
+        """Make the next ``write`` of any writer raise ``error``."""
+        self._writeError = error or SpoolError("injected write failure")
+
+    def failNextCommit(self, error: SpoolError | None = None) -> None:
+        """Make the next ``commit`` of any writer fail with ``error``."""
+        self._commitError = error or SpoolError("injected commit failure")
+
+    def releaseCommits(self) -> list[str]:
+        """
+        Complete every held commit, oldest first, and fire its Deferred
+        (with the queue id, or a L{SpoolError} if the writer was aborted
+        meanwhile).
+
+        @return: the ids committed.
+        """
+        held, self.heldCommits = self.heldCommits, []
+        done = []
+        for writer, d in held:
+            try:
+                queueId = writer._finish()
+            except SpoolError as e:
+                d.errback(e)
+            else:
+                done.append(queueId)
+                d.callback(queueId)
+        return done
+
+    def failHeldCommits(self, error: SpoolError | None = None) -> None:
+        """Fail every held commit with ``error`` (default: L{SpoolError})."""
+        held, self.heldCommits = self.heldCommits, []
+        for writer, d in held:
+            d.errback(writer._fail(error or SpoolError("injected commit failure")))
+
+    def begin(self, envelope: Envelope, session: Session) -> MemoryMessageWriter:
+        error, self._beginError = self._beginError, None
+        if error is not None:
+            raise error
+        self._counter += 1
+        writer = MemoryMessageWriter(self, f"{self._counter:020X}", envelope, session)
+        self.writers.append(writer)
+        return writer
+
+    def pending(self) -> list[QueuedMessage]:
+        return sorted((m for m, _ in self.committed.values()),
+                      key=lambda m: (m.arrival, m.queueId))  # fmt: skip
+
+    def load(self, queueId: str) -> QueuedMessage:
+        return self.committed[queueId][0]
+
+    def openMessage(self, queueId: str) -> BinaryIO:
+        return io.BytesIO(self.committed[queueId][1])
+
+    def update(self, message: QueuedMessage) -> Deferred[QueuedMessage]:
+        """Fails with KeyError if ``message`` is not committed."""
+        entry = self.committed.get(message.queueId)
+        if entry is None:
+            return fail(KeyError(message.queueId))
+        self.committed[message.queueId] = (message, entry[1])
+        return succeed(message)
+
+    def remove(self, queueId: str) -> Deferred[None]:
+        """Idempotent, like the real spool's."""
+        self.removed.append(queueId)
+        self.committed.pop(queueId, None)
+        return succeed(None)

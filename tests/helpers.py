@@ -1,0 +1,152 @@
+"""
+Test helpers: an in-memory server harness and a dialog-script runner.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+from typing import Any
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from zope.interface import directlyProvides
+
+from mailgw.auth.realm import makePortal
+from mailgw.server.factory import ServerSettings, SubmissionFactory
+from mailgw.server.protocol import SubmissionServer
+from mailgw.testing import MemorySpool
+
+USER = b"alice@example.com"
+PASSWORD = b"correct horse"
+
+
+class FakeTLSConnection:
+    """Stands in for an OpenSSL connection once the handshake is done."""
+
+    def get_protocol_version_name(self) -> str:
+        return "TLSv1.3"
+
+    def get_cipher_name(self) -> str:
+        return "TLS_AES_256_GCM_SHA384"
+
+
+class FakeTLSTransport(StringTransport):
+    """A StringTransport that records STARTTLS and what was written before it."""
+
+    def __init__(self, secure: bool = False) -> None:
+        super().__init__(peerAddress=None)
+        self.tlsStarted = secure
+        self.writtenBeforeTLS: bytes | None = None
+        if secure:
+            directlyProvides(self, ISSLTransport)
+
+    def startTLS(self, context: Any) -> None:
+        assert not self.tlsStarted, "startTLS called twice"
+        self.writtenBeforeTLS = self.value()
+        self.tlsStarted = True
+        directlyProvides(self, ISSLTransport)
+
+    def getHandle(self) -> Any:
+        return FakeTLSConnection() if self.tlsStarted else None
+
+    def getPeer(self) -> Any:
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("TCP", "192.0.2.7", 40000)
+
+
+class Harness:
+    """A server protocol on a fake transport, with a Clock and a MemorySpool."""
+
+    def __init__(
+        self,
+        implicitTLS: bool = False,
+        checkers: list[Any] | None = None,
+        tls: bool = True,
+        **settings: Any,
+    ) -> None:
+        self.clock = Clock()
+        self.spool = MemorySpool(clock=self.clock)
+        if checkers is None:
+            checkers = [InMemoryUsernamePasswordDatabaseDontUse(**{USER.decode(): PASSWORD})]
+        self.portal = makePortal(checkers)
+        settings.setdefault("hostname", "mx.test")
+        self.factory = SubmissionFactory(
+            ServerSettings(**settings),
+            self.portal,
+            self.spool,
+            self.clock,
+            tlsContext=object() if tls else None,
+            implicitTLS=implicitTLS,
+        )
+        self.protocol: SubmissionServer = self.factory.buildProtocol(None)
+        self.transport = FakeTLSTransport(secure=implicitTLS)
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.take()
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def take(self) -> bytes:
+        """Everything the server wrote since the last take()."""
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def command(self, line: bytes) -> bytes:
+        self.send(line + b"\r\n")
+        return self.take()
+
+    def starttls(self) -> None:
+        self.command(b"EHLO client.test")
+        assert self.command(b"STARTTLS").startswith(b"220 ")
+
+    def login(self) -> None:
+        if not self.transport.tlsStarted:
+            self.starttls()
+        self.command(b"EHLO client.test")
+        token = base64.b64encode(b"\0" + USER + b"\0" + PASSWORD)
+        reply = self.command(b"AUTH PLAIN " + token)
+        assert reply.startswith(b"235 "), reply
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+
+_SERVER = re.compile(r"S: (.*)")
+
+
+def runDialog(testCase: Any, path: Path, harness: Harness) -> None:
+    """
+    Run a dialog transcript against ``harness``.
+
+    ``C: text`` sends ``text`` CRLF (``\\r``, ``\\n``, ``\\x00`` escapes
+    allowed; ``C! text`` sends without CRLF); ``S: pattern`` expects the
+    next server line to match ``pattern`` where ``*`` stands for any text;
+    ``CLOSED`` expects the server to have closed the connection; ``#`` lines
+    are comments. The greeting is checked like any server line.
+    """
+    pending = harness.greeting.decode("utf-8").split("\r\n")[:-1]
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        where = f"{path.name}:{number}"
+        if not raw.strip() or raw.startswith("#"):
+            continue
+        if raw.startswith(("C: ", "C! ")):
+            text = raw[3:].encode("utf-8").decode("unicode_escape").encode("latin-1")
+            harness.send(text + (b"\r\n" if raw[1] == ":" else b""))
+            pending += harness.take().decode("utf-8").split("\r\n")[:-1]
+        elif raw.startswith("S: "):
+            testCase.assertTrue(pending, f"{where}: server said nothing, expected {raw[3:]!r}")
+            line = pending.pop(0)
+            pattern = "".join(".*" if c == "*" else re.escape(c) for c in raw[3:]) + r"\Z"
+            testCase.assertRegex(line, pattern, f"{where}")
+        elif raw.strip() == "CLOSED":
+            testCase.assertTrue(harness.closed, f"{where}: connection still open")
+        else:
+            raise ValueError(f"{where}: bad dialog line {raw!r}")
+    testCase.assertEqual(pending, [], f"{path.name}: unexpected server lines")

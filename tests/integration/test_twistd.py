@@ -1,0 +1,193 @@
+"""
+``twistd mailgw`` as an operator runs it: the demo, a third-party auth
+plugin installed as a separate package, and configuration errors.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.integration.support import ROOT, clientContext, freePort, run
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def twistdCommand(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "--nodaemon",
+        "--pidfile=",
+        "--logfile=-",
+        "mailgw",
+        *args,
+    ]
+
+
+def environment(*paths: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT)])
+    return env
+
+
+def waitForPort(port: int, process: subprocess.Popen[bytes], log: str, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = Path(log).read_text(errors="replace")
+            raise AssertionError(f"twistd exited with {process.returncode}:\n{text}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port} after {limit} s")
+
+
+class TwistdTests(TestCase):
+    timeout = 120
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, int]:
+        submission, submissions = freePort(), freePort()
+        log = open(self.mktemp(), "wb")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            twistdCommand(
+                *args,
+                "--submission",
+                f"tcp:port={submission}:interface=127.0.0.1",
+                "--submissions",
+                f"tcp:port={submissions}:interface=127.0.0.1",
+            ),
+            env=env or environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.logPath = log.name
+
+        def stop() -> None:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+        self.addCleanup(stop)
+        waitForPort(submission, process, log.name)
+        waitForPort(submissions, process, log.name)
+        self.process = process
+        return submission, submissions
+
+    def log(self) -> str:
+        return Path(self.logPath).read_text(errors="replace")
+
+    @inlineCallbacks
+    def test_demo(self) -> Any:
+        demo = Path(self.mktemp()).absolute()
+        submission, submissions = yield deferToThread(self.start, "--demo", "--demo-dir", str(demo))
+        password = (demo / "demo-password").read_text().strip()
+        self.assertIn(password, self.log())
+
+        def submit() -> None:
+            context = clientContext(str(demo / "cert.pem"))
+            with smtplib.SMTP("localhost", submission, timeout=30) as smtp:
+                smtp.starttls(context=context)
+                smtp.login("demo@localhost", password)
+                smtp.sendmail("demo@localhost", ["bob@example.org"], b"Subject: demo\r\n\r\nhi\r\n")
+            with smtplib.SMTP_SSL("localhost", submissions, context=context, timeout=30) as smtp:
+                smtp.user, smtp.password = "demo@localhost", password
+                smtp.ehlo()
+                smtp.auth("CRAM-MD5", smtp.auth_cram_md5)
+                smtp.sendmail("demo@localhost", ["carol@example.org"], b"Subject: 2\r\n\r\nhi\r\n")
+
+        yield deferToThread(submit)
+        queued = sorted((demo / "spool" / "queue").glob("*.json"))
+        self.assertEqual(len(queued), 2, self.log())
+        self.assertIn("queued", self.log())
+        # The password is shown in the banner, never in the log lines.
+        logLines = [line for line in self.log().splitlines() if line[:4].isdigit()]
+        self.assertTrue(logLines)
+        self.assertNotIn(password, "\n".join(logLines))
+        self.assertIn(f"127.0.0.1:{submission}", self.log())
+
+    @inlineCallbacks
+    def test_thirdPartyAuthPlugin(self) -> Any:
+        """
+        A separately installed package that ships twisted/plugins/acme_auth.py
+        adds the ``acme:`` backend; ``--auth acme:...`` logs in through it.
+        """
+        target = Path(self.mktemp()).absolute()
+        source = Path(self.mktemp()).absolute()
+        shutil.copytree(FIXTURES / "acme-auth", source)  # pip builds in the source tree
+        result = yield run(
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+            timeout=180,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue((target / "twisted" / "plugins" / "acme_auth.py").exists())
+        demo = Path(self.mktemp()).absolute()
+        submission, _ = yield deferToThread(
+            self.start,
+            "--demo",
+            "--demo-dir",
+            str(demo),
+            "--auth",
+            "acme:bob@acme.test:s3cret",
+            env=environment(str(target)),
+        )
+
+        def login(user: str, password: str) -> int:
+            with smtplib.SMTP("localhost", submission, timeout=30) as smtp:
+                smtp.starttls(context=clientContext(str(demo / "cert.pem")))
+                try:
+                    code, _ = smtp.login(user, password)
+                except smtplib.SMTPAuthenticationError as e:
+                    return int(e.smtp_code)
+                return int(code)
+
+        code = yield deferToThread(login, "bob@acme.test", "s3cret")
+        self.assertEqual(code, 235)
+        # --auth replaced the demo's passwd backend.
+        demoPassword = (demo / "demo-password").read_text().strip()
+        code = yield deferToThread(login, "demo@localhost", demoPassword)
+        self.assertEqual(code, 535)
+
+    @inlineCallbacks
+    def test_configErrorNamesFileAndKey(self) -> Any:
+        config = Path(self.mktemp())
+        config.write_text('[server]\nmax_recipients = "ten"\n')
+        result = yield run(*twistdCommand("--config", str(config)), env=environment())
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(f"{config}: server.max_recipients:", result.stderr + result.stdout)
+
+    @inlineCallbacks
+    def test_refusesToStartWithoutListener(self) -> Any:
+        config = Path(self.mktemp())
+        config.write_text('[auth]\nbackends = ["memory:a:b"]\n')
+        result = yield run(*twistdCommand("--config", str(config)), env=environment())
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("server.submission: no listener", result.stderr + result.stdout)

@@ -1,0 +1,588 @@
+"""
+Tests for L{mailgw.config}.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+
+import attrs
+from twisted.internet.ssl import CertificateOptions
+from twisted.trial import unittest
+
+from mailgw import tls
+from mailgw.config import (
+    AuthConfig,
+    Config,
+    ConfigError,
+    QueueConfig,
+    RelayConfig,
+    Route,
+    ServerConfig,
+    Smarthost,
+    SpoolConfig,
+    TLSConfig,
+    TLSMode,
+    configFromDict,
+    loadConfig,
+    mergeOverrides,
+    readConfigFile,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "etc", "mailgw.toml")
+REFERENCE = os.path.join(ROOT, "docs", "configuration.md")
+
+ROUTE_KEYS = [
+    "smarthosts",
+    "mx",
+    "tls",
+    "ca_file",
+    "auth_user",
+    "auth_password_file",
+    "auth_mechanism",
+    "connect_timeout",
+]
+
+#: Every key of the schema, by section.
+SCHEMA = {
+    "server": [
+        "hostname",
+        "submission",
+        "submissions",
+        "max_message_size",
+        "max_recipients",
+        "max_line_length",
+        "idle_timeout",
+        "max_errors",
+        "legacy_auth_line",
+    ],
+    "tls": ["certificate", "key", "min_version"],
+    "auth": ["backends"],
+    "spool": ["directory"],
+    "queue": [
+        "retry_min",
+        "retry_max",
+        "retry_jitter",
+        "max_lifetime",
+        "bounce_lifetime",
+        "delay_warning",
+        "max_concurrency",
+        "max_per_host",
+    ],
+    "relay": ROUTE_KEYS,
+}
+
+#: For each key, values it must refuse.
+BAD_VALUES = {
+    "server": {
+        "hostname": [5, "no spaces.example", "-lead.example", "a" * 64 + ".example"],
+        "submission": ["tcp:587", [587], ["tcp:abc"], ["nosuch:1"], ["ssl:465"], [""]],
+        "submissions": ["tcp:465", ["tls:465"], ["tcp:port=x"]],
+        "max_message_size": [0, -1, "ten", "35X", True, 1.5],
+        "max_recipients": [0, "ten", True, 2.0],
+        "max_line_length": [997, "ten"],
+        "idle_timeout": [0, -1, "300", float("nan"), float("inf"), True],
+        "max_errors": [0, "x"],
+        "legacy_auth_line": [1, "yes"],
+    },
+    "tls": {
+        "certificate": [1, ["a"]],
+        "key": [1],
+        "min_version": ["TLSv1.1", "TLSv1.0", "TLSv1", "SSLv3", "tlsv1.2", 1.2],
+    },
+    "auth": {"backends": ["memory:a:b", [1], [""]]},
+    "spool": {"directory": ["", 1]},
+    "queue": {
+        "retry_min": [0, "5m"],
+        "retry_max": [-1, 299],
+        "retry_jitter": [-0.1, 1.5, "0.1", True],
+        "max_lifetime": [0],
+        "bounce_lifetime": [0, "x"],
+        "delay_warning": [-1, "4h"],
+        "max_concurrency": [0, 1.0],
+        "max_per_host": [0],
+    },
+    "relay": {
+        "smarthosts": [
+            "smtp.example.net:587",
+            ["::1:25"],
+            ["smtp.example.net:0"],
+            ["smtp.example.net:65536"],
+            ["smtp example.net:25"],
+            ["[not-ipv6]:25"],
+            ["smtp.example.net:25:1"],
+        ],
+        "mx": ["true", 1],
+        "tls": ["STARTTLS", "tls", True],
+        "ca_file": [1],
+        "auth_user": [1],
+        "auth_password_file": [1, "/nonexistent/password"],
+        "auth_mechanism": ["CRAM-MD5", 1],
+        "connect_timeout": [0, "30s"],
+    },
+}
+
+
+def _routeWith(key: str, value: object) -> dict[str, object]:
+    """A route that is valid but for ``key``."""
+    route: dict[str, object] = {"smarthosts": ["smtp.example.net"], key: value}
+    if key == "auth_password_file":
+        route["auth_user"] = "gw"
+    return route
+
+
+def _write(case: unittest.SynchronousTestCase, data: bytes | str, mode: int = 0o600) -> str:
+    path = case.mktemp()
+    with open(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    os.chmod(path, mode)
+    return path
+
+
+class DefaultsTests(unittest.SynchronousTestCase):
+    def test_empty(self) -> None:
+        config = configFromDict({}, source="<test>")
+        self.assertEqual(config, Config(source="<test>"))
+        self.assertEqual(
+            config.server,
+            ServerConfig(
+                hostname="",
+                submission=(),
+                submissions=(),
+                maxMessageSize=36700160,
+                maxRecipients=100,
+                maxLineLength=65536,
+                idleTimeout=300,
+                maxErrors=20,
+                legacyAuthLine=False,
+            ),
+        )
+        self.assertEqual(config.tls, TLSConfig("", "", "TLSv1.2"))
+        self.assertEqual(config.auth, AuthConfig(()))
+        self.assertEqual(config.spool, SpoolConfig("/var/spool/mailgw"))
+        self.assertEqual(config.queue, QueueConfig(300, 3600, 0.1, 432000, 432000, 14400, 20, 5))
+        self.assertEqual(config.relay, RelayConfig(default=None, domains={}))
+
+    def test_routeDefaults(self) -> None:
+        route = configFromDict({"relay": {"smarthosts": ["smtp.example.net"]}}).relay.default
+        self.assertEqual(
+            route,
+            Route(
+                smarthosts=(Smarthost("smtp.example.net", 587),),
+                mx=False,
+                tls=TLSMode.STARTTLS,
+                caFile="",
+                authUser="",
+                authPasswordFile="",
+                authMechanism="PLAIN",
+                connectTimeout=30,
+            ),
+        )
+
+    def test_fqdn(self) -> None:
+        self.assertEqual(Config().fqdn(lambda: "box.example.org"), "box.example.org")
+        named = configFromDict({"server": {"hostname": "mail.example.org"}})
+        self.assertEqual(named.fqdn(lambda: "box.example.org"), "mail.example.org")
+        self.assertTrue(Config().fqdn())
+
+
+class BadValueTests(unittest.SynchronousTestCase):
+    def test_everyKey(self) -> None:
+        """Each bad value of each key is refused with an error naming the key."""
+        self.assertEqual({s: list(keys) for s, keys in BAD_VALUES.items()}, SCHEMA)
+        for section, keys in BAD_VALUES.items():
+            for key, values in keys.items():
+                for value in values:
+                    data = {section: {key: value}}
+                    if section == "relay":
+                        data[section] = _routeWith(key, value)
+                    with self.subTest(key=f"{section}.{key}", value=value):
+                        e = self.assertRaises(ConfigError, configFromDict, data, "<test>")
+                        self.assertEqual(e.key, f"{section}.{key}")
+                        self.assertTrue(str(e).startswith(f"<test>: {section}.{key}: "))
+
+    def test_domainRouteKeys(self) -> None:
+        """A domain route's keys are checked the same way, with its name in the key."""
+        for key, values in BAD_VALUES["relay"].items():
+            for value in values:
+                data = {"relay": {"domains": {"example.org": _routeWith(key, value)}}}
+                with self.subTest(key=key, value=value):
+                    e = self.assertRaises(ConfigError, configFromDict, data, "<test>")
+                    self.assertEqual(e.key, f'relay.domains."example.org".{key}')
+
+    def test_message(self) -> None:
+        e = self.assertRaises(
+            ConfigError,
+            configFromDict,
+            {"server": {"max_recipients": "ten"}},
+            "/etc/mailgw/mailgw.toml",
+        )
+        self.assertEqual(
+            str(e),
+            "/etc/mailgw/mailgw.toml: server.max_recipients: must be an integer >= 1, got 'ten'",
+        )
+
+    def test_tlsVersionReason(self) -> None:
+        e = self.assertRaises(ConfigError, configFromDict, {"tls": {"min_version": "TLSv1.1"}})
+        self.assertIn("RFC 8996", str(e))
+
+    def test_sectionNotATable(self) -> None:
+        e = self.assertRaises(ConfigError, configFromDict, {"server": 5})
+        self.assertEqual(e.key, "server")
+
+    def test_retryMaxBelowMin(self) -> None:
+        e = self.assertRaises(
+            ConfigError, configFromDict, {"queue": {"retry_min": 600, "retry_max": 300}}
+        )
+        self.assertEqual(e.key, "queue.retry_max")
+
+
+class GoodValueTests(unittest.SynchronousTestCase):
+    def test_sizes(self) -> None:
+        for text, octets in [("35M", 36700160), ("64K", 65536), ("1G", 1 << 30), ("2000", 2000)]:
+            config = configFromDict({"server": {"max_message_size": text}})
+            self.assertEqual(config.server.maxMessageSize, octets)
+        config = configFromDict({"server": {"max_line_length": "998"}})
+        self.assertEqual(config.server.maxLineLength, 998)
+
+    def test_durationsAndFractions(self) -> None:
+        config = configFromDict(
+            {
+                "server": {"idle_timeout": 2.5},
+                "queue": {"delay_warning": 0, "retry_jitter": 0, "retry_min": 60},
+            }
+        )
+        self.assertEqual(config.server.idleTimeout, 2.5)
+        self.assertEqual(config.queue.delayWarning, 0)
+        self.assertEqual(config.queue.retryJitter, 0.0)
+
+    def test_listeners(self) -> None:
+        listeners = ["tcp:587:interface=127.0.0.1", "unix:/run/mailgw.sock", "systemd:index=0"]
+        config = configFromDict({"server": {"submission": listeners}})
+        self.assertEqual(config.server.submission, tuple(listeners))
+
+    def test_smarthosts(self) -> None:
+        hosts = ["smtp.example.net:25", "[2001:db8::1]", "192.0.2.1:2525", "relay"]
+        route = configFromDict({"relay": {"smarthosts": hosts}}).relay.default
+        assert route is not None
+        self.assertEqual(
+            route.smarthosts,
+            (
+                Smarthost("smtp.example.net", 25),
+                Smarthost("2001:db8::1", 587),
+                Smarthost("192.0.2.1", 2525),
+                Smarthost("relay", 587),
+            ),
+        )
+        self.assertEqual(str(route.smarthosts[1]), "[2001:db8::1]:587")
+        self.assertEqual(str(route.smarthosts[0]), "smtp.example.net:25")
+
+    def test_implicitDefaultPort(self) -> None:
+        route = configFromDict(
+            {"relay": {"smarthosts": ["smtp.example.net"], "tls": "implicit"}}
+        ).relay.default
+        assert route is not None
+        self.assertEqual(route.smarthosts, (Smarthost("smtp.example.net", 465),))
+
+    def test_mechanismCase(self) -> None:
+        route = configFromDict(
+            {"relay": {"smarthosts": ["a.example"], "auth_mechanism": "login"}}
+        ).relay.default
+        assert route is not None
+        self.assertEqual(route.authMechanism, "LOGIN")
+
+    def test_mx(self) -> None:
+        config = configFromDict({"relay": {"mx": True, "tls": "opportunistic"}})
+        self.assertEqual(config.relay.default, Route(mx=True, tls=TLSMode.OPPORTUNISTIC))
+
+
+class UnknownKeyTests(unittest.SynchronousTestCase):
+    def test_unknownKey(self) -> None:
+        e = self.assertRaises(
+            ConfigError, configFromDict, {"server": {"max_recipient": 5}}, "<test>"
+        )
+        self.assertEqual(e.key, "server.max_recipient")
+        self.assertIn("unknown key", e.problem)
+        self.assertIn("'max_recipients'", e.problem)
+
+    def test_unknownSection(self) -> None:
+        e = self.assertRaises(ConfigError, configFromDict, {"sever": {}})
+        self.assertEqual(e.key, "sever")
+
+    def test_unknownDomainRouteKey(self) -> None:
+        data = {"relay": {"domains": {"example.org": {"mx": True, "smarthost": ["a"]}}}}
+        e = self.assertRaises(ConfigError, configFromDict, data)
+        self.assertEqual(e.key, 'relay.domains."example.org".smarthost')
+
+
+class FileTests(unittest.SynchronousTestCase):
+    def test_syntaxError(self) -> None:
+        path = _write(self, '[server]\nhostname = "a.example"\nmax_recipients = = 5\n')
+        e = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(e.source, path)
+        self.assertEqual(e.key, "line 3")
+        self.assertTrue(str(e).startswith(f"{path}: line 3: TOML syntax error"))
+
+    def test_syntaxErrorAtEnd(self) -> None:
+        path = _write(self, '[server]\nhostname = "a.example"\nx = [1,\n')
+        e = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(e.key, "line 4")
+
+    def test_unquotedDomain(self) -> None:
+        path = _write(self, "[relay.domains.example.org]\nmx = true\n")
+        e = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(e.key, 'relay.domains."example".org')
+        self.assertIn('[relay.domains."example.org"]', e.problem)
+
+    def test_valueErrorNamesFile(self) -> None:
+        path = _write(self, "[server]\nmax_recipients = 0\n")
+        e = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual((e.source, e.key), (path, "server.max_recipients"))
+
+    def test_missingFile(self) -> None:
+        path = self.mktemp()
+        e = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(e.source, path)
+        self.assertIn("cannot read", e.problem)
+
+    def test_notUTF8(self) -> None:
+        path = _write(self, b'[server]\nhostname = "\xff"\n')
+        e = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual(e.key, "line 2")
+
+    def test_loads(self) -> None:
+        path = _write(self, '[server]\nsubmission = ["tcp:587"]\n')
+        config = loadConfig(path)
+        self.assertEqual(config.source, path)
+        self.assertEqual(config.server.submission, ("tcp:587",))
+
+    def test_mergeOverrides(self) -> None:
+        path = _write(self, '[tls]\ncertificate = "/a.pem"\nkey = "/a.key"\n')
+        data = readConfigFile(path)
+        merged = mergeOverrides(data, {"tls.certificate": "/b.pem", "relay.tls": "none"})
+        self.assertEqual(data["tls"]["certificate"], "/a.pem")
+        self.assertEqual(
+            merged, {"tls": {"certificate": "/b.pem", "key": "/a.key"}, "relay": {"tls": "none"}}
+        )
+
+
+class RelayTests(unittest.SynchronousTestCase):
+    def test_tlsNoneNeedsLoopback(self) -> None:
+        for hosts in (["smtp.example.net:25"], ["127.0.0.1:25", "192.0.2.1:25"]):
+            data = {"relay": {"smarthosts": hosts, "tls": "none"}}
+            e = self.assertRaises(ConfigError, configFromDict, data)
+            self.assertEqual(e.key, "relay.tls")
+        hosts = ["127.0.0.1:25", "127.1.2.3:25", "[::1]:25", "localhost:25", "LOCALHOST:26"]
+        route = configFromDict({"relay": {"smarthosts": hosts, "tls": "none"}}).relay.default
+        assert route is not None
+        self.assertEqual(route.tls, TLSMode.NONE)
+
+    def test_mxExclusions(self) -> None:
+        for extra in ({"smarthosts": ["a.example"]}, {"tls": "none"}, {"tls": "implicit"}):
+            self.assertRaises(ConfigError, configFromDict, {"relay": {"mx": True, **extra}})
+
+    def test_noDefaultRoute(self) -> None:
+        config = configFromDict({"relay": {"tls": "implicit", "connect_timeout": 5}})
+        self.assertIsNone(config.relay.default)
+        self.assertIsNone(config.relay.routeFor("example.org"))
+
+    def test_domainRouteNeedsDestination(self) -> None:
+        data = {"relay": {"domains": {"example.org": {"tls": "implicit"}}}}
+        e = self.assertRaises(ConfigError, configFromDict, data)
+        self.assertEqual(e.key, 'relay.domains."example.org".smarthosts')
+
+    def test_domainKeys(self) -> None:
+        data = {"relay": {"domains": {"Bücher.Example": {"mx": True}, "EXAMPLE.org": {"mx": True}}}}
+        self.assertEqual(
+            sorted(configFromDict(data).relay.domains), ["example.org", "xn--bcher-kva.example"]
+        )
+        for bad in ("exa mple.org", "-x.example", "a..example"):
+            data = {"relay": {"domains": {bad: {"mx": True}}}}
+            e = self.assertRaises(ConfigError, configFromDict, data)
+            self.assertEqual(e.key, f'relay.domains."{bad}"')
+        data = {"relay": {"domains": {"example.org": {"mx": True}, "Example.ORG": {"mx": True}}}}
+        self.assertRaises(ConfigError, configFromDict, data)
+
+    def test_routeFor(self) -> None:
+        config = configFromDict(
+            {
+                "relay": {
+                    "smarthosts": ["default.example.net"],
+                    "domains": {
+                        "example.org": {"smarthosts": ["org.example.net"]},
+                        "bücher.example": {"mx": True},
+                    },
+                }
+            }
+        )
+        relay = config.relay
+        default, org, idn = (
+            relay.default,
+            relay.domains["example.org"],
+            relay.domains["xn--bcher-kva.example"],
+        )
+        self.assertEqual(org.smarthosts, (Smarthost("org.example.net", 587),))
+        self.assertIs(relay.routeFor("example.org"), org)
+        self.assertIs(relay.routeFor("EXAMPLE.Org."), org)
+        self.assertIs(relay.routeFor("BÜCHER.example"), idn)
+        self.assertIs(relay.routeFor("xn--bcher-kva.example"), idn)
+        self.assertIs(relay.routeFor("sub.example.org"), default)
+        self.assertIs(relay.routeFor("example.com"), default)
+        self.assertIs(relay.routeFor("[192.0.2.1]"), default)
+        self.assertIs(relay.routeFor(""), default)
+        self.assertIsNone(RelayConfig(domains={"example.org": org}).routeFor("example.com"))
+
+    def test_passwordFile(self) -> None:
+        path = _write(self, "s3cret pass\nsecond line\n", 0o600)
+        route = configFromDict(
+            {
+                "relay": {
+                    "smarthosts": ["smtp.example.net"],
+                    "auth_user": "gw",
+                    "auth_password_file": path,
+                }
+            }
+        ).relay.default
+        assert route is not None
+        self.assertEqual((route.authUser, route.authPassword()), ("gw", "s3cret pass"))
+        self.assertIsNone(Route().authPassword())
+
+    def test_passwordFileOpenToOthers(self) -> None:
+        for mode in (0o640, 0o604, 0o620, 0o601):
+            path = _write(self, "secret\n", mode)
+            data = {
+                "relay": {
+                    "smarthosts": ["smtp.example.net"],
+                    "auth_user": "gw",
+                    "auth_password_file": path,
+                }
+            }
+            e = self.assertRaises(ConfigError, configFromDict, data)
+            self.assertEqual(e.key, "relay.auth_password_file")
+            self.assertIn(f"mode 0{mode:o}", e.problem)
+            self.assertIn("chmod 600", e.problem)
+
+    def test_emptyPasswordFile(self) -> None:
+        route = Route(authUser="gw", authPasswordFile=_write(self, "\nx\n"))
+        self.assertRaises(ValueError, route.authPassword)
+
+    def test_authNeedsBoth(self) -> None:
+        path = _write(self, "secret\n")
+        for extra in ({"auth_user": "gw"}, {"auth_password_file": path}):
+            data = {"relay": {"smarthosts": ["a.example"], **extra}}
+            self.assertRaises(ConfigError, configFromDict, data)
+
+    def test_authNotOpportunistic(self) -> None:
+        path = _write(self, "secret\n")
+        data = {
+            "relay": {
+                "smarthosts": ["a.example"],
+                "tls": "opportunistic",
+                "auth_user": "gw",
+                "auth_password_file": path,
+            }
+        }
+        e = self.assertRaises(ConfigError, configFromDict, data)
+        self.assertEqual(e.key, "relay.tls")
+
+
+class StartCheckTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        base = self.mktemp()
+        os.mkdir(base)
+        self.cert, self.key = os.path.join(base, "cert.pem"), os.path.join(base, "key.pem")
+        tls.makeSelfSigned(self.cert, self.key, "mail.example.org")
+        self.config = configFromDict(
+            {
+                "server": {"submission": ["tcp:587"]},
+                "tls": {"certificate": self.cert, "key": self.key},
+                "auth": {"backends": ["memory:alice:secret"]},
+            },
+            source="<test>",
+        )
+
+    def _fails(self, key: str, **changes: object) -> ConfigError:
+        config = self.config
+        for name, value in changes.items():
+            section, field = name.split("__")
+            config = attrs.evolve(
+                config, **{section: attrs.evolve(getattr(config, section), **{field: value})}
+            )
+        e = self.assertRaises(ConfigError, config.check)
+        self.assertEqual((e.source, e.key), ("<test>", key))
+        return e
+
+    def test_passes(self) -> None:
+        self.assertIsInstance(self.config.check(), CertificateOptions)
+        only465 = attrs.evolve(
+            self.config, server=ServerConfig(submission=(), submissions=("tcp:465",))
+        )
+        only465.check()
+
+    def test_noListener(self) -> None:
+        self._fails("server.submission", server__submission=())
+
+    def test_noCertificate(self) -> None:
+        self._fails("tls.certificate", tls__certificate="")
+        self._fails("tls.key", tls__key="")
+
+    def test_missingCertificate(self) -> None:
+        e = self._fails("tls.certificate", tls__certificate=self.mktemp())
+        self.assertIn("no such file", e.problem)
+        self._fails("tls.key", tls__key=self.mktemp())
+
+    def test_mismatchedKey(self) -> None:
+        other = self.mktemp()
+        os.mkdir(other)
+        tls.makeSelfSigned(other + "/c.pem", other + "/k.pem", "x.example")
+        e = self._fails("tls.key", tls__key=other + "/k.pem")
+        self.assertIn("does not match", e.problem)
+
+    def test_noAuthBackend(self) -> None:
+        self._fails("auth.backends", auth__backends=())
+        self._fails("auth.backends", auth__backends=("nosuchbackend:x",))
+
+    def test_authNotRequired(self) -> None:
+        config = attrs.evolve(self.config, auth=AuthConfig())
+        self.assertIsInstance(config.check(requireAuth=False), CertificateOptions)
+
+    def test_routeCAFile(self) -> None:
+        route = Route(smarthosts=(Smarthost("a.example", 587),), caFile=self.mktemp())
+        config = attrs.evolve(self.config, relay=RelayConfig(default=route))
+        e = self.assertRaises(ConfigError, config.check)
+        self.assertEqual(e.key, "relay.ca_file")
+        config = attrs.evolve(self.config, relay=RelayConfig(domains={"example.org": route}))
+        e = self.assertRaises(ConfigError, config.check)
+        self.assertEqual(e.key, 'relay.domains."example.org".ca_file')
+
+
+class ExampleFileTests(unittest.SynchronousTestCase):
+    def test_loadsWithDefaults(self) -> None:
+        config = loadConfig(EXAMPLE)
+        expected = Config(
+            server=ServerConfig(submission=("tcp:587",), submissions=("tcp:465",)),
+            tls=TLSConfig(certificate="/etc/mailgw/cert.pem", key="/etc/mailgw/key.pem"),
+            auth=AuthConfig(backends=("passwd:/etc/mailgw/passwd",)),
+            source=EXAMPLE,
+        )
+        self.assertEqual(config, expected)
+
+    def test_everyKeyWrittenOut(self) -> None:
+        with open(EXAMPLE, "rb") as f:
+            data = tomllib.load(f)
+        self.assertEqual(sorted(data), sorted(SCHEMA))
+        for section, keys in SCHEMA.items():
+            self.assertEqual(sorted(data[section]), sorted(keys), section)
+
+    def test_referenceDocumentsEveryKey(self) -> None:
+        with open(REFERENCE, encoding="utf-8") as f:
+            text = f.read()
+        for section, keys in SCHEMA.items():
+            for key in keys:
+                self.assertIn(f"`{key}`", text, f"{section}.{key}")
+        for option in ["--config", "--submission", "--submissions", "--certificate", "--key",
+                       "--auth", "--spool", "--hostname", "--relay", "--relay-tls",
+                       "--relay-ca", "--relay-auth"]:  # fmt: skip
+            self.assertIn(f"`{option}", text)

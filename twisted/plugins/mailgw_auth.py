@@ -1,0 +1,72 @@
+"""
+Authentication backends shipped with mailgw, found by L{twisted.plugin}:
+C{twistd mailgw --auth passwd:/etc/mailgw/passwd}.
+
+This is a plugin file, not a library module: it may import the global
+reactor (inside L{PasswdCheckerFactory.generateChecker}, never at import
+time, because every plugin file is imported when plugins are listed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.strcred import ICheckerFactory
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from mailgw.auth.passwd import PasswdChecker, PasswdFileError, readUsers
+
+_passwdHelp = """
+Checks logins against a mailgw users file, one user a line:
+
+    login:ARGON2ID-HASH
+    login:ARGON2ID-HASH:CRAM-MD5-SECRET
+
+Manage it with `mailgw passwd add|change|remove|list LOGIN --file FILE`.
+PLAIN and LOGIN work for every user; CRAM-MD5 only for users added with
+--cram, whose password is then stored base64-encoded (password-equivalent:
+keep the file mode 0600, readable by the server's user only).
+Changes to the file apply to the next login, without a restart.
+"""
+
+
+@implementer(ICheckerFactory, IPlugin)
+class PasswdCheckerFactory:
+    """
+    Makes L{PasswdChecker}s whose argon2 verification runs in the
+    reactor's thread pool.
+    """
+
+    authType = "passwd"
+    authHelp = _passwdHelp
+    argStringFormat = "FILE"
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+
+    def generateChecker(self, argstring: str) -> PasswdChecker:
+        """
+        @raise ValueError: no file given, or it cannot be read or parsed
+            (the message names the file): refuse to start rather than answer
+            every login with a temporary failure.
+        """
+        path = argstring
+        if not path:
+            raise ValueError("passwd: needs the users file: --auth passwd:FILE")
+        try:
+            readUsers(path)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read users file: {e.strerror}") from None
+        except PasswdFileError as e:
+            raise ValueError(str(e)) from None
+
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThreadPool
+
+        def runInThread(f: Any, *args: Any) -> Any:
+            return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+        return PasswdChecker(path, runInThread)
+
+
+thePasswdCheckerFactory = PasswdCheckerFactory()
