@@ -139,3 +139,29 @@ class ISubmissionPolicy(Interface):
         """
         May this transaction add ``recipient``?
         """
+
+
+class IQueueControl(Interface):
+    """
+    What an operator may ask of the running queue (``mailgw queue ...``
+    through the control socket). Each method returns a Deferred; an unknown
+    queue id fails it with KeyError.
+    """
+
+    def notify(queueId):  # type: ignore[no-untyped-def]
+        """A message was just committed: consider it for delivery now."""
+
+    def flush(queueIds=None):  # type: ignore[no-untyped-def]
+        """
+        Try now every pending message (``None``) or those listed, held ones
+        excepted. @return: Deferred firing with the number scheduled.
+        """
+
+    def hold(queueId):  # type: ignore[no-untyped-def]
+        """Stop trying ``queueId`` until released (state kept on disk)."""
+
+    def release(queueId):  # type: ignore[no-untyped-def]
+        """Undo L{hold}; the message is tried now."""
+
+    def delete(queueId):  # type: ignore[no-untyped-def]
+        """Remove ``queueId`` from the queue without a bounce."""

@@ -4,7 +4,11 @@ Tests for L{mailgw.auth.realm}.
 
 from __future__ import annotations
 
-from twisted.cred.checkers import AllowAnonymousAccess, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import (
+    AllowAnonymousAccess,
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
 from twisted.cred.credentials import (
     IAnonymous,
     IUsernameHashedPassword,
@@ -14,7 +18,7 @@ from twisted.cred.credentials import (
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 from zope.interface.verify import verifyObject
 
 from mailgw.auth.realm import Submitter, SubmitterRealm, makePortal
@@ -107,6 +111,42 @@ class MakePortalTests(SynchronousTestCase):
         self.assertIs(portal.checkers[IAnonymous], second)
         self.assertIs(portal.checkers[IUsernamePassword], first)
         self.assertIsInstance(portal.realm, SubmitterRealm)
+
+    def test_severalBackendsAskedInOrder(self) -> None:
+        """
+        Two backends for the same credentials: a user of either logs in; a
+        user of neither gets UnauthorizedLogin.
+        """
+        first = InMemoryUsernamePasswordDatabaseDontUse(alice=b"a")
+        second = InMemoryUsernamePasswordDatabaseDontUse(bob=b"b")
+        portal = makePortal([first, second])
+        for user, password in ((b"alice", b"a"), (b"bob", b"b")):
+            result = self.successResultOf(
+                portal.login(UsernamePassword(user, password), None, ISubmitter)
+            )
+            self.assertEqual(result[1], Submitter(user.decode()))
+        self.failureResultOf(
+            portal.login(UsernamePassword(b"bob", b"a"), None, ISubmitter), UnauthorizedLogin
+        )
+
+    def test_backendErrorWinsOverRefusal(self) -> None:
+        """
+        When one backend is down and the other refuses, the failure is the
+        backend error (454, try again), not a refusal (535).
+        """
+
+        @implementer(ICredentialsChecker)
+        class Down:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials: object) -> object:
+                raise OSError("ldap down")
+
+        portal = makePortal([Down(), InMemoryUsernamePasswordDatabaseDontUse(bob=b"b")])
+        self.failureResultOf(
+            portal.login(UsernamePassword(b"alice", b"x"), None, ISubmitter), OSError
+        )
+        self.successResultOf(portal.login(UsernamePassword(b"bob", b"b"), None, ISubmitter))
 
     def test_customRealm(self) -> None:
         realm = SubmitterRealm()

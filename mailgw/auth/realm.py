@@ -9,7 +9,10 @@ from typing import Any
 
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.interfaces import ISubmitter
@@ -63,13 +66,54 @@ class SubmitterRealm:
         return ISubmitter, Submitter(login), _logout
 
 
+@implementer(ICredentialsChecker)
+class ChainedChecker:
+    """
+    Several checkers for one kind of credentials, asked in order: the first
+    that accepts wins. When none accepts, the answer is UnauthorizedLogin,
+    unless one of them failed otherwise (a backend down): then that failure,
+    so the client hears 454 4.7.0 and tries again rather than 535.
+    """
+
+    def __init__(self, interface: type, checkers: list[ICredentialsChecker]) -> None:
+        self.credentialInterfaces = (interface,)
+        self.checkers = checkers
+
+    def requestAvatarId(self, credentials: object) -> Deferred[object]:
+        failures: list[Failure] = []
+
+        def tryNext(index: int) -> Deferred[object]:
+            if index == len(self.checkers):
+                for failure in failures:
+                    if not failure.check(UnauthorizedLogin, UnhandledCredentials):
+                        return fail(failure)
+                return fail(UnauthorizedLogin())
+            d = maybeDeferred(self.checkers[index].requestAvatarId, credentials)
+
+            def next(failure: Failure) -> Deferred[object]:
+                failures.append(failure)
+                return tryNext(index + 1)
+
+            return d.addErrback(next)
+
+        return tryNext(0)
+
+
 def makePortal(checkers: Iterable[ICredentialsChecker], realm: IRealm | None = None) -> Portal:
     """
     A L{Portal} on C{realm} (a new L{SubmitterRealm} by default) with every
     checker in C{checkers} registered for the credential interfaces it
-    declares; a later checker wins for an interface two of them declare.
+    declares; where several declare the same interface, they are asked in
+    the order given (L{ChainedChecker}).
     """
     portal = Portal(realm if realm is not None else SubmitterRealm())
+    byInterface: dict[type, list[ICredentialsChecker]] = {}
     for checker in checkers:
-        portal.registerChecker(checker)
+        for interface in checker.credentialInterfaces:
+            byInterface.setdefault(interface, []).append(checker)
+    for interface, found in byInterface.items():
+        if len(found) == 1:
+            portal.registerChecker(found[0], interface)
+        else:
+            portal.registerChecker(ChainedChecker(interface, found), interface)
     return portal

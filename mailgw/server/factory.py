@@ -5,6 +5,7 @@ connection.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -44,6 +45,8 @@ class SubmissionFactory(Factory):
     ``implicitTLS`` is true for a submissions (port 465) listener: the
     endpoint is wrapped in TLS by the caller, and STARTTLS is not offered.
     ``tlsContext`` is the server context shared by STARTTLS and implicit TLS.
+    ``onQueued`` is called with the queue id of every committed message
+    (the queue runner's L{mailgw.interfaces.IQueueControl.notify}).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class SubmissionFactory(Factory):
         tlsContext: Any,
         implicitTLS: bool = False,
         policy: ISubmissionPolicy | None = None,
+        onQueued: Callable[[str], object] | None = None,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -63,6 +67,7 @@ class SubmissionFactory(Factory):
         self.tlsContext = tlsContext
         self.implicitTLS = implicitTLS
         self.policy = policy if policy is not None else AcceptAll()
+        self.onQueued = onQueued
         self.connections: set[SubmissionServer] = set()
         self.mechanisms = availableMechanisms(list(portal.listCredentialsInterfaces()))
 

@@ -678,6 +678,11 @@ class SubmissionServer(Protocol):
                 user=self._user,
             )
             self._reply(replies.QUEUED, queueId=outcome)
+            if self.factory.onQueued is not None:
+                try:
+                    self.factory.onQueued(outcome)
+                except Exception:
+                    self._log.failure("Queue notification failed for {queueId}", queueId=outcome)
 
         self._await(maybeDeferred(writer.commit), committed)
 
