@@ -184,7 +184,12 @@ class GatewayService(MultiService):
         if self._listening is None:
             return succeed([])
         d: Deferred[list[IListeningPort]] = Deferred()
-        self._listening.addBoth(lambda result: (d.callback(self.ports), result)[1])
+
+        def fire(result: object) -> object:
+            d.callback(list(self.ports))
+            return result
+
+        self._listening.addBoth(fire)
         return d
 
     def stopService(self) -> Deferred[Any]:

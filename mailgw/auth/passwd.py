@@ -346,7 +346,7 @@ class PasswdChecker:
         except VerifyMismatchError:
             return False
 
-    def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes]:
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
         """
         @return: a Deferred firing with the login (UTF-8 bytes), or failing
             with L{UnauthorizedLogin} (permanent: 535), or with another

@@ -41,7 +41,7 @@ class SubmitterRealm:
     Gives every authenticated avatar id an L{ISubmitter} avatar.
     """
 
-    def requestAvatar(
+    def requestAvatar(  # type: ignore[override]
         self, avatarId: bytes | str, mind: object, *interfaces: Any
     ) -> tuple[Any, Submitter, Callable[[], None]]:
         """
@@ -79,10 +79,10 @@ class ChainedChecker:
         self.credentialInterfaces = (interface,)
         self.checkers = checkers
 
-    def requestAvatarId(self, credentials: object) -> Deferred[object]:
+    def requestAvatarId(self, credentials: object) -> Deferred[Any]:
         failures: list[Failure] = []
 
-        def tryNext(index: int) -> Deferred[object]:
+        def tryNext(index: int) -> Deferred[Any]:
             if index == len(self.checkers):
                 for failure in failures:
                     if not failure.check(UnauthorizedLogin, UnhandledCredentials):
@@ -90,7 +90,7 @@ class ChainedChecker:
                 return fail(UnauthorizedLogin())
             d = maybeDeferred(self.checkers[index].requestAvatarId, credentials)
 
-            def next(failure: Failure) -> Deferred[object]:
+            def next(failure: Failure) -> Deferred[Any]:
                 failures.append(failure)
                 return tryNext(index + 1)
 

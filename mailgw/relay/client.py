@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -142,7 +142,7 @@ async def _connect(
     connecting = endpoint.connect(_ClientFactory(reactor))
     timer = reactor.callLater(settings.timeouts.connect, connecting.cancel)
     try:
-        protocol: SMTPClientProtocol = await connecting
+        protocol = cast(SMTPClientProtocol, await connecting)
     except Exception as e:
         if not timer.active():
             raise ConnectionFailed("timeout connecting to upstream") from e

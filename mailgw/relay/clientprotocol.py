@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import attrs
 from OpenSSL import SSL
@@ -224,6 +224,9 @@ class SMTPClientProtocol(Protocol):
     (timeout, protocol error, connection loss) aborts the connection and
     makes the pending and every later wait fail with a L{RelayError}.
     """
+
+    # TCP or TLS transports: abortConnection and startTLS are used.
+    transport: Any
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock

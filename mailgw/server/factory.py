@@ -75,7 +75,7 @@ class SubmissionFactory(Factory):
     def listenerName(self) -> str:
         return "submissions" if self.implicitTLS else "submission"
 
-    def buildProtocol(self, addr: Any) -> SubmissionServer:
+    def buildProtocol(self, addr: Any) -> SubmissionServer:  # type: ignore[override]
         from mailgw.server.protocol import SubmissionServer
 
         protocol = SubmissionServer()

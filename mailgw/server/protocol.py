@@ -56,6 +56,9 @@ class SubmissionServer(Protocol):
     """One client connection to a submission or submissions listener."""
 
     factory: SubmissionFactory
+    # TCP, TLS or test transports: startTLS, pause/resumeProducing and
+    # setTcpNoDelay are used where the transport has them.
+    transport: Any
     _log = Logger()
 
     def __init__(self) -> None:

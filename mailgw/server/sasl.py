@@ -127,7 +127,7 @@ class CramMD5Exchange:
             int(digest, 16)
         except ValueError:
             raise SASLFailure("CRAM-MD5 digest is not hexadecimal", malformed=True) from None
-        self._credentials.username = username
+        self._credentials.username = username  # type: ignore[assignment]
         self._credentials.response = digest.lower()
         return Done(self._credentials)
 
