@@ -140,6 +140,14 @@ class ISubmissionPolicy(Interface):
         May this transaction add ``recipient``?
         """
 
+    def checkMessage(session, envelope, headers):  # type: ignore[no-untyped-def]
+        """
+        May this message be queued? Called after the end of data, before
+        the commit. ``headers`` is the message's header section as received
+        (bytes, CRLF line endings, up to the server's header size limit; our
+        own Received: header not included).
+        """
+
 
 class IQueueControl(Interface):
     """

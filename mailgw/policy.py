@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from zope.interface import implementer
 
-from mailgw.envelope import Address, Session
+from mailgw.envelope import Address, Envelope, Session
 from mailgw.interfaces import ISubmissionPolicy
 from mailgw.server.replies import SMTPReply
 
@@ -23,5 +23,10 @@ class AcceptAll:
 
     def checkRecipient(
         self, session: Session, sender: Address | None, recipient: Address
+    ) -> SMTPReply | None:
+        return None
+
+    def checkMessage(
+        self, session: Session, envelope: Envelope, headers: bytes
     ) -> SMTPReply | None:
         return None

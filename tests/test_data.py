@@ -91,3 +91,35 @@ class DataReaderTests(SynchronousTestCase):
         reader, body, rest = read(wire, list(range(0, len(wire), 999)), maxLine=5000)
         self.assertIsNone(reader.error)
         self.assertEqual(body, b"L" * 5000 + b"\r\n")
+
+
+class HeaderTests(SynchronousTestCase):
+    def test_headersCollected(self) -> None:
+        wire = b"From: a@b.c\r\nSubject: x\r\n\r\nbody\r\nReceived: not a header\r\n.\r\n"
+        for step in (1, 3, 7, len(wire)):
+            reader, body, rest = read(wire, list(range(0, len(wire), step)))
+            self.assertIsNone(reader.error)
+            self.assertEqual(bytes(reader.headers), b"From: a@b.c\r\nSubject: x\r\n")
+            self.assertEqual(reader.received, 0)
+            self.assertEqual(body, wire[:-3])
+
+    def test_noBody(self) -> None:
+        reader, _, _ = read(b"Subject: x\r\n.\r\n", [])
+        self.assertEqual(bytes(reader.headers), b"Subject: x\r\n")
+
+    def test_headerSizeLimit(self) -> None:
+        out: list[bytes] = []
+        reader = DataReader(out.append, 10**9, 10**6, maxHeaderSize=100)
+        wire = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 20) for i in range(10)) + b"\r\nb\r\n.\r\n"
+        self.assertEqual(reader.feed(wire), b"")
+        self.assertEqual(reader.error.code, 552)  # type: ignore[union-attr]
+
+    def test_mailLoop(self) -> None:
+        out: list[bytes] = []
+        reader = DataReader(out.append, 10**9, 10**6, maxReceived=3)
+        hops = b"".join(b"received: from hop%d\r\n" % i for i in range(4))
+        self.assertEqual(reader.feed(hops + b"\r\nbody\r\n.\r\n"), b"")
+        self.assertEqual(reader.error.enhanced, "5.4.6")  # type: ignore[union-attr]
+        reader = DataReader(out.append, 10**9, 10**6, maxReceived=3)
+        reader.feed(hops[: hops.rfind(b"received")] + b"\r\nReceived: in body\r\n.\r\n")
+        self.assertIsNone(reader.error)

@@ -364,6 +364,9 @@ class TransactionTests(SynchronousTestCase):
                 pending.append(d)
                 return d
 
+            def checkMessage(self, session: object, envelope: object, headers: bytes) -> None:
+                return None
+
         self.h.factory.policy = SlowPolicy()
         self.h.send(b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nRCPT TO:<g@h.i>\r\n")
         self.assertEqual(len(pending), 1)
@@ -521,3 +524,84 @@ class TimeoutTests(SynchronousTestCase):
         self.assertRegex(out, rb"^250 2\.0\.0 Ok: queued as \S+\r\n421 4\.3\.2 ")
         h.protocol.connectionLost(None)  # type: ignore[arg-type]
         self.successResultOf(done)
+
+
+class MessagePolicyTests(SynchronousTestCase):
+    def test_checkMessageSeesHeadersAndCanRefuse(self) -> None:
+        seen: list[bytes] = []
+
+        class HeaderPolicy:
+            def checkSender(self, session: object, sender: object) -> None:
+                return None
+
+            def checkRecipient(self, session: object, sender: object, rcpt: object) -> None:
+                return None
+
+            def checkMessage(self, session: object, envelope: object, headers: bytes) -> object:
+                seen.append(headers)
+                if b"evil" in headers:
+                    return SMTPReply(550, "5.7.1", "Header From: not yours")
+                return None
+
+        h = Harness()
+        h.factory.policy = HeaderPolicy()
+        h.login()
+        for sender, expect in ((b"evil@x.y", b"550 5.7.1"), (b"me@x.y", b"250 2.0.0")):
+            h.command(b"MAIL FROM:<a@b.c>")
+            h.command(b"RCPT TO:<d@e.f>")
+            h.command(b"DATA")
+            h.send(b"From: " + sender + b"\r\nSubject: s\r\n\r\nbody\r\n.\r\n")
+            self.assertTrue(h.take().startswith(expect), sender)
+        self.assertEqual(seen[1], b"From: me@x.y\r\nSubject: s\r\n")
+        self.assertEqual(len(h.spool.committed), 1)
+        self.assertEqual(len(h.spool.aborted), 1)
+
+    def test_mailLoop(self) -> None:
+        h = Harness(maxReceivedHeaders=2)
+        h.login()
+        h.command(b"MAIL FROM:<a@b.c>")
+        h.command(b"RCPT TO:<d@e.f>")
+        h.command(b"DATA")
+        h.send(b"Received: a\r\nReceived: b\r\nReceived: c\r\n\r\nx\r\n.\r\n")
+        self.assertTrue(h.take().startswith(b"554 5.4.6"))
+        self.assertEqual(h.spool.committed, {})
+
+    def test_headerSectionTooBig(self) -> None:
+        h = Harness(maxHeaderSize=1000)
+        h.login()
+        h.command(b"MAIL FROM:<a@b.c>")
+        h.command(b"RCPT TO:<d@e.f>")
+        h.command(b"DATA")
+        h.send(b"X-Junk: " + b"j" * 600 + b"\r\n" + b"X-More: " + b"m" * 600 + b"\r\n\r\n.\r\n")
+        self.assertTrue(h.take().startswith(b"552 5.3.4"))
+
+
+class DeadlineTests(SynchronousTestCase):
+    def test_slowDripCommand(self) -> None:
+        """One byte every 50 s keeps the idle timer happy but not the line deadline."""
+        h = Harness(idleTimeout=300, commandTimeout=60)
+        h.send(b"N")
+        h.clock.advance(50)
+        h.send(b"O")
+        h.clock.advance(11)
+        self.assertTrue(h.closed)
+        self.assertEqual(h.take(), b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+
+    def test_completeLinesResetTheDeadline(self) -> None:
+        h = Harness(idleTimeout=300, commandTimeout=60)
+        for _ in range(5):
+            h.send(b"NO")
+            h.clock.advance(50)
+            h.send(b"OP\r\n")
+        self.assertFalse(h.closed)
+
+    def test_sessionDeadline(self) -> None:
+        h = Harness(idleTimeout=300, sessionTimeout=1000)
+        for _ in range(10):
+            h.clock.advance(99)
+            h.command(b"NOOP")
+        self.assertFalse(h.closed)
+        h.clock.advance(20)
+        self.assertTrue(h.closed)
+        self.assertIn(b"421 4.4.2 Session time limit exceeded", h.take())
+        self.assertEqual(h.clock.getDelayedCalls(), [])

@@ -31,13 +31,21 @@ class DataReader:
     ``sink`` receives the message bytes as they come, dot-stuffing removed,
     until the first problem; after that (``error`` is set) the rest is read
     and dropped. ``size`` counts the octets of the message as received.
+    ``headers`` collects the header section (up to the first empty line),
+    at most ``maxHeaderSize`` octets; more ``Received:`` fields than
+    ``maxReceived`` mean a mail loop (RFC 5321 6.3).
     """
 
     sink: Callable[[bytes], None]
     maxSize: int
     maxLineLength: int
+    maxHeaderSize: int = 262144
+    maxReceived: int = 50
     size: int = 0
     error: SMTPReply | None = None
+    headers: bytearray = attrs.field(factory=bytearray)
+    received: int = 0
+    _inHeaders: bool = True
     _partial: bytes = b""
     _atLineStart: bool = True
 
@@ -108,4 +116,27 @@ class DataReader:
         # RFC 5321 4.5.2: a line's leading dot was added by the client.
         if lines.startswith(b"."):
             lines = lines[1:]
-        self.sink(lines.replace(b"\r\n.", b"\r\n"))
+        data = lines.replace(b"\r\n.", b"\r\n")
+        if self._inHeaders and not self._header(data):
+            return
+        self.sink(data)
+
+    def _header(self, data: bytes) -> bool:
+        """Track the header section; False when it breaks a limit."""
+        if data.startswith(b"\r\n"):
+            end = 0
+        else:
+            end = data.find(b"\r\n\r\n")
+            end = len(data) if end == -1 else end + 2
+        if end < len(data):
+            self._inHeaders = False
+        section = data[:end]
+        if len(self.headers) + len(section) > self.maxHeaderSize:
+            self._fail(replies.HEADERS_TOO_BIG)
+            return False
+        self.headers += section
+        self.received += (b"\r\n" + section).lower().count(b"\r\nreceived:")
+        if self.received > self.maxReceived:
+            self._fail(replies.MAIL_LOOP)
+            return False
+        return True

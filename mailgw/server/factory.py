@@ -34,6 +34,10 @@ class ServerSettings:
     maxRecipients: int = 100
     maxLineLength: int = 65536
     idleTimeout: float = 300.0
+    commandTimeout: float = 60.0
+    sessionTimeout: float = 1800.0
+    maxHeaderSize: int = 262144
+    maxReceivedHeaders: int = 50
     maxErrors: int = 20
     legacyAuthLine: bool = False
 

@@ -71,6 +71,8 @@ class SubmissionServer(Protocol):
         self._closing = False
         self._errors = 0
         self._timer: IDelayedCall | None = None
+        self._sessionTimer: IDelayedCall | None = None
+        self._lineTimer: IDelayedCall | None = None
         self._lost: list[Deferred[None]] = []
         self._tls = False
         self._resetSession()
@@ -94,6 +96,7 @@ class SubmissionServer(Protocol):
         self._declaredSize: int | None = None
         self._reader: DataReader | None = None
         self._writer: IMessageWriter | None = None
+        self._envelope: Envelope | None = None
 
     def session(self) -> Session:
         """What we know of the client now, as the spool and policy see it."""
@@ -123,16 +126,18 @@ class SubmissionServer(Protocol):
                 setNoDelay(True)
             except Exception:
                 pass  # not a TCP socket (UNIX socket)
-        self._timer = self.factory.clock.callLater(self.factory.settings.idleTimeout, self._timeout)
+        settings, clock = self.factory.settings, self.factory.clock
+        self._timer = clock.callLater(settings.idleTimeout, self._timeout, replies.TIMEOUT)
+        self._sessionTimer = clock.callLater(
+            settings.sessionTimeout, self._timeout, replies.SESSION_TIMEOUT
+        )
         greeting = f"{self.factory.settings.hostname} ESMTP mailgw"
         self._write(SMTPReply(220, "", greeting).toBytes())
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self.factory.connections.discard(self)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._cancelTimers()
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
@@ -151,9 +156,14 @@ class SubmissionServer(Protocol):
             self._close(replies.SHUTDOWN)
         return d
 
-    def _timeout(self) -> None:
-        self._timer = None
-        self._close(replies.TIMEOUT)
+    def _cancelTimers(self) -> None:
+        for timer in (self._timer, self._sessionTimer, self._lineTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._sessionTimer = self._lineTimer = None
+
+    def _timeout(self, reply: SMTPReply) -> None:
+        self._close(reply)
 
     def _close(self, reply: SMTPReply | None = None) -> None:
         if self._closed:
@@ -163,6 +173,7 @@ class SubmissionServer(Protocol):
         self._flush()
         self._closed = True
         self._buffer = b""
+        self._cancelTimers()
         self.transport.loseConnection()
 
     def _write(self, data: bytes) -> None:
@@ -213,9 +224,25 @@ class SubmissionServer(Protocol):
         self._flush()
         if self._closed:
             return
+        self._watchLine()
         if self._busy and len(self._buffer) > MAX_BUFFERED and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
+
+    def _watchLine(self) -> None:
+        """
+        A started command line must end within ``commandTimeout``, however
+        the bytes trickle in: a slow drip cannot hold the connection.
+        """
+        partial = bool(self._buffer) and self._reader is None and not self._busy
+        if partial and self._lineTimer is None:
+            self._lineTimer = self.factory.clock.callLater(
+                self.factory.settings.commandTimeout, self._timeout, replies.TIMEOUT
+            )
+        elif not partial and self._lineTimer is not None:
+            if self._lineTimer.active():
+                self._lineTimer.cancel()
+            self._lineTimer = None
 
     def _nextLine(self) -> bytes | None:
         buffer = self._buffer
@@ -627,7 +654,10 @@ class SubmissionServer(Protocol):
             sink=self._writeData,
             maxSize=settings.maxMessageSize,
             maxLineLength=settings.maxLineLength,
+            maxHeaderSize=settings.maxHeaderSize,
+            maxReceived=settings.maxReceivedHeaders,
         )
+        self._envelope = envelope
         self._reply(replies.START_DATA)
 
     def _writeData(self, data: bytes) -> None:
@@ -660,7 +690,16 @@ class SubmissionServer(Protocol):
             self._resetTransaction()
             self._reply(reader.error)
             return
-        envelope = (str(self._sender), len(self._recipients), reader.size)
+        envelope = self._envelope
+        assert envelope is not None
+        session = self.session()
+
+        def checked(outcome: Any) -> None:
+            if self._policyRefused(outcome):
+                writer.abort()
+                self._resetTransaction()
+                return
+            self._await(maybeDeferred(writer.commit), committed)
 
         def committed(outcome: Any) -> None:
             self._resetTransaction()
@@ -672,22 +711,30 @@ class SubmissionServer(Protocol):
                     self._log.failure("Spool commit failed", outcome)
                     self._reply(replies.LOCAL_ERROR)
                 return
-            self._log.info(
-                "queued {queueId} from=<{sender}> rcpts={count} size={size} user={user!r}",
-                queueId=outcome,
-                sender=envelope[0] if envelope[0] != "None" else "",
-                count=envelope[1],
-                size=envelope[2],
-                user=self._user,
-            )
-            self._reply(replies.QUEUED, queueId=outcome)
-            if self.factory.onQueued is not None:
-                try:
-                    self.factory.onQueued(outcome)
-                except Exception:
-                    self._log.failure("Queue notification failed for {queueId}", queueId=outcome)
+            self._queued(outcome, envelope, reader.size)
 
-        self._await(maybeDeferred(writer.commit), committed)
+        d = maybeDeferred(
+            self.factory.policy.checkMessage, session, envelope, bytes(reader.headers)
+        )
+        self._await(d, checked)
+
+    def _queued(self, queueId: str, envelope: Envelope, size: int) -> None:
+        self._log.info(
+            "queued {queueId} from=<{sender}> rcpts={count} size={size} user={user!r} "
+            "client={client}",
+            queueId=queueId,
+            sender=envelope.sender or "",
+            count=len(envelope.recipients),
+            size=size,
+            user=self._user,
+            client=self.session().clientAddress,
+        )
+        self._reply(replies.QUEUED, queueId=queueId)
+        if self.factory.onQueued is not None:
+            try:
+                self.factory.onQueued(queueId)
+            except Exception:
+                self._log.failure("Queue notification failed for {queueId}", queueId=queueId)
 
     _commands: dict[str, Callable[[SubmissionServer, str], None]] = {}
 

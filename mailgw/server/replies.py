@@ -115,6 +115,9 @@ BAD_LINE_ENDINGS = reply(
     "5.6.0",
     "Message contains a bare CR or LF or a NUL; send CRLF line endings only",
 )
+HEADERS_TOO_BIG = reply(552, "5.3.4", "Message header section too large")
+MAIL_LOOP = reply(554, "5.4.6", "Too many Received: headers: mail loop detected")
+SESSION_TIMEOUT = reply(421, "4.4.2", "Session time limit exceeded, closing connection")
 DATA_LINE_TOO_LONG = reply(554, "5.6.0", "Message has a line longer than {limit} octets")
 
 # 5xx: security
