@@ -17,6 +17,7 @@ from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -24,8 +25,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailgw.auth.realm import makePortal
 from mailgw.config import Config, ConfigError
-from mailgw.interfaces import ISpool, ISubmissionPolicy
+from mailgw.control import ControlService, defaultSocketPath
+from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
+from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool
+from mailgw.relay.relay import Relay
 from mailgw.server.factory import ServerSettings, SubmissionFactory
 
 
@@ -75,14 +79,18 @@ def makeCheckers(config: Config) -> list[ICredentialsChecker]:
 
 class GatewayService(MultiService):
     """
-    The whole gateway.
+    The whole gateway: listeners, spool, queue runner, relay and the
+    control socket of the ``mailgw queue`` commands.
 
     Building it runs the start-up safety checks (listeners, certificate and
     key, an auth backend) and raises L{ConfigError} when one fails; starting
     it opens the spool and the listeners.
 
     ``checkers`` replaces the checkers made from ``config.auth.backends``;
-    ``policy``, ``spool`` may replace the defaults (tests and embedders).
+    ``policy``, ``spool``, ``relay`` and ``resolver`` (for MX routes) may
+    replace the defaults (tests and embedders). ``controlSocket`` is the
+    control socket's path (default: in the spool directory when the spool
+    is the on-disk one; "" for none).
     """
 
     log = Logger()
@@ -95,6 +103,9 @@ class GatewayService(MultiService):
         checkers: Sequence[ICredentialsChecker] | None = None,
         policy: ISubmissionPolicy | None = None,
         spool: ISpool | None = None,
+        relay: IRelay | None = None,
+        resolver: Any = None,
+        controlSocket: str | None = None,
         exitOnListenFailure: bool = False,
     ) -> None:
         super().__init__()
@@ -114,6 +125,15 @@ class GatewayService(MultiService):
             else Spool(config.spool.directory, reactor, threadRunner(reactor))
         )
         self.settings = serverSettings(config)
+        self.relay: IRelay = relay if relay is not None else self._makeRelay(resolver)
+        self.runner = QueueRunner(
+            self.spool, self.relay, reactor, config.queue, self.settings.hostname
+        )
+        self.runner.setServiceParent(self)
+        if controlSocket is None and isinstance(self.spool, Spool):
+            controlSocket = defaultSocketPath(config.spool.directory)
+        if controlSocket:
+            _OptionalControl(controlSocket, self.runner, reactor).setServiceParent(self)
         self.factories: list[SubmissionFactory] = []
         self._listeners: list[tuple[str, Any]] = []
         for description in config.server.submission:
@@ -122,6 +142,24 @@ class GatewayService(MultiService):
             self._addListener(description, implicitTLS=True, policy=policy)
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
+
+    def _makeRelay(self, resolver: Any) -> IRelay:
+        if resolver is None:
+            resolver = _SystemResolver()
+        queue = self.config.queue
+        return Relay(
+            self.reactor,
+            self.config.relay,
+            resolver,
+            self.settings.hostname,
+            self.spool.openMessage,
+            maxConcurrency=queue.maxConcurrency,
+            maxPerHost=queue.maxPerHost,
+        )
+
+    def _queued(self, queueId: str) -> None:
+        d = self.runner.notify(queueId)
+        d.addErrback(lambda f: self.log.failure("Cannot schedule {queueId}", f, queueId=queueId))
 
     def _addListener(
         self, description: str, implicitTLS: bool, policy: ISubmissionPolicy | None
@@ -134,6 +172,7 @@ class GatewayService(MultiService):
             self.tlsContext,
             implicitTLS=implicitTLS,
             policy=policy,
+            onQueued=self._queued,
         )
         self.factories.append(factory)
         # RFC 8314 3.3: on the submissions port TLS starts with the first byte.
@@ -207,3 +246,41 @@ class GatewayService(MultiService):
         close = getattr(self.spool, "close", None)
         if close is not None:
             close()
+
+
+class _SystemResolver:
+    """
+    The system's DNS resolver (``/etc/resolv.conf``), made on first use:
+    only MX routes query DNS, and a gateway that relays to smarthosts alone
+    never starts twisted.names' periodic re-reading of resolv.conf.
+    """
+
+    def __init__(self) -> None:
+        self._resolver: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._resolver is None:
+            from twisted.names.client import createResolver
+
+            self._resolver = createResolver()
+        return getattr(self._resolver, name)
+
+
+class _OptionalControl(ControlService):
+    """
+    The control socket, as a part the gateway can run without: mail keeps
+    flowing when it cannot listen (a path too long for a UNIX socket, a
+    file in the way); only the `mailgw queue` commands that need the running
+    gateway cannot reach it, and the log says so.
+    """
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except (CannotListenError, OSError) as e:
+            self.running = True
+            GatewayService.log.error(
+                "Control socket unavailable ({error}); `mailgw queue flush`, hold, release "
+                "and delete cannot reach this gateway",
+                error=e,
+            )

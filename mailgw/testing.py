@@ -7,7 +7,9 @@ checked with C{verifyObject}; each has knobs to inject failures and delays.
 from __future__ import annotations
 
 import io
-from typing import BinaryIO
+import re
+from collections.abc import Sequence
+from typing import Any, BinaryIO
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -15,8 +17,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from mailgw.envelope import Envelope, QueuedMessage, RecipientState, Session
-from mailgw.interfaces import IMessageWriter, ISpool
+from mailgw.envelope import (
+    Address,
+    DeliveryResult,
+    Envelope,
+    QueuedMessage,
+    RecipientState,
+    Session,
+)
+from mailgw.interfaces import IMessageWriter, IRelay, ISpool
 from mailgw.queue.spool import SpoolError
 
 
@@ -209,3 +218,163 @@ class MemorySpool:
         self.removed.append(queueId)
         self.committed.pop(queueId, None)
         return succeed(None)
+
+
+# -- A scripted relay ---------------------------------------------------------
+
+_REPLY = re.compile(r"([2-5]\d\d)(?:[ -]([2-5]\.\d{1,3}\.\d{1,3}))?(?:[ -](.*))?\Z", re.DOTALL)
+
+
+@attrs.frozen
+class ScriptedOutcome:
+    """
+    What a L{FakeRelay} answers for one recipient in one attempt; made by
+    L{success}, L{transient} and L{permanent}.
+    """
+
+    success: bool
+    permanent: bool = False
+    code: int = 0
+    enhanced: str = ""
+    text: str = ""
+    remote: str = "upstream.example"
+
+    def resultFor(self, recipient: Address) -> DeliveryResult:
+        """This outcome as the L{DeliveryResult} of ``recipient``."""
+        return DeliveryResult(recipient, self.success, self.permanent, self.code,
+                              self.enhanced, self.text, self.remote)  # fmt: skip
+
+
+def _outcome(success: bool, permanent: bool, reply: str, remote: str) -> ScriptedOutcome:
+    # "450 4.2.0 busy" -> code 450, enhanced 4.2.0, text "busy"; anything not
+    # starting with a reply code is a failure without a reply (code 0).
+    m = _REPLY.match(reply)
+    if m is None:
+        return ScriptedOutcome(success, permanent, 0, "", reply, remote)
+    code, enhanced, text = int(m.group(1)), m.group(2) or "", (m.group(3) or "").strip()
+    return ScriptedOutcome(success, permanent, code, enhanced, text, remote)
+
+
+def success(reply: str = "250 2.0.0 Ok", remote: str = "upstream.example") -> ScriptedOutcome:
+    """The upstream took the recipient."""
+    return _outcome(True, False, reply, remote)
+
+
+def transient(
+    reply: str = "451 4.3.0 try again later", remote: str = "upstream.example"
+) -> ScriptedOutcome:
+    """
+    A failure that retrying may fix: a 4xx ``reply``, or text without a
+    code (``transient("connection refused", remote="")``).
+    """
+    return _outcome(False, False, reply, remote)
+
+
+def permanent(
+    reply: str = "550 5.1.1 no such user", remote: str = "upstream.example"
+) -> ScriptedOutcome:
+    """A failure retrying cannot fix: the recipient bounces."""
+    return _outcome(False, True, reply, remote)
+
+
+@attrs.define(eq=False)
+class RelayCall:
+    """
+    One call of L{FakeRelay.deliver} (``many`` false, one message) or
+    L{FakeRelay.deliverMany}, with the results the script gave at call time.
+    """
+
+    messages: tuple[QueuedMessage, ...]
+    many: bool
+    deferred: Deferred[Any]
+    results: dict[str, list[DeliveryResult]]
+    failure: BaseException | None = None
+
+    @property
+    def fired(self) -> bool:
+        return self.deferred.called
+
+    @property
+    def queueIds(self) -> list[str]:
+        return [m.queueId for m in self.messages]
+
+    def fire(self) -> None:
+        """Fire the Deferred with the results, or fail it if asked to."""
+        if self.failure is not None:
+            self.deferred.errback(self.failure)
+        elif self.many:
+            self.deferred.callback(self.results)
+        else:
+            self.deferred.callback(self.results[self.messages[0].queueId])
+
+    def fail(self, error: BaseException | None = None) -> None:
+        """Fail the Deferred (which a real relay never does)."""
+        self.deferred.errback(error or RuntimeError("injected relay failure"))
+
+
+@implementer(IRelay)
+@attrs.define(eq=False)
+class FakeRelay:
+    """
+    L{IRelay} (with ``deliverMany``) answering from a script.
+
+    ``script`` maps a recipient address (``"bob@example.org"``) to the
+    outcomes of its next attempts, used up one per attempt; once a list is
+    empty, or for an address not in it, ``default`` (L{success}) answers::
+
+        relay.script["bob@example.org"] = [transient("450 4.2.0 busy"), success()]
+
+    Records every call in ``calls`` (L{RelayCall}) and every recipient tried
+    in ``attempts`` as ``(queueId, "address")``. While ``holdResults`` is
+    true, calls return unfired Deferreds: fire them with
+    L{RelayCall.fire}, L{RelayCall.fail} or L{releaseAll}.
+    L{failNextCall} makes the next call's Deferred fail.
+    """
+
+    script: dict[str, list[ScriptedOutcome]] = attrs.field(factory=dict)
+    default: ScriptedOutcome = attrs.field(factory=success)
+    holdResults: bool = False
+    calls: list[RelayCall] = attrs.field(factory=list)
+    attempts: list[tuple[str, str]] = attrs.field(factory=list)
+    _failNext: BaseException | None = None
+
+    def failNextCall(self, error: BaseException | None = None) -> None:
+        """Make the next call's Deferred fail with ``error``."""
+        self._failNext = error or RuntimeError("injected relay failure")
+
+    @property
+    def heldCalls(self) -> list[RelayCall]:
+        """The calls whose Deferreds have not fired yet, oldest first."""
+        return [c for c in self.calls if not c.fired]
+
+    def releaseAll(self) -> None:
+        """Fire every held call, oldest first."""
+        for call in self.heldCalls:
+            call.fire()
+
+    def deliver(self, message: QueuedMessage) -> Deferred[list[DeliveryResult]]:
+        return self._call((message,), many=False)
+
+    def deliverMany(
+        self, messages: Sequence[QueuedMessage]
+    ) -> Deferred[dict[str, list[DeliveryResult]]]:
+        return self._call(tuple(messages), many=True)
+
+    def _next(self, address: Address) -> ScriptedOutcome:
+        outcomes = self.script.get(str(address))
+        return outcomes.pop(0) if outcomes else self.default
+
+    def _call(self, messages: tuple[QueuedMessage, ...], many: bool) -> Deferred[Any]:
+        results = {}
+        for message in messages:
+            results[message.queueId] = [
+                self._next(r.address).resultFor(r.address) for r in message.pendingRecipients
+            ]
+            self.attempts.extend((message.queueId, str(r.address))
+                                 for r in message.pendingRecipients)  # fmt: skip
+        failure, self._failNext = self._failNext, None
+        call = RelayCall(messages, many, Deferred(), results, failure)
+        self.calls.append(call)
+        if not self.holdResults:
+            call.fire()
+        return call.deferred

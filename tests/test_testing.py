@@ -9,10 +9,25 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from mailgw.envelope import Address, Envelope, QueuedMessage, RecipientState, Session
-from mailgw.interfaces import IMessageWriter, ISpool
+from mailgw.envelope import (
+    Address,
+    DeliveryResult,
+    Envelope,
+    QueuedMessage,
+    RecipientState,
+    RecipientStatus,
+    Session,
+)
+from mailgw.interfaces import IMessageWriter, IRelay, ISpool
 from mailgw.queue.spool import SpoolError, SpoolFullError, isQueueId
-from mailgw.testing import MemoryMessageWriter, MemorySpool
+from mailgw.testing import (
+    FakeRelay,
+    MemoryMessageWriter,
+    MemorySpool,
+    permanent,
+    success,
+    transient,
+)
 
 ENVELOPE = Envelope(Address("alice", "example.org"), (Address("bob", "example.com"),))
 SESSION = Session("192.0.2.7", user="alice")
@@ -137,3 +152,107 @@ class MemorySpoolTests(SynchronousTestCase):
         self.assertRaises(KeyError, self.spool.openMessage, queueId)
         self.failureResultOf(self.spool.update(held), KeyError)
         self.assertEqual(self.spool.pending(), [])
+
+
+BOB = Address("bob", "example.com")
+CAROL = Address("carol", "example.net")
+
+
+def queued(queueId: str, *recipients: RecipientState) -> QueuedMessage:
+    envelope = Envelope(Address("alice", "example.org"), tuple(r.address for r in recipients))
+    return QueuedMessage(queueId, envelope, SESSION, 0.0, 10, recipients)
+
+
+class FakeRelayTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.relay = FakeRelay()
+        self.message = queued("00000000000000000001", RecipientState(BOB), RecipientState(CAROL))
+
+    def test_interface(self) -> None:
+        """FakeRelay provides IRelay, and deliverMany."""
+        self.assertTrue(verifyObject(IRelay, self.relay))
+        self.assertTrue(callable(self.relay.deliverMany))
+
+    def test_defaultSuccess(self) -> None:
+        """Unscripted recipients succeed; every call and recipient is recorded."""
+        results = self.successResultOf(self.relay.deliver(self.message))
+        self.assertEqual(
+            results,
+            [
+                DeliveryResult(BOB, True, False, 250, "2.0.0", "Ok", "upstream.example"),
+                DeliveryResult(CAROL, True, False, 250, "2.0.0", "Ok", "upstream.example"),
+            ],
+        )
+        [call] = self.relay.calls
+        self.assertEqual((call.messages, call.many, call.fired), ((self.message,), False, True))
+        self.assertEqual(
+            self.relay.attempts,
+            [(self.message.queueId, str(BOB)), (self.message.queueId, str(CAROL))],
+        )
+
+    def test_script(self) -> None:
+        """Scripted outcomes are used up one per attempt, then the default answers."""
+        self.relay.script[str(BOB)] = [transient("450 4.2.0 busy"), permanent()]
+        outcomes = [self.successResultOf(self.relay.deliver(self.message))[0] for _ in range(3)]
+        self.assertEqual(
+            [(r.success, r.permanent, r.code, r.enhanced, r.text) for r in outcomes],
+            [
+                (False, False, 450, "4.2.0", "busy"),
+                (False, True, 550, "5.1.1", "no such user"),
+                (True, False, 250, "2.0.0", "Ok"),
+            ],
+        )
+        self.assertTrue(outcomes[0].transient)
+        self.relay.default = transient("connection refused", remote="")
+        [result, _] = self.successResultOf(self.relay.deliver(self.message))
+        self.assertEqual(
+            (result.code, result.enhanced, result.text, result.remote),
+            (0, "", "connection refused", ""),
+        )
+        self.assertEqual(success("250 ok").code, 250)
+
+    def test_onlyPending(self) -> None:
+        """Only pending recipients are tried."""
+        done = RecipientState(BOB, RecipientStatus.DELIVERED)
+        message = queued("00000000000000000002", done, RecipientState(CAROL))
+        [result] = self.successResultOf(self.relay.deliver(message))
+        self.assertEqual(result.recipient, CAROL)
+        self.assertEqual(self.relay.attempts, [(message.queueId, str(CAROL))])
+
+    def test_deliverMany(self) -> None:
+        other = queued("00000000000000000002", RecipientState(CAROL))
+        self.relay.script[str(CAROL)] = [permanent()]
+        results = self.successResultOf(self.relay.deliverMany([self.message, other]))
+        self.assertEqual(list(results), [self.message.queueId, other.queueId])
+        self.assertEqual([r.permanent for r in results[self.message.queueId]], [False, True])
+        self.assertEqual([r.success for r in results[other.queueId]], [True])
+        [call] = self.relay.calls
+        self.assertEqual((call.many, call.queueIds), (True, list(results)))
+
+    def test_holdResults(self) -> None:
+        """Held calls fire only when the test says so."""
+        self.relay.holdResults = True
+        first, second = self.relay.deliver(self.message), self.relay.deliver(self.message)
+        self.assertNoResult(first)
+        self.assertEqual(len(self.relay.heldCalls), 2)
+        self.relay.calls[1].fire()
+        self.assertNoResult(first)
+        self.assertEqual(len(self.successResultOf(second)), 2)
+        self.relay.releaseAll()
+        self.assertEqual(len(self.successResultOf(first)), 2)
+        self.assertEqual(self.relay.heldCalls, [])
+        third = self.relay.deliver(self.message)
+        self.relay.calls[-1].fail(ValueError("x"))
+        self.failureResultOf(third, ValueError)
+
+    def test_failNextCall(self) -> None:
+        """failNextCall fails one call, also a held one when it fires."""
+        self.relay.failNextCall(ValueError("boom"))
+        self.failureResultOf(self.relay.deliver(self.message), ValueError)
+        self.successResultOf(self.relay.deliver(self.message))
+        self.relay.holdResults = True
+        self.relay.failNextCall()
+        d = self.relay.deliverMany([self.message])
+        self.assertNoResult(d)
+        self.relay.releaseAll()
+        self.failureResultOf(d, RuntimeError)

@@ -6,9 +6,12 @@ generated certificate, a passwd file and an on-disk spool.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +43,20 @@ def clientContext(cafile: str) -> ssl.SSLContext:
     return context
 
 
-def makeFixtures(base: Path) -> dict[str, str]:
+def shortDirectory(testCase: TestCase) -> Path:
+    """A fresh directory with a short path (a UNIX socket path has ~107 octets)."""
+    path = Path(tempfile.mkdtemp(prefix="mailgw-"))
+    testCase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def makeFixtures(base: Path, spool: Path | None = None) -> dict[str, str]:
     base.mkdir(parents=True, exist_ok=True)
     cert, key, passwd = base / "cert.pem", base / "key.pem", base / "passwd"
     makeSelfSigned(str(cert), str(key), "localhost")
     addUser(str(passwd), USER, PASSWORD, cram=True)
-    return {"cert": str(cert), "key": str(key), "passwd": str(passwd), "spool": str(base / "spool")}
+    spool = spool if spool is not None else base / "spool"
+    return {"cert": str(cert), "key": str(key), "passwd": str(passwd), "spool": str(spool)}
 
 
 def run(
@@ -66,8 +77,8 @@ class GatewayTestCase(TestCase):
     @inlineCallbacks
     def setUp(self) -> Any:
         self.base = Path(self.mktemp())
-        self.files = makeFixtures(self.base)
-        data = {
+        self.files = makeFixtures(self.base, shortDirectory(self) / "spool")
+        data: dict[str, Any] = {
             "server": {
                 "hostname": "localhost",
                 "submission": ["tcp:0:interface=127.0.0.1"],
@@ -78,6 +89,10 @@ class GatewayTestCase(TestCase):
             "auth": {"backends": [f"passwd:{self.files['passwd']}"]},
             "spool": {"directory": self.files["spool"]},
         }
+        for section, values in self.extraConfig.items():
+            if section != "server":
+                data.setdefault(section, {}).update(values)
+        data = self.adjustConfig(data)
         self.config = configFromDict(data, source="test")
         self.service = GatewayService(self.config, reactor)
         self.service.startService()
@@ -85,6 +100,10 @@ class GatewayTestCase(TestCase):
         self.submissionPort = ports[0].getHost().port
         self.submissionsPort = ports[1].getHost().port
         self.addCleanup(self.service.stopService)
+
+    def adjustConfig(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Subclasses change the configuration here (e.g. to add a relay)."""
+        return data
 
     def spooled(self) -> list[Any]:
         """The messages in the spool, read from disk by a fresh Spool."""
@@ -99,3 +118,20 @@ def haveCommand(name: str) -> bool:
     return any(
         os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", "").split(":")
     )
+
+
+def waitForPort(
+    port: int, process: subprocess.Popen[bytes], log: str | None = None, limit: float = 30
+) -> None:
+    """Wait until ``process`` listens on ``port``; fail with its log if it exits."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            text = Path(log).read_text(errors="replace") if log else ""
+            raise AssertionError(f"twistd exited with {process.returncode}:\n{text}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port} after {limit} s")

@@ -8,10 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
-import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.integration.support import ROOT, clientContext, freePort, run
+from tests.integration.support import ROOT, clientContext, freePort, run, waitForPort
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -41,20 +40,6 @@ def environment(*paths: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT)])
     return env
-
-
-def waitForPort(port: int, process: subprocess.Popen[bytes], log: str, limit: float = 30) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            text = Path(log).read_text(errors="replace")
-            raise AssertionError(f"twistd exited with {process.returncode}:\n{text}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port} after {limit} s")
 
 
 class TwistdTests(TestCase):
@@ -92,12 +77,18 @@ class TwistdTests(TestCase):
         self.process = process
         return submission, submissions
 
+    def shortTemp(self) -> Path:
+        """A directory with a short path: a UNIX socket path has ~107 octets."""
+        path = Path(tempfile.mkdtemp(prefix="mailgw-"))
+        self.addCleanup(shutil.rmtree, path, True)
+        return path / "demo"
+
     def log(self) -> str:
         return Path(self.logPath).read_text(errors="replace")
 
     @inlineCallbacks
     def test_demo(self) -> Any:
-        demo = Path(self.mktemp()).absolute()
+        demo = self.shortTemp()
         submission, submissions = yield deferToThread(self.start, "--demo", "--demo-dir", str(demo))
         password = (demo / "demo-password").read_text().strip()
         self.assertIn(password, self.log())
@@ -149,7 +140,7 @@ class TwistdTests(TestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertTrue((target / "twisted" / "plugins" / "acme_auth.py").exists())
-        demo = Path(self.mktemp()).absolute()
+        demo = self.shortTemp()
         submission, _ = yield deferToThread(
             self.start,
             "--demo",

@@ -1,0 +1,668 @@
+"""
+The queue runner: hands spooled messages to the relay when they are due,
+records what became of each recipient, retries with backoff, and sends the
+bounces and delay warnings the sender is owed (docs/queue.md).
+
+Its promise: every accepted message reaches the upstream or its sender gets
+a bounce saying why; nothing is dropped silently, across upstream outages,
+restarts and crashes. The spool is the truth: results are written with
+L{ISpool.update} before anything else happens to the message, a bounce is
+committed before the state that says "bounced", and a message leaves the
+spool only once every recipient is finished. A crash can make mail go out
+twice (at least once), never be lost.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import re
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailgw.config import QueueConfig
+from mailgw.envelope import (
+    Address,
+    DeliveryResult,
+    Envelope,
+    QueuedMessage,
+    RecipientState,
+    RecipientStatus,
+    Session,
+)
+from mailgw.interfaces import IQueueControl, IRelay, ISpool
+from mailgw.queue import dsn
+
+#: Seconds before the runner tries again to record results, or to queue a
+#: bounce, after the spool failed to.
+RECORD_RETRY = 60.0
+#: L{QueueRunner.stopService} waits at most this long for deliveries in flight.
+STOP_TIMEOUT = 30.0
+
+_log = Logger()
+_PENDING, _BOUNCED = RecipientStatus.PENDING, RecipientStatus.BOUNCED
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+# Builds a DSN from the message, its file and the time (dsn.buildBounce...).
+_Build = Callable[[QueuedMessage, BinaryIO, float], tuple[Envelope, bytes]]
+
+
+def backoff(attempts: int, config: QueueConfig, rng: random.Random) -> float:
+    """
+    Seconds to wait after the ``attempts``-th attempt: ``retryMin`` doubled
+    per attempt after the first, capped at ``retryMax``, times a random
+    factor in ``[1 - retryJitter, 1 + retryJitter]`` so that messages failed
+    together do not all come back together.
+    """
+    delay = min(config.retryMin * 2.0 ** min(max(attempts, 1) - 1, 64), config.retryMax)
+    return delay * rng.uniform(1 - config.retryJitter, 1 + config.retryJitter)
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def _days(seconds: float) -> str:
+    return f"{round(seconds / 86400, 1):g}"
+
+
+def _reply(state: RecipientState) -> str:
+    # Upstream text is untrusted: one bounded line in the log.
+    words = [str(state.code) if state.code else "", state.enhanced, state.diagnostic]
+    text = " ".join(w for w in words if w)
+    return "".join(c if c.isprintable() else " " for c in text)[:200]
+
+
+class _RetryLater(Exception):
+    """The spool failed (logged): record again after L{RECORD_RETRY}."""
+
+
+class _Vanished(Exception):
+    """The message is no longer in the spool: forget it."""
+
+
+class _Deleted(Exception):
+    """The operator deleted the message meanwhile: stop; L{_unbusy} removes it."""
+
+
+@implementer(IQueueControl)
+class QueueRunner(Service):
+    """
+    Delivers the messages of ``spool`` through ``relay``; see the module
+    docstring and docs/queue.md.
+
+    @param clock: schedules attempts and timestamps results.
+    @param config: retry timings, lifetimes and the delay warning.
+    @param reportingMTA: our host name, in bounces and warnings.
+    @param rng: the jitter of the backoff (seed it in tests).
+    @param batchSize: at most this many messages per relay call.
+    @param maxInFlight: at most this many relay calls at once.
+    """
+
+    def __init__(
+        self,
+        spool: ISpool,
+        relay: IRelay,
+        clock: IReactorTime,
+        config: QueueConfig,
+        reportingMTA: str,
+        *,
+        rng: random.Random | None = None,
+        batchSize: int = 50,
+        maxInFlight: int = 4,
+    ) -> None:
+        if batchSize < 1 or maxInFlight < 1:
+            raise ValueError("batchSize and maxInFlight must be at least 1")
+        reportingMTA = reportingMTA.removesuffix(".")  # a fully qualified "name."
+        if not _HOSTNAME.fullmatch(reportingMTA):
+            # Refuse now rather than fail to build every bounce later.
+            raise ValueError(f"reportingMTA must be a host name, got {reportingMTA!r}")
+        self._spool, self._relay, self._clock = spool, relay, clock
+        self._config, self._reportingMTA = config, reportingMTA
+        self._rng = rng or random.Random()
+        self._batchSize, self._maxInFlight = batchSize, maxInFlight
+        self._messages: dict[str, QueuedMessage] = {}  # every message known, newest state
+        self._due: dict[str, tuple[float, int]] = {}  # its valid heap entry, if scheduled
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._busy: set[str] = set()  # in a relay call, or being recorded
+        self._unsettled: set[str] = set()  # learnt more than the spool knows yet
+        self._owed: dict[str, set[Address]] = {}  # bounced, but no bounce committed yet
+        self._deleting: set[str] = set()  # deleted while busy
+        self._batches = 0
+        self._timer: IDelayedCall | None = None
+        self._pumping = self._pumpAgain = False
+        self._idleWaiters: list[Deferred[None]] = []
+
+    # -- service --------------------------------------------------------------
+
+    def startService(self) -> None:
+        """
+        Schedule every message of the spool, also those from before a
+        restart, at its next attempt (held ones are kept but not tried).
+
+        @raise SpoolError: the spool cannot be listed; the service does not start.
+        """
+        for message in self._spool.pending():
+            if message.queueId not in self._messages:
+                self._add(message)
+        Service.startService(self)
+        self._pump()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop starting attempts; fire once the attempts in flight are
+        recorded, or after L{STOP_TIMEOUT} seconds (their recipients are
+        then tried again after the restart).
+        """
+        Service.stopService(self)
+        self._cancelTimer()
+        if self._unsettled - self._busy:
+            _log.warn(
+                "Stopping with {n} messages whose state could not be recorded",
+                n=len(self._unsettled - self._busy),
+            )
+        if self._idle():
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idleWaiters.append(d)
+        return d.addTimeout(STOP_TIMEOUT, self._clock, onTimeoutCancel=self._stopTimedOut)
+
+    def _stopTimedOut(self, result: object, timeout: float) -> None:
+        _log.warn(
+            "Stopped with {n} messages still in flight; they will be tried again", n=len(self._busy)
+        )
+
+    def _idle(self) -> bool:
+        return not self._busy and not self._batches
+
+    def _checkIdle(self) -> None:
+        if self._idle():
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(None)
+
+    # -- scheduling -----------------------------------------------------------
+
+    def _add(self, message: QueuedMessage) -> None:
+        self._messages[message.queueId] = message
+        if message.finished:
+            # A crash between the last update and the remove: finish the job.
+            self._unsettled.add(message.queueId)
+        self._schedule(message.queueId, message.nextAttempt)
+
+    def _schedule(self, queueId: str, when: float) -> None:
+        entry = (when, next(self._seq))
+        self._due[queueId] = entry
+        heapq.heappush(self._heap, (*entry, queueId))
+
+    def _valid(self, entry: tuple[float, int, str]) -> bool:
+        when, seq, queueId = entry
+        message = self._messages.get(queueId)
+        if message is None or self._due.get(queueId) != (when, seq) or queueId in self._busy:
+            return False
+        return not message.held or queueId in self._unsettled
+
+    def _popDue(self, now: float) -> str | None:
+        while self._heap and self._heap[0][0] <= now:
+            entry = heapq.heappop(self._heap)
+            if self._valid(entry):
+                del self._due[entry[2]]
+                return entry[2]
+        return None
+
+    def _pump(self) -> None:
+        """Start what is due; re-entrant calls (synchronous results) loop here."""
+        if self._pumping:
+            self._pumpAgain = True
+            return
+        self._pumping = self._pumpAgain = True
+        try:
+            while self._pumpAgain and self.running:
+                self._pumpAgain = False
+                self._dispatch()
+        finally:
+            self._pumping = False
+        self._armTimer()
+
+    def _dispatch(self) -> None:
+        now = self._clock.seconds()
+        while self._batches < self._maxInFlight:
+            batch: list[str] = []
+            while len(batch) < self._batchSize and (queueId := self._popDue(now)) is not None:
+                self._busy.add(queueId)
+                if queueId in self._unsettled:
+                    self._startSettle(queueId)
+                else:
+                    batch.append(queueId)
+            if not batch:
+                return
+            self._send(batch)
+
+    def _armTimer(self) -> None:
+        while self._heap and not self._valid(self._heap[0]):
+            heapq.heappop(self._heap)
+        if not self.running or not self._heap or self._batches >= self._maxInFlight:
+            # Nothing to do, or the end of a batch will look again.
+            self._cancelTimer()
+            return
+        when = self._heap[0][0]
+        if self._timer is not None and self._timer.getTime() == when:
+            return
+        self._cancelTimer()
+        delay = max(0.0, when - self._clock.seconds())
+        self._timer = self._clock.callLater(delay, self._wake)
+
+    def _cancelTimer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._pump()
+
+    # -- delivery -------------------------------------------------------------
+
+    def _send(self, batch: list[str]) -> None:
+        self._batches += 1
+        messages = [self._messages[queueId] for queueId in batch]
+        deliverMany = getattr(self._relay, "deliverMany", None)
+        if callable(deliverMany):
+            d: Deferred[Any] = maybeDeferred(deliverMany, messages)
+            d.addBoth(self._arrivedMany, messages)
+        else:
+            each = [
+                maybeDeferred(self._relay.deliver, m).addBoth(self._arrivedOne, m) for m in messages
+            ]
+            d = DeferredList(each, consumeErrors=True)
+        d.addErrback(lambda f: _log.failure("Queue runner bug after a delivery", f))
+        d.addBoth(self._batchEnded)
+
+    def _arrivedOne(self, outcome: object, message: QueuedMessage) -> None:
+        self._arrived(message, outcome)
+
+    def _arrivedMany(self, outcome: object, messages: list[QueuedMessage]) -> None:
+        for message in messages:
+            if isinstance(outcome, dict):
+                self._arrived(message, outcome.get(message.queueId))
+            else:
+                self._arrived(message, outcome)  # a Failure: every recipient transient
+
+    def _batchEnded(self, _: object) -> None:
+        self._batches -= 1
+        self._checkIdle()
+        self._pump()
+
+    def _arrived(self, sent: QueuedMessage, outcome: object) -> None:
+        """Results for ``sent`` (a list, a Failure or None): record them."""
+        queueId = sent.queueId
+        if queueId in self._deleting:
+            self._unbusy(queueId)  # deleted meanwhile: the results do not matter
+            return
+        try:
+            self._apply(queueId, outcome)
+        except Exception:
+            _log.failure("Queue runner bug recording results for {queueId}", queueId=queueId)
+            if queueId in self._messages:
+                self._schedule(queueId, self._clock.seconds() + RECORD_RETRY)
+            self._unbusy(queueId)
+            return
+        self._startSettle(queueId)
+
+    def _apply(self, queueId: str, outcome: object) -> None:
+        """Update the in-memory state of ``queueId`` with ``outcome``."""
+        now = self._clock.seconds()
+        message = before = self._messages[queueId]
+        results: dict[Address, DeliveryResult] = {}
+        missing = "no result from the relay"
+        if isinstance(outcome, Failure):
+            _log.failure("The relay failed delivering {queueId}", outcome, queueId=queueId)
+            missing = f"relay failure: {outcome.getErrorMessage()}"
+        elif isinstance(outcome, list):
+            for result in outcome:
+                results.setdefault(result.recipient, result)
+        states, expired = [], []
+        lifetime = self._config.bounceLifetime if message.isBounce else self._config.maxLifetime
+        for state in message.recipients:
+            if state.status is _PENDING:
+                result = results.get(
+                    state.address, DeliveryResult(state.address, False, text=missing)
+                )
+                state = state.withResult(result, now)
+                if state.status is _PENDING and now - message.arrival >= lifetime:
+                    expired.append(state.address)
+                    reason = (
+                        f"message expired after {_days(now - message.arrival)} days in the queue"
+                    )
+                    state = attrs.evolve(
+                        state,
+                        status=_BOUNCED,
+                        diagnostic=(f"{reason}; last error: {state.diagnostic or 'none'}"),
+                    )
+            states.append(state)
+        message = attrs.evolve(message, recipients=tuple(states))
+        bounced = {
+            new.address
+            for new, old in zip(states, before.recipients, strict=True)
+            if new.status is _BOUNCED and old.status is _PENDING
+        }
+        if bounced:
+            self._owed.setdefault(queueId, set()).update(bounced)
+        if message.pendingRecipients:
+            attempts = max(r.attempts for r in message.pendingRecipients)
+            message = attrs.evolve(
+                message, nextAttempt=now + backoff(attempts, self._config, self._rng)
+            )
+        self._messages[queueId] = message
+        self._logOutcome(message, now, bounced, expired)
+
+    def _logOutcome(
+        self, message: QueuedMessage, now: float, bounced: set[Address], expired: list[Address]
+    ) -> None:
+        parts: dict[str, list[str]] = {}
+        for state in message.recipients:
+            if state.lastAttempt != now:
+                continue
+            if state.status is RecipientStatus.DELIVERED:
+                kind = "delivered"
+            elif state.address in expired:
+                kind = "expired"
+            elif state.address in bounced:
+                kind = "bounced"
+            else:
+                kind = f"deferred until {_when(message.nextAttempt)}"
+            text = f"<{state.address}>" + ("" if kind == "delivered" else f" ({_reply(state)})")
+            parts.setdefault(kind, []).append(text)
+        outcome = "; ".join(f"{kind}: {', '.join(texts)}" for kind, texts in parts.items())
+        _log.info("Queue {queueId}: {outcome}", queueId=message.queueId, outcome=outcome)
+
+    # -- recording --------------------------------------------------------------
+
+    def _startSettle(self, queueId: str) -> None:
+        """Record, bounce, warn, remove or reschedule ``queueId`` (busy)."""
+        self._unsettled.add(queueId)
+        d = Deferred.fromCoroutine(self._settle(queueId))
+        d.addErrback(self._settleFailed, queueId)
+        d.addBoth(lambda _: self._unbusy(queueId))
+
+    def _settleFailed(self, failure: Failure, queueId: str) -> None:
+        if failure.check(_Deleted):
+            return
+        if failure.check(_Vanished):
+            _log.warn("Queue {queueId} vanished from the spool; forgotten", queueId=queueId)
+            self._forget(queueId)
+            return
+        if not failure.check(_RetryLater):
+            _log.failure("Queue runner bug recording {queueId}", failure, queueId=queueId)
+        if queueId in self._messages:
+            self._schedule(queueId, self._clock.seconds() + RECORD_RETRY)
+
+    async def _settle(self, queueId: str) -> None:
+        await self._save(queueId)  # the results, before anything else
+        changed = False
+        owed = set(self._owed.get(queueId, ()))
+        message = self._messages[queueId]
+        if owed and message.isBounce:
+            _log.error(
+                "Bounce {queueId} could not be delivered to {rcpts}; dropped (never a "
+                "bounce for a bounce)",
+                queueId=queueId,
+                rcpts=sorted(map(str, owed)),
+            )
+            del self._owed[queueId]
+            changed = True
+        elif owed:
+            mta = self._reportingMTA
+            if await self._inject(
+                queueId,
+                "bounce",
+                lambda m, f, now: dsn.buildBounce(m, f, mta, now, recipients=owed),
+            ):
+                del self._owed[queueId]
+                changed = True
+        if self._wantsWarning(self._messages[queueId]):
+            until = message.arrival + self._config.maxLifetime
+            if await self._inject(
+                queueId,
+                "delay warning",
+                lambda m, f, now: dsn.buildDelayWarning(
+                    m, f, self._reportingMTA, now, willRetryUntil=until
+                ),
+            ):
+                self._messages[queueId] = attrs.evolve(self._messages[queueId], warned=True)
+                changed = True
+        if changed:
+            await self._save(queueId)
+        if queueId in self._owed:
+            raise _RetryLater()
+        message = self._messages[queueId]
+        if message.finished:
+            try:
+                await self._spool.remove(queueId)
+            except Exception as e:
+                _log.error("Cannot remove {queueId}: {error}", queueId=queueId, error=e)
+                raise _RetryLater() from e
+            _log.info("Queue {queueId}: removed, every recipient finished", queueId=queueId)
+            self._forget(queueId)
+            return
+        self._unsettled.discard(queueId)
+        self._schedule(queueId, message.nextAttempt)
+
+    def _wantsWarning(self, message: QueuedMessage) -> bool:
+        delay = self._config.delayWarning
+        return (
+            delay > 0
+            and not message.isBounce
+            and not message.warned
+            and bool(message.pendingRecipients)
+            and self._clock.seconds() - message.arrival >= delay
+        )
+
+    def _durable(self, message: QueuedMessage) -> QueuedMessage:
+        """What the spool may say of ``message``: no "bounced" before its bounce."""
+        owed = self._owed.get(message.queueId)
+        if not owed:
+            return message
+        states = tuple(
+            attrs.evolve(s, status=_PENDING) if s.address in owed and s.status is _BOUNCED else s
+            for s in message.recipients
+        )
+        return attrs.evolve(message, recipients=states)
+
+    async def _save(self, queueId: str) -> None:
+        try:
+            await self._spool.update(self._durable(self._messages[queueId]))
+        except KeyError as e:
+            raise _Vanished() from e
+        except Exception as e:
+            _log.error("Cannot record the state of {queueId}: {error}", queueId=queueId, error=e)
+            raise _RetryLater() from e
+        self._checkWanted(queueId)
+
+    def _checkWanted(self, queueId: str) -> None:
+        if queueId in self._deleting:
+            raise _Deleted()
+
+    async def _inject(self, queueId: str, kind: str, build: _Build) -> bool:
+        """
+        Queue the DSN ``build`` makes. True once it is committed (or can
+        never be built: logged), False after a transient failure (logged).
+        """
+        message, now = self._messages[queueId], self._clock.seconds()
+        try:
+            with self._spool.openMessage(queueId) as original:
+                envelope, data = build(message, original, now)
+        except KeyError as e:
+            raise _Vanished() from e
+        except ValueError as e:
+            _log.error(
+                "Cannot build a {kind} for {queueId}: {error}; none is sent",
+                kind=kind,
+                queueId=queueId,
+                error=e,
+            )
+            return True
+        except Exception as e:
+            _log.error(
+                "Cannot read {queueId} for a {kind}: {error}", kind=kind, queueId=queueId, error=e
+            )
+            return False
+        session = Session(
+            clientAddress="127.0.0.1", helo=self._reportingMTA, user=None, listener="bounce"
+        )
+        writer = None
+        try:
+            writer = self._spool.begin(envelope, session)
+            writer.write(data)
+            newId = await writer.commit()
+            self._checkWanted(queueId)  # the DSN is sent all the same, as a crash would
+        except _Deleted:
+            raise
+        except Exception as e:
+            if writer is not None:
+                writer.abort()
+            _log.error(
+                "Cannot queue a {kind} for {queueId}: {error}; will retry",
+                kind=kind,
+                queueId=queueId,
+                error=e,
+            )
+            return False
+        _log.info(
+            "Queue {queueId}: {kind} queued as {newId}", queueId=queueId, kind=kind, newId=newId
+        )
+        try:
+            self._add(self._spool.load(newId))
+        except Exception as e:  # committed: the next start picks it up
+            _log.error("Cannot load {newId}: {error}", newId=newId, error=e)
+        return True
+
+    def _unbusy(self, queueId: str) -> None:
+        self._busy.discard(queueId)
+        if queueId in self._deleting:
+            self._deleting.discard(queueId)
+            self._removeNow(queueId).addErrback(lambda _: None)  # logged
+        self._checkIdle()
+        self._pump()
+
+    def _forget(self, queueId: str) -> None:
+        for table in (self._messages, self._due, self._owed):
+            table.pop(queueId, None)
+        self._unsettled.discard(queueId)
+
+    # -- operator control (IQueueControl) ----------------------------------------
+
+    def _lookup(self, queueId: str) -> QueuedMessage:
+        """The message ``queueId``, loaded from the spool if new to us."""
+        message = self._messages.get(queueId)
+        if message is None:
+            message = self._spool.load(queueId)
+            self._add(message)
+        return message
+
+    def notify(self, queueId: str) -> Deferred[None]:
+        """
+        ``queueId`` was just committed: try it now. Fails with KeyError (no
+        such message) or SpoolError (cannot read it; the next start will).
+        """
+        try:
+            message = self._lookup(queueId)
+        except Exception as e:
+            return fail(e)
+        if queueId not in self._busy and not message.held:
+            self._schedule(queueId, self._clock.seconds())
+        self._pump()
+        return succeed(None)
+
+    def flush(self, queueIds: Iterable[str] | None = None) -> Deferred[int]:
+        """
+        Make every message (or those listed) due now, held ones excepted.
+
+        @return: a Deferred firing with how many are tried now (those in
+            flight included), or failing with KeyError for an unknown id,
+            in which case nothing was changed.
+        """
+        try:
+            ids = list(self._messages) if queueIds is None else list(dict.fromkeys(queueIds))
+            messages = [self._lookup(queueId) for queueId in ids]
+        except Exception as e:
+            return fail(e)
+        now, count = self._clock.seconds(), 0
+        for message in messages:
+            if not message.held:
+                count += 1
+                if message.queueId not in self._busy:
+                    self._schedule(message.queueId, now)
+        self._pump()
+        return succeed(count)
+
+    def hold(self, queueId: str) -> Deferred[None]:
+        """
+        Stop trying ``queueId`` (after the attempt in flight, if any) until
+        released; fires once that is on disk.
+        """
+        return self._setHeld(queueId, True)
+
+    def release(self, queueId: str) -> Deferred[None]:
+        """Undo L{hold}, durably; the message is tried now."""
+        return self._setHeld(queueId, False)
+
+    def _setHeld(self, queueId: str, held: bool) -> Deferred[None]:
+        try:
+            message = self._lookup(queueId)
+        except Exception as e:
+            return fail(e)
+        self._messages[queueId] = attrs.evolve(message, held=held)
+        _log.info(
+            "Queue {queueId}: {what} by the operator",
+            queueId=queueId,
+            what="held" if held else "released",
+        )
+        d = maybeDeferred(self._spool.update, self._durable(self._messages[queueId]))
+        if not held and queueId not in self._busy:
+            self._schedule(queueId, self._clock.seconds())
+        self._pump()
+        return d.addCallback(lambda _: None)
+
+    def delete(self, queueId: str) -> Deferred[None]:
+        """
+        Remove ``queueId`` from the spool without a bounce.
+
+        @return: a Deferred that fires once the message is gone, or fails
+            with the spool's error. A message in flight is removed when its
+            attempt ends (the results of that attempt are ignored); the
+            Deferred then fires at once, so that an operator is not kept
+            waiting for a slow upstream.
+        """
+        try:
+            self._lookup(queueId)
+        except Exception as e:
+            return fail(e)
+        if queueId in self._busy:
+            _log.info("Queue {queueId}: to be deleted once its attempt ends", queueId=queueId)
+            self._deleting.add(queueId)
+            return succeed(None)
+        return self._removeNow(queueId)
+
+    def _removeNow(self, queueId: str) -> Deferred[None]:
+        self._forget(queueId)
+
+        def done(result: object) -> object:
+            if isinstance(result, Failure):
+                _log.error("Cannot delete {queueId}: {error}", queueId=queueId, error=result.value)
+            else:
+                _log.info("Queue {queueId}: deleted by the operator", queueId=queueId)
+            return result
+
+        return maybeDeferred(self._spool.remove, queueId).addBoth(done)
