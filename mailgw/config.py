@@ -11,41 +11,41 @@ reference for every key.
 
 from __future__ import annotations
 
-import copy
-import difflib
 import enum
 import ipaddress
-import math
 import os
 import re
 import socket
 import stat
-import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import idna
 from twisted.cred import strcred
-from twisted.internet import endpoints
 from twisted.internet.ssl import CertificateOptions
 
 from mailgw import tls
-
-
-class ConfigError(ValueError):
-    """A configuration problem: permanent until the operator fixes it."""
-
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        super().__init__(source, key, problem)
-        self.source, self.key, self.problem = source, key, problem
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.key}: {self.problem}"
-
-
-class _Invalid(Exception):
-    """A value converter's complaint; L{_Table} adds the source and key."""
+from mailgw._configparse import (  # ConfigError, mergeOverrides, readConfigFile: public here
+    ConfigError,
+    Network,
+    _boolean,
+    _choice,
+    _duration,
+    _fraction,
+    _hostname,
+    _integer,
+    _Invalid,
+    _listeners,
+    _networks,
+    _nonEmpty,
+    _size,
+    _string,
+    _stringList,
+    _Table,
+    mergeOverrides,  # noqa: F401
+    readConfigFile,
+)
 
 
 class TLSMode(enum.Enum):
@@ -68,6 +68,10 @@ class ServerConfig:
     idleTimeout: float = 300
     maxErrors: int = 20
     legacyAuthLine: bool = False
+    commandTimeout: float = 60
+    sessionTimeout: float = 1800
+    maxHeaderSize: int = 262144
+    maxReceivedHeaders: int = 50
 
 
 @attrs.frozen
@@ -97,6 +101,52 @@ class QueueConfig:
     delayWarning: float = 14400
     maxConcurrency: int = 20
     maxPerHost: int = 5
+
+
+@attrs.frozen
+class LimitsConfig:
+    """
+    Abuse resistance: connection limits, the authentication failure
+    budgets and delays, and the per-user submission quotas (see
+    L{mailgw.limits}). Counts are per window of the given seconds; a quota
+    of 0 is no quota.
+    """
+
+    maxConnections: int = 1000
+    maxConnectionsPerAddress: int = 20
+    connectionRatePerAddress: int = 60
+    exempt: tuple[Network, ...] = ()
+    authFailuresPerAddress: int = 10
+    authFailuresPerNetwork: int = 30
+    authFailuresPerAccount: int = 20
+    authFailureWindow: float = 3600
+    authFreeFailures: int = 3
+    authDelay: float = 1.0
+    authDelayMax: float = 16.0
+    authTrustPeriod: float = 604800
+    messagesPerUser: int = 1000
+    recipientsPerUser: int = 5000
+    quotaWindow: float = 3600
+
+
+@attrs.frozen
+class PolicyConfig:
+    """Who may send as whom (see docs/security.md)."""
+
+    senderLoginMaps: str = ""
+    checkHeaderFrom: str = "off"
+    allowNullSender: bool = False
+
+
+@attrs.frozen
+class ProxyConfig:
+    """
+    The PROXY protocol (v1 and v2): which peers may send the header, and how
+    long they have to send it. No trusted peers: PROXY is never accepted.
+    """
+
+    trusted: tuple[Network, ...] = ()
+    headerTimeout: float = 5
 
 
 @attrs.frozen
@@ -181,6 +231,9 @@ class Config:
     spool: SpoolConfig = SpoolConfig()
     queue: QueueConfig = QueueConfig()
     relay: RelayConfig = RelayConfig()
+    limits: LimitsConfig = LimitsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    proxy: ProxyConfig = ProxyConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -192,7 +245,8 @@ class Config:
         The start-up safety checks: at least one listener, a certificate and
         key that load and match, at least one known auth backend (unless
         ``requireAuth`` is false: an embedder that brings its own checkers),
-        and readable CA files for the relay routes.
+        readable CA files for the relay routes, and a readable
+        ``policy.sender_login_maps`` file when one is set.
 
         @return: the server TLS context factory, for the listeners to share.
         @raise ConfigError: a check failed; refuse to start.
@@ -229,108 +283,15 @@ class Config:
                     tls.loadCertificates(route.caFile)
                 except tls.TLSConfigError as e:
                     raise ConfigError(self.source, f"{prefix}.ca_file", str(e)) from None
+        if self.policy.senderLoginMaps:
+            try:
+                with open(self.policy.senderLoginMaps, "rb"):
+                    pass
+            except OSError as e:
+                raise ConfigError(
+                    self.source, "policy.sender_login_maps", f"cannot read: {e.strerror or e}"
+                ) from None
         return contextFactory
-
-
-# Value converters: each returns the value or raises _Invalid(problem).
-
-
-def _integer(minimum: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise _Invalid(f"must be an integer >= {minimum}, got {value!r}")
-        return value
-
-    return convert
-
-
-_SIZE = re.compile(r"\s*(\d+)\s*([KMG]?)i?B?\s*", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
-
-
-def _size(minimum: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        octets = value
-        if isinstance(value, str) and (m := _SIZE.fullmatch(value)):
-            octets = int(m.group(1)) * _UNITS[m.group(2).upper()]
-        if isinstance(octets, bool) or not isinstance(octets, int) or octets < minimum:
-            raise _Invalid(
-                f"must be a size in octets >= {minimum} (an integer, or a string "
-                f"such as '64K' or '35M'), got {value!r}"
-            )
-        return octets
-
-    return convert
-
-
-def _duration(allowZero: bool = False) -> Callable[[Any], float]:
-    def convert(value: Any) -> float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or value < 0 or (value == 0 and not allowZero):
-            bound = ">= 0" if allowZero else "> 0"
-            raise _Invalid(f"must be a number of seconds {bound}, got {value!r}")
-        return value
-
-    return convert
-
-
-def _fraction(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise _Invalid(f"must be a number from 0 to 1, got {value!r}")
-    return float(value)
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"must be true or false, got {value!r}")
-    return value
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"must be a string, got {value!r}")
-    return value
-
-
-def _stringList(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise _Invalid(f"must be a list of non-empty strings, got {value!r}")
-    return tuple(value)
-
-
-def _choice(*choices: str, fold: bool = False) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        for choice in choices:
-            if value == choice or (fold and isinstance(value, str) and value.upper() == choice):
-                return choice
-        raise _Invalid(f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-    return convert
-
-
-def _hostname(value: Any) -> str:
-    name = _string(value)
-    labels = name.rstrip(".").split(".")
-    valid = all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", x) for x in labels)
-    if name and (len(name) > 253 or not valid):
-        raise _Invalid(f"must be a host name such as 'mail.example.org', got {value!r}")
-    return name
-
-
-def _listeners(value: Any) -> tuple[str, ...]:
-    descriptions = _stringList(value)
-    for description in descriptions:
-        if description.split(":", 1)[0].lower() in ("ssl", "tls"):
-            raise _Invalid(f"give a plain endpoint such as 'tcp:465', got {description!r}")
-        if description.split(":", 1)[0].lower() == "systemd":
-            continue  # parsing it looks up the inherited sockets, present only under systemd
-        try:
-            # Parsing builds an endpoint object without listening; a reactor
-            # is only needed to listen, so none is given here.
-            endpoints.serverFromString(None, description)
-        except Exception as e:
-            raise _Invalid(f"not a Twisted endpoint string: {description!r} ({e})") from None
-    return descriptions
 
 
 def _smarthost(text: str, defaultPort: int) -> Smarthost:
@@ -355,48 +316,6 @@ def _smarthost(text: str, defaultPort: int) -> Smarthost:
     return Smarthost(host, number)
 
 
-@attrs.define
-class _Table:
-    """One TOML table being read: tracks which keys were used."""
-
-    source: str
-    prefix: str
-    data: dict[str, Any]
-    used: set[str] = attrs.field(factory=set)
-
-    @classmethod
-    def of(cls, source: str, prefix: str, value: Any) -> _Table:
-        if not isinstance(value, dict):
-            raise ConfigError(source, prefix, f"must be a table, got {value!r}")
-        return cls(source, prefix, value)
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.source, self.key(name), problem)
-
-    def get(self, name: str, convert: Callable[[Any], Any], default: Any) -> Any:
-        self.used.add(name)
-        if name not in self.data:
-            return default
-        try:
-            return convert(self.data[name])
-        except _Invalid as e:
-            raise self.error(name, str(e)) from None
-
-    def table(self, name: str) -> _Table:
-        self.used.add(name)
-        return _Table.of(self.source, self.key(name), self.data.get(name, {}))
-
-    def finish(self) -> None:
-        for name in self.data:
-            if name not in self.used:
-                near = difflib.get_close_matches(name, sorted(self.used), n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise self.error(name, f"unknown key{hint}")
-
-
 def _server(t: _Table) -> ServerConfig:
     d = ServerConfig()
     return ServerConfig(
@@ -410,6 +329,11 @@ def _server(t: _Table) -> ServerConfig:
         idleTimeout=t.get("idle_timeout", _duration(), d.idleTimeout),
         maxErrors=t.get("max_errors", _integer(1), d.maxErrors),
         legacyAuthLine=t.get("legacy_auth_line", _boolean, d.legacyAuthLine),
+        commandTimeout=t.get("command_timeout", _duration(), d.commandTimeout),
+        sessionTimeout=t.get("session_timeout", _duration(), d.sessionTimeout),
+        # A header section must hold at least a few 998-octet lines (RFC 5322 2.1.1).
+        maxHeaderSize=t.get("max_header_size", _size(4096), d.maxHeaderSize),
+        maxReceivedHeaders=t.get("max_received_headers", _integer(1), d.maxReceivedHeaders),
     )
 
 
@@ -441,6 +365,60 @@ def _queue(t: _Table) -> QueueConfig:
     if q.retryMax < q.retryMin:
         raise t.error("retry_max", f"must be >= retry_min ({q.retryMin}), got {q.retryMax!r}")
     return q
+
+
+def _limits(t: _Table) -> LimitsConfig:
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        maxConnections=t.get("max_connections", _integer(1), d.maxConnections),
+        maxConnectionsPerAddress=t.get(
+            "max_connections_per_address", _integer(1), d.maxConnectionsPerAddress
+        ),
+        connectionRatePerAddress=t.get(
+            "connection_rate_per_address", _integer(1), d.connectionRatePerAddress
+        ),
+        exempt=t.get("exempt", _networks, d.exempt),
+        authFailuresPerAddress=t.get(
+            "auth_failures_per_address", _integer(1), d.authFailuresPerAddress
+        ),
+        authFailuresPerNetwork=t.get(
+            "auth_failures_per_network", _integer(1), d.authFailuresPerNetwork
+        ),
+        authFailuresPerAccount=t.get(
+            "auth_failures_per_account", _integer(1), d.authFailuresPerAccount
+        ),
+        authFailureWindow=t.get("auth_failure_window", _duration(), d.authFailureWindow),
+        authFreeFailures=t.get("auth_free_failures", _integer(0), d.authFreeFailures),
+        authDelay=t.get("auth_delay", _duration(allowZero=True), d.authDelay),
+        authDelayMax=t.get("auth_delay_max", _duration(allowZero=True), d.authDelayMax),
+        authTrustPeriod=t.get("auth_trust_period", _duration(allowZero=True), d.authTrustPeriod),
+        messagesPerUser=t.get("messages_per_user", _integer(0), d.messagesPerUser),
+        recipientsPerUser=t.get("recipients_per_user", _integer(0), d.recipientsPerUser),
+        quotaWindow=t.get("quota_window", _duration(), d.quotaWindow),
+    )
+    if limits.authDelayMax < limits.authDelay:
+        raise t.error(
+            "auth_delay_max",
+            f"must be >= auth_delay ({limits.authDelay}), got {limits.authDelayMax!r}",
+        )
+    return limits
+
+
+def _policy(t: _Table) -> PolicyConfig:
+    d = PolicyConfig()
+    return PolicyConfig(
+        senderLoginMaps=t.get("sender_login_maps", _string, d.senderLoginMaps),
+        checkHeaderFrom=t.get("check_header_from", _choice("off", "reject"), d.checkHeaderFrom),
+        allowNullSender=t.get("allow_null_sender", _boolean, d.allowNullSender),
+    )
+
+
+def _proxy(t: _Table) -> ProxyConfig:
+    d = ProxyConfig()
+    return ProxyConfig(
+        trusted=t.get("trusted", _networks, d.trusted),
+        headerTimeout=t.get("header_timeout", _duration(), d.headerTimeout),
+    )
 
 
 def _checkPasswordFile(t: _Table, path: str) -> None:
@@ -534,12 +512,6 @@ def configFromDict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     return Config(source=source, **sections)
 
 
-def _nonEmpty(value: Any) -> str:
-    if not _string(value):
-        raise _Invalid("must not be empty")
-    return value
-
-
 _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "server": _server,
     "tls": _tls,
@@ -547,39 +519,10 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "spool": lambda t: SpoolConfig(directory=t.get("directory", _nonEmpty, "/var/spool/mailgw")),
     "queue": _queue,
     "relay": _relay,
+    "limits": _limits,
+    "policy": _policy,
+    "proxy": _proxy,
 }
-
-
-def readConfigFile(path: str) -> dict[str, Any]:
-    """
-    The parsed TOML of ``path``, for callers that merge in other options
-    (see L{mergeOverrides}) before L{configFromDict}.
-
-    @raise ConfigError: unreadable, not UTF-8, or a TOML syntax error (the
-        key part of the error names the line).
-    """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(path, "file", f"cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(path, f"line {line}", "not UTF-8 text") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        message = str(e)
-        m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
-        if m:
-            where = f"line {m.group(1)}"
-            message = f"TOML syntax error: {message[: m.start()]} (column {m.group(2)})"
-        else:  # "(at end of document)"
-            where = f"line {text.count(chr(10)) + 1}"
-            message = f"TOML syntax error: {message}"
-        raise ConfigError(path, where, message) from None
 
 
 def loadConfig(path: str) -> Config:
@@ -590,21 +533,3 @@ def loadConfig(path: str) -> Config:
     @raise ConfigError: with ``path`` as its source.
     """
     return configFromDict(readConfigFile(path), source=path)
-
-
-def mergeOverrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """
-    A deep copy of ``data`` with each dotted key of ``overrides`` (e.g.
-    ``{"tls.certificate": "/x.pem", "relay.tls": "none"}``) set, replacing
-    what the file said; the result goes to L{configFromDict}.
-    """
-    merged = copy.deepcopy(dict(data))
-    for dotted, value in overrides.items():
-        *path, last = dotted.split(".")
-        table = merged
-        for name in path:
-            if not isinstance(table.get(name), dict):
-                table[name] = {}
-            table = table[name]
-        table[last] = value
-    return merged

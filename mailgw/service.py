@@ -27,10 +27,13 @@ from mailgw.auth.realm import makePortal
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
+from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
+from mailgw.proxy import ProxyFactory
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool
 from mailgw.relay.relay import Relay
-from mailgw.server.factory import ServerSettings, SubmissionFactory
+from mailgw.senders import SenderLoginPolicy
+from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
 
 
 def threadRunner(reactor: Any) -> Callable[..., Deferred[Any]]:
@@ -50,8 +53,41 @@ def serverSettings(config: Config) -> ServerSettings:
         maxRecipients=server.maxRecipients,
         maxLineLength=server.maxLineLength,
         idleTimeout=server.idleTimeout,
+        commandTimeout=server.commandTimeout,
+        sessionTimeout=server.sessionTimeout,
+        maxHeaderSize=server.maxHeaderSize,
+        maxReceivedHeaders=server.maxReceivedHeaders,
         maxErrors=server.maxErrors,
         legacyAuthLine=server.legacyAuthLine,
+    )
+
+
+def makePolicy(config: Config, clock: Any) -> ISubmissionPolicy:
+    """
+    Sender ownership (docs/senders.md): a user sends as their own login
+    (when it is an address) and as what the map file grants them.
+
+    @raise ConfigError: the map file cannot be read or parsed.
+    """
+    policy = config.policy
+    try:
+        return SenderLoginPolicy(
+            policy.senderLoginMaps or None,
+            checkHeaderFrom=policy.checkHeaderFrom == "reject",
+            allowNullSender=policy.allowNullSender,
+            clock=clock,
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(config.source, "policy.sender_login_maps", str(e)) from None
+
+
+def makeGuards(config: Config, clock: Any) -> Guards:
+    """The shared abuse defences: connection limits, AUTH throttle, quotas."""
+    limits = config.limits
+    return Guards(
+        connections=ConnectionLimiter(clock, limits),
+        auth=AuthThrottle(clock, limits),
+        quota=SubmissionQuota(clock, limits),
     )
 
 
@@ -87,8 +123,10 @@ class GatewayService(MultiService):
     it opens the spool and the listeners.
 
     ``checkers`` replaces the checkers made from ``config.auth.backends``;
-    ``policy``, ``spool``, ``relay`` and ``resolver`` (for MX routes) may
-    replace the defaults (tests and embedders). ``controlSocket`` is the
+    ``policy`` (default: sender ownership, L{SenderLoginPolicy}), ``guards``
+    (default: the limits of ``config.limits``), ``spool``, ``relay`` and
+    ``resolver`` (for MX routes) may replace the defaults (tests and
+    embedders). ``controlSocket`` is the
     control socket's path (default: in the spool directory when the spool
     is the on-disk one; "" for none).
     """
@@ -105,6 +143,7 @@ class GatewayService(MultiService):
         spool: ISpool | None = None,
         relay: IRelay | None = None,
         resolver: Any = None,
+        guards: Guards | None = None,
         controlSocket: str | None = None,
         exitOnListenFailure: bool = False,
     ) -> None:
@@ -125,6 +164,8 @@ class GatewayService(MultiService):
             else Spool(config.spool.directory, reactor, threadRunner(reactor))
         )
         self.settings = serverSettings(config)
+        self.policy = policy if policy is not None else makePolicy(config, reactor)
+        self.guards = guards if guards is not None else makeGuards(config, reactor)
         self.relay: IRelay = relay if relay is not None else self._makeRelay(resolver)
         self.runner = QueueRunner(
             self.spool, self.relay, reactor, config.queue, self.settings.hostname
@@ -137,9 +178,9 @@ class GatewayService(MultiService):
         self.factories: list[SubmissionFactory] = []
         self._listeners: list[tuple[str, Any]] = []
         for description in config.server.submission:
-            self._addListener(description, implicitTLS=False, policy=policy)
+            self._addListener(description, implicitTLS=False)
         for description in config.server.submissions:
-            self._addListener(description, implicitTLS=True, policy=policy)
+            self._addListener(description, implicitTLS=True)
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
 
@@ -161,9 +202,7 @@ class GatewayService(MultiService):
         d = self.runner.notify(queueId)
         d.addErrback(lambda f: self.log.failure("Cannot schedule {queueId}", f, queueId=queueId))
 
-    def _addListener(
-        self, description: str, implicitTLS: bool, policy: ISubmissionPolicy | None
-    ) -> None:
+    def _addListener(self, description: str, implicitTLS: bool) -> None:
         factory = SubmissionFactory(
             self.settings,
             self.portal,
@@ -171,12 +210,19 @@ class GatewayService(MultiService):
             self.reactor,
             self.tlsContext,
             implicitTLS=implicitTLS,
-            policy=policy,
+            policy=self.policy,
             onQueued=self._queued,
+            guards=self.guards,
         )
         self.factories.append(factory)
         # RFC 8314 3.3: on the submissions port TLS starts with the first byte.
-        wrapped = TLSMemoryBIOFactory(self.tlsContext, False, factory) if implicitTLS else factory
+        wrapped: Any = factory
+        if implicitTLS:
+            wrapped = TLSMemoryBIOFactory(self.tlsContext, False, factory)
+        proxy = self.config.proxy
+        if proxy.trusted:
+            # Outermost: the PROXY header comes before TLS, from trusted peers only.
+            wrapped = ProxyFactory(wrapped, proxy.trusted, self.reactor, proxy.headerTimeout)
         self._listeners.append((description, wrapped))
 
     def privilegedStartService(self) -> None:

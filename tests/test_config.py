@@ -4,8 +4,10 @@ Tests for L{mailgw.config}.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
+from typing import Any
 
 import attrs
 from twisted.internet.ssl import CertificateOptions
@@ -16,6 +18,9 @@ from mailgw.config import (
     AuthConfig,
     Config,
     ConfigError,
+    LimitsConfig,
+    PolicyConfig,
+    ProxyConfig,
     QueueConfig,
     RelayConfig,
     Route,
@@ -57,6 +62,10 @@ SCHEMA = {
         "idle_timeout",
         "max_errors",
         "legacy_auth_line",
+        "command_timeout",
+        "session_timeout",
+        "max_header_size",
+        "max_received_headers",
     ],
     "tls": ["certificate", "key", "min_version"],
     "auth": ["backends"],
@@ -71,11 +80,43 @@ SCHEMA = {
         "max_concurrency",
         "max_per_host",
     ],
+    "limits": [
+        "max_connections",
+        "max_connections_per_address",
+        "connection_rate_per_address",
+        "exempt",
+        "auth_failures_per_address",
+        "auth_failures_per_network",
+        "auth_failures_per_account",
+        "auth_failure_window",
+        "auth_free_failures",
+        "auth_delay",
+        "auth_delay_max",
+        "auth_trust_period",
+        "messages_per_user",
+        "recipients_per_user",
+        "quota_window",
+    ],
+    "policy": ["sender_login_maps", "check_header_from", "allow_null_sender"],
+    "proxy": ["trusted", "header_timeout"],
     "relay": ROUTE_KEYS,
 }
 
+#: Bad lists of networks, for every key that takes one.
+BAD_NETWORKS: list[Any] = [
+    "192.0.2.0/24",
+    ["192.0.2.1/24"],
+    ["192.0.2.0/33"],
+    ["2001:db8::1/32"],
+    ["not-a-network"],
+    ["example.org"],
+    [""],
+    [24],
+    [" 192.0.2.0/24"],
+]
+
 #: For each key, values it must refuse.
-BAD_VALUES = {
+BAD_VALUES: dict[str, dict[str, list[Any]]] = {
     "server": {
         "hostname": [5, "no spaces.example", "-lead.example", "a" * 64 + ".example"],
         "submission": ["tcp:587", [587], ["tcp:abc"], ["nosuch:1"], ["ssl:465"], [""]],
@@ -86,6 +127,10 @@ BAD_VALUES = {
         "idle_timeout": [0, -1, "300", float("nan"), float("inf"), True],
         "max_errors": [0, "x"],
         "legacy_auth_line": [1, "yes"],
+        "command_timeout": [0, -1, "60", True, float("inf")],
+        "session_timeout": [0, "30m", False],
+        "max_header_size": [0, 4095, "1K", "x", True],
+        "max_received_headers": [0, -1, 1.5, "50"],
     },
     "tls": {
         "certificate": [1, ["a"]],
@@ -103,6 +148,32 @@ BAD_VALUES = {
         "delay_warning": [-1, "4h"],
         "max_concurrency": [0, 1.0],
         "max_per_host": [0],
+    },
+    "limits": {
+        "max_connections": [0, -1, "1000", 1.5, True],
+        "max_connections_per_address": [0, "20"],
+        "connection_rate_per_address": [0, 60.0],
+        "exempt": BAD_NETWORKS,
+        "auth_failures_per_address": [0, "10"],
+        "auth_failures_per_network": [0, -3],
+        "auth_failures_per_account": [0, 2.5],
+        "auth_failure_window": [0, -1, "1h"],
+        "auth_free_failures": [-1, "3", 1.0],
+        "auth_delay": [-1, "1s", float("nan")],
+        "auth_delay_max": [-1, 0.5, "16"],
+        "auth_trust_period": [-1, "7d"],
+        "messages_per_user": [-1, "1000", 10.0],
+        "recipients_per_user": [-1, True],
+        "quota_window": [0, "1h"],
+    },
+    "policy": {
+        "sender_login_maps": [1, ["/etc/mailgw/senders"], True],
+        "check_header_from": ["on", "REJECT", True, ""],
+        "allow_null_sender": [0, "false"],
+    },
+    "proxy": {
+        "trusted": BAD_NETWORKS,
+        "header_timeout": [0, -5, "5"],
     },
     "relay": {
         "smarthosts": [
@@ -157,6 +228,10 @@ class DefaultsTests(unittest.SynchronousTestCase):
                 idleTimeout=300,
                 maxErrors=20,
                 legacyAuthLine=False,
+                commandTimeout=60,
+                sessionTimeout=1800,
+                maxHeaderSize=262144,
+                maxReceivedHeaders=50,
             ),
         )
         self.assertEqual(config.tls, TLSConfig("", "", "TLSv1.2"))
@@ -164,6 +239,31 @@ class DefaultsTests(unittest.SynchronousTestCase):
         self.assertEqual(config.spool, SpoolConfig("/var/spool/mailgw"))
         self.assertEqual(config.queue, QueueConfig(300, 3600, 0.1, 432000, 432000, 14400, 20, 5))
         self.assertEqual(config.relay, RelayConfig(default=None, domains={}))
+        self.assertEqual(
+            config.limits,
+            LimitsConfig(
+                maxConnections=1000,
+                maxConnectionsPerAddress=20,
+                connectionRatePerAddress=60,
+                exempt=(),
+                authFailuresPerAddress=10,
+                authFailuresPerNetwork=30,
+                authFailuresPerAccount=20,
+                authFailureWindow=3600,
+                authFreeFailures=3,
+                authDelay=1.0,
+                authDelayMax=16.0,
+                authTrustPeriod=604800,
+                messagesPerUser=1000,
+                recipientsPerUser=5000,
+                quotaWindow=3600,
+            ),
+        )
+        self.assertEqual(
+            config.policy,
+            PolicyConfig(senderLoginMaps="", checkHeaderFrom="off", allowNullSender=False),
+        )
+        self.assertEqual(config.proxy, ProxyConfig(trusted=(), headerTimeout=5))
 
     def test_routeDefaults(self) -> None:
         route = configFromDict({"relay": {"smarthosts": ["smtp.example.net"]}}).relay.default
@@ -232,6 +332,26 @@ class BadValueTests(unittest.SynchronousTestCase):
         e = self.assertRaises(ConfigError, configFromDict, {"server": 5})
         self.assertEqual(e.key, "server")
 
+    def test_networkHostBits(self) -> None:
+        """A network with host bits set is refused with the network meant."""
+        e = self.assertRaises(
+            ConfigError, configFromDict, {"limits": {"exempt": ["10.1.2.3/8"]}}, "<test>"
+        )
+        self.assertEqual(
+            str(e),
+            "<test>: limits.exempt: '10.1.2.3/8' has host bits set; did you mean '10.0.0.0/8'?",
+        )
+        e = self.assertRaises(ConfigError, configFromDict, {"proxy": {"trusted": ["proxy"]}})
+        self.assertEqual(e.key, "proxy.trusted")
+        self.assertIn("'proxy'", e.problem)
+
+    def test_authDelayMaxBelowDelay(self) -> None:
+        e = self.assertRaises(
+            ConfigError, configFromDict, {"limits": {"auth_delay": 4, "auth_delay_max": 2}}
+        )
+        self.assertEqual(e.key, "limits.auth_delay_max")
+        self.assertIn("auth_delay", e.problem)
+
     def test_retryMaxBelowMin(self) -> None:
         e = self.assertRaises(
             ConfigError, configFromDict, {"queue": {"retry_min": 600, "retry_max": 300}}
@@ -257,6 +377,61 @@ class GoodValueTests(unittest.SynchronousTestCase):
         self.assertEqual(config.server.idleTimeout, 2.5)
         self.assertEqual(config.queue.delayWarning, 0)
         self.assertEqual(config.queue.retryJitter, 0.0)
+
+    def test_networks(self) -> None:
+        config = configFromDict(
+            {
+                "limits": {"exempt": ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7", "::1"]},
+                "proxy": {"trusted": ["127.0.0.1", "10.0.0.0/8"]},
+            }
+        )
+        self.assertEqual(
+            config.limits.exempt,
+            tuple(
+                ipaddress.ip_network(n)
+                for n in ["192.0.2.0/24", "2001:db8::/32", "198.51.100.7/32", "::1/128"]
+            ),
+        )
+        self.assertEqual(
+            config.proxy.trusted,
+            (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8")),
+        )
+
+    def test_newSections(self) -> None:
+        config = configFromDict(
+            {
+                "server": {"max_header_size": "64K", "command_timeout": 0.5},
+                "limits": {
+                    "messages_per_user": 0,
+                    "recipients_per_user": 0,
+                    "auth_free_failures": 0,
+                    "auth_delay": 0,
+                    "auth_delay_max": 0,
+                    "auth_trust_period": 0,
+                },
+                "policy": {
+                    "sender_login_maps": "/etc/mailgw/senders",
+                    "check_header_from": "reject",
+                    "allow_null_sender": True,
+                },
+                "proxy": {"header_timeout": 0.25},
+            }
+        )
+        self.assertEqual(config.server.maxHeaderSize, 65536)
+        self.assertEqual(config.server.commandTimeout, 0.5)
+        self.assertEqual(
+            config.limits,
+            LimitsConfig(
+                messagesPerUser=0,
+                recipientsPerUser=0,
+                authFreeFailures=0,
+                authDelay=0,
+                authDelayMax=0,
+                authTrustPeriod=0,
+            ),
+        )
+        self.assertEqual(config.policy, PolicyConfig("/etc/mailgw/senders", "reject", True))
+        self.assertEqual(config.proxy.headerTimeout, 0.25)
 
     def test_listeners(self) -> None:
         listeners = ["tcp:587:interface=127.0.0.1", "unix:/run/mailgw.sock", "systemd:index=0"]
@@ -548,6 +723,15 @@ class StartCheckTests(unittest.SynchronousTestCase):
         config = attrs.evolve(self.config, auth=AuthConfig())
         self.assertIsInstance(config.check(requireAuth=False), CertificateOptions)
 
+    def test_senderLoginMaps(self) -> None:
+        e = self._fails("policy.sender_login_maps", policy__senderLoginMaps=self.mktemp())
+        self.assertIn("cannot read", e.problem)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("")
+        config = attrs.evolve(self.config, policy=PolicyConfig(senderLoginMaps=path))
+        self.assertIsInstance(config.check(), CertificateOptions)
+
     def test_routeCAFile(self) -> None:
         route = Route(smarthosts=(Smarthost("a.example", 587),), caFile=self.mktemp())
         config = attrs.evolve(self.config, relay=RelayConfig(default=route))
@@ -586,3 +770,13 @@ class ExampleFileTests(unittest.SynchronousTestCase):
                        "--auth", "--spool", "--hostname", "--relay", "--relay-tls",
                        "--relay-ca", "--relay-auth"]:  # fmt: skip
             self.assertIn(f"`{option}", text)
+
+
+class HAProxyEndpointRefusedTests(unittest.SynchronousTestCase):
+    def test_haproxyListenerRefused(self) -> None:
+        from mailgw.config import ConfigError, configFromDict
+
+        with self.assertRaises(ConfigError) as e:
+            configFromDict({"server": {"submission": ["haproxy:tcp:587"]}}, source="f.toml")
+        self.assertIn("f.toml: server.submission:", str(e.exception))
+        self.assertIn("[proxy] trusted", str(e.exception))

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 
 from mailgw.interfaces import ISpool, ISubmissionPolicy
+from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 from mailgw.policy import AcceptAll
 from mailgw.server.sasl import availableMechanisms
 
@@ -42,6 +43,18 @@ class ServerSettings:
     legacyAuthLine: bool = False
 
 
+@attrs.define
+class Guards:
+    """
+    The abuse defences every listener shares (L{mailgw.limits}); ``None``
+    switches one off (tests and embedders).
+    """
+
+    connections: ConnectionLimiter | None = None
+    auth: AuthThrottle | None = None
+    quota: SubmissionQuota | None = None
+
+
 class SubmissionFactory(Factory):
     """
     Builds L{SubmissionServer} protocols for one listener.
@@ -63,6 +76,7 @@ class SubmissionFactory(Factory):
         implicitTLS: bool = False,
         policy: ISubmissionPolicy | None = None,
         onQueued: Callable[[str], object] | None = None,
+        guards: Guards | None = None,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -72,6 +86,7 @@ class SubmissionFactory(Factory):
         self.implicitTLS = implicitTLS
         self.policy = policy if policy is not None else AcceptAll()
         self.onQueued = onQueued
+        self.guards = guards if guards is not None else Guards()
         self.connections: set[SubmissionServer] = set()
         self.mechanisms = availableMechanisms(list(portal.listCredentialsInterfaces()))
 

@@ -21,6 +21,7 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -74,6 +75,8 @@ class SubmissionServer(Protocol):
         self._sessionTimer: IDelayedCall | None = None
         self._lineTimer: IDelayedCall | None = None
         self._lost: list[Deferred[None]] = []
+        # The address the connection limiter counted this connection for.
+        self._counted: str | None = None
         self._tls = False
         self._resetSession()
         self._resetTransaction()
@@ -119,6 +122,19 @@ class SubmissionServer(Protocol):
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
         self._tls = self.factory.implicitTLS
+        limiter = self.factory.guards.connections
+        if limiter is not None:
+            address = self.session().clientAddress
+            refusal = limiter.open(address)
+            if refusal is not None:
+                self._log.info(
+                    "connection refused client={client}: {reason}",
+                    client=address,
+                    reason=refusal.text,
+                )
+                self._close(refusal)
+                return
+            self._counted = address
         # Replies are small and come in bursts: do not wait for Nagle.
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
@@ -138,6 +154,9 @@ class SubmissionServer(Protocol):
         self._closed = True
         self.factory.connections.discard(self)
         self._cancelTimers()
+        if self._counted is not None and self.factory.guards.connections is not None:
+            self.factory.guards.connections.close(self._counted)
+            self._counted = None
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
@@ -465,19 +484,45 @@ class SubmissionServer(Protocol):
             return
         self._exchange = None
         credentials = result.credentials
+        throttle = self.factory.guards.auth
+        address = self.session().clientAddress
+        login = _username(credentials)
+        delay = 0.0
+        if throttle is not None:
+            decision = throttle.check(address, login)
+            if decision.disconnect:
+                self._close(decision.reply)
+                return
+            if decision.refuse and decision.reply is not None:
+                self._reply(decision.reply)
+                return
+            delay = decision.delay
         d = maybeDeferred(self.factory.portal.login, credentials, None, ISubmitter)
-        self._await(d, lambda outcome: self._loggedIn(outcome, credentials))
+        self._await(d, lambda outcome: self._loggedIn(outcome, credentials, delay))
 
-    def _loggedIn(self, outcome: Any, credentials: Any) -> None:
+    def _loggedIn(self, outcome: Any, credentials: Any, delay: float = 0.0) -> None:
+        throttle = self.factory.guards.auth
+        address, login = self.session().clientAddress, _username(credentials)
         if isinstance(outcome, Failure):
             if outcome.check(UnauthorizedLogin, UnhandledCredentials):
                 self._logAuthFailure(credentials)
-                self._reply(replies.AUTH_INVALID)
+                if throttle is not None:
+                    throttle.failed(address, login)
+                if delay > 0:
+                    # The answer to a failed login waits, however it failed:
+                    # each guess costs the attacker time, and an unknown user
+                    # costs the same as a wrong password.
+                    d = deferLater(self.factory.clock, delay, lambda: None)
+                    self._await(d, lambda _: self._reply(replies.AUTH_INVALID))
+                else:
+                    self._reply(replies.AUTH_INVALID)
             else:
                 self._log.failure("Authentication backend failed", outcome)
                 self._reply(replies.AUTH_TEMPFAIL)
             return
         _, avatar, _ = outcome
+        if throttle is not None:
+            throttle.succeeded(address, login)
         self._user = avatar.login
         self._log.info(
             "auth ok user={user!r} client={client}",
@@ -487,12 +532,9 @@ class SubmissionServer(Protocol):
         self._reply(replies.AUTH_OK)
 
     def _logAuthFailure(self, credentials: Any) -> None:
-        username = getattr(credentials, "username", None)
-        if isinstance(username, bytes):
-            username = username.decode("utf-8", "replace")
         self._log.info(
             "auth failed user={user!r} client={client}",
-            user=(username or "")[:128],
+            user=(_username(credentials) or "")[:128],
             client=self.session().clientAddress,
         )
 
@@ -508,6 +550,12 @@ class SubmissionServer(Protocol):
         if self._sender is not NO_SENDER:
             self._reply(replies.NESTED_MAIL)
             return
+        quota = self.factory.guards.quota
+        if quota is not None:
+            refusal = quota.checkMessage(self._user)
+            if refusal is not None:
+                self._reply(refusal)
+                return
         if argument[:5].upper() != "FROM:":
             self._reply(replies.SYNTAX)
             return
@@ -601,6 +649,12 @@ class SubmissionServer(Protocol):
             # RFC 5321 4.5.3.1.10: 452, and the client sends the rest later.
             self._reply(replies.TOO_MANY_RECIPIENTS)
             return
+        quota = self.factory.guards.quota
+        if quota is not None and self._user is not None:
+            refusal = quota.checkRecipient(self._user, len(self._recipients))
+            if refusal is not None:
+                self._reply(refusal)
+                return
         sender = self._sender
         assert not isinstance(sender, _NoSender)
 
@@ -719,6 +773,9 @@ class SubmissionServer(Protocol):
         self._await(d, checked)
 
     def _queued(self, queueId: str, envelope: Envelope, size: int) -> None:
+        quota = self.factory.guards.quota
+        if quota is not None and self._user is not None:
+            quota.record(self._user, len(envelope.recipients))
         self._log.info(
             "queued {queueId} from=<{sender}> rcpts={count} size={size} user={user!r} "
             "client={client}",
@@ -737,6 +794,13 @@ class SubmissionServer(Protocol):
                 self._log.failure("Queue notification failed for {queueId}", queueId=queueId)
 
     _commands: dict[str, Callable[[SubmissionServer, str], None]] = {}
+
+
+def _username(credentials: Any) -> str | None:
+    username = getattr(credentials, "username", None)
+    if isinstance(username, bytes):
+        return username.decode("utf-8", "replace")
+    return username
 
 
 SubmissionServer._commands = {

@@ -41,7 +41,7 @@ def receivedHeader(
     one, so a message to many recipients does not disclose the others
     (RFC 5321 7.2).
     """
-    address = session.clientAddress
+    address = _clean(session.clientAddress, 64)
     literal = f"[IPv6:{address}]" if ":" in address else f"[{address}]"
     lines = [f"Received: from {_clean(session.helo)} ({literal})"]
     lines.append(f"\tby {_clean(hostname)} (mailgw) with {protocolKeyword(session, envelope)}")

@@ -1,0 +1,44 @@
+"""
+Abuse resistance as pure, clock-driven logic: each limiter reads the time
+from an L{IReactorTime} and returns a decision; none does I/O or schedules
+anything, so the server protocol decides what to send and when.
+
+  - L{AuthThrottle}: AUTH failure budgets, delays and trust (auth.py);
+  - L{ConnectionLimiter}: connections in total, per address and per minute
+    (connections.py);
+  - L{SubmissionQuota}: messages and recipients per user (quota.py).
+
+Settings come from L{mailgw.config.LimitsConfig} (the ``[limits]`` section);
+docs/security.md describes every defence.
+"""
+
+from mailgw.limits._counters import DEFAULT_MAX_KEYS, Client, client
+from mailgw.limits.auth import AuthDecision, AuthThrottle, accountKey, formatLogLine
+from mailgw.limits.connections import ConnectionLimiter
+from mailgw.limits.quota import SubmissionQuota
+from mailgw.limits.replies import (
+    AUTH_THROTTLED,
+    AUTH_THROTTLED_CLOSE,
+    MESSAGE_RATE,
+    RECIPIENT_RATE,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_FROM_ADDRESS,
+)
+
+__all__ = [
+    "AUTH_THROTTLED",
+    "AUTH_THROTTLED_CLOSE",
+    "DEFAULT_MAX_KEYS",
+    "MESSAGE_RATE",
+    "RECIPIENT_RATE",
+    "TOO_MANY_CONNECTIONS",
+    "TOO_MANY_FROM_ADDRESS",
+    "AuthDecision",
+    "AuthThrottle",
+    "Client",
+    "ConnectionLimiter",
+    "SubmissionQuota",
+    "accountKey",
+    "client",
+    "formatLogLine",
+]

@@ -1,0 +1,71 @@
+"""
+Submission quotas: how many messages and recipients one authenticated user
+may submit per window, so that a stolen password sends little spam.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+
+from mailgw.config import LimitsConfig
+from mailgw.limits._counters import DEFAULT_MAX_KEYS, LeakyCounts
+from mailgw.limits.replies import MESSAGE_RATE, RECIPIENT_RATE
+from mailgw.server.replies import SMTPReply
+
+# A user name in a reply: printable, and short enough for one reply line.
+_USER_IN_REPLY = 64
+
+
+def _forReply(user: str) -> str:
+    shown = "".join(ch if ch.isprintable() else "?" for ch in user[:_USER_IN_REPLY])
+    return shown + ("..." if len(user) > _USER_IN_REPLY else "")
+
+
+class SubmissionQuota:
+    """
+    Messages (``settings.messagesPerUser``) and recipients
+    (``settings.recipientsPerUser``) per user over a sliding window of
+    ``settings.quotaWindow`` seconds; a quota of 0 is no quota. Users are
+    case-folded. Check L{checkMessage} at MAIL and L{checkRecipient} at each
+    RCPT; L{record} each message once it is queued. Replies are transient:
+    the quota comes back over the window.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, settings: LimitsConfig, maxKeys: int = DEFAULT_MAX_KEYS
+    ) -> None:
+        self._settings = settings
+        window = settings.quotaWindow
+        self._messages = LeakyCounts(clock, settings.messagesPerUser, window, maxKeys)
+        self._recipients = LeakyCounts(clock, settings.recipientsPerUser, window, maxKeys)
+
+    def checkMessage(self, user: str) -> SMTPReply | None:
+        """None when ``user`` may start a message; else the 451 4.7.1 reply."""
+        limit = self._settings.messagesPerUser
+        if limit and self._messages.count(user.casefold()) >= limit:
+            return MESSAGE_RATE.withText(MESSAGE_RATE.text.format(user=_forReply(user)))
+        return None
+
+    def checkRecipient(self, user: str, recipientsSoFarInThisMessage: int) -> SMTPReply | None:
+        """
+        None when ``user`` may add one more recipient to a message that
+        already has ``recipientsSoFarInThisMessage`` accepted ones; else the
+        452 4.5.3 reply.
+        """
+        limit = self._settings.recipientsPerUser
+        used = self._recipients.count(user.casefold()) if limit else 0
+        if limit and used + recipientsSoFarInThisMessage >= limit:
+            return RECIPIENT_RATE.withText(RECIPIENT_RATE.text.format(user=_forReply(user)))
+        return None
+
+    def record(self, user: str, recipients: int) -> None:
+        """Count one queued message of ``user`` with ``recipients`` recipients."""
+        key = user.casefold()
+        if self._settings.messagesPerUser:
+            self._messages.add(key)
+        if self._settings.recipientsPerUser and recipients > 0:
+            self._recipients.add(key, recipients)
+
+    def trackedKeys(self) -> int:
+        """How many keys the quota holds."""
+        return len(self._messages) + len(self._recipients)
