@@ -30,6 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from mailgw.auth import passwd
+from mailgw.auth.cache import VerifiedCache
 from mailgw.auth.passwd import (
     PasswdChecker,
     PasswdFileError,
@@ -576,3 +577,59 @@ class PluginTests(TestCase):
         with open(self.path, "a") as f:
             f.write("carol\n")
         self.assertRefused(self.path, f"{self.path}, line 4: expected")
+
+
+class VerifiedCacheTests(SynchronousTestCase):
+    """The checker's cache of verified passwords (mailgw.auth.cache)."""
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        addUser(self.path, "alice", "sesame", hasher=CHEAP)
+        self.runner = RecordingRunner()
+        self.now = 1000.0
+        cache = VerifiedCache(maxEntries=2, maxAge=60, now=lambda: self.now)
+        self.checker = PasswdChecker(self.path, self.runner, CHEAP, cache)
+
+    def login(self, password: bytes, user: bytes = b"alice") -> defer.Deferred[bytes]:
+        return self.checker.requestAvatarId(UsernamePassword(user, password))
+
+    def test_secondLoginSkipsTheHash(self) -> None:
+        self.assertEqual(self.successResultOf(self.login(b"sesame")), b"alice")
+        self.assertEqual(self.successResultOf(self.login(b"sesame")), b"alice")
+        self.assertEqual(len(self.runner.calls), 1)
+
+    def test_wrongPasswordsAlwaysHashed(self) -> None:
+        self.successResultOf(self.login(b"sesame"))
+        for _ in range(3):
+            self.failureResultOf(self.login(b"wrong"), UnauthorizedLogin)
+        self.assertEqual(len(self.runner.calls), 4)
+
+    def test_expires(self) -> None:
+        self.successResultOf(self.login(b"sesame"))
+        self.now += 61
+        self.successResultOf(self.login(b"sesame"))
+        self.assertEqual(len(self.runner.calls), 2)
+
+    def test_fileChangeDropsIt(self) -> None:
+        self.successResultOf(self.login(b"sesame"))
+        setPassword(self.path, "alice", "changed", hasher=CHEAP)
+        self.failureResultOf(self.login(b"sesame"), UnauthorizedLogin)
+        self.assertEqual(self.successResultOf(self.login(b"changed")), b"alice")
+
+    def test_bounded(self) -> None:
+        cache = self.checker.cache
+        assert cache is not None
+        for i in range(5):
+            cache.add(f"u{i}", "$hash", b"pw")
+        self.assertEqual(len(cache), 2)
+        self.assertIn(("u4", "$hash", b"pw"), cache)
+        self.assertNotIn(("u0", "$hash", b"pw"), cache)
+
+    def test_noPasswordKept(self) -> None:
+        self.successResultOf(self.login(b"sesame"))
+        cache = self.checker.cache
+        assert cache is not None
+        [key] = cache._entries
+        self.assertEqual(len(key), 32)
+        self.assertNotIn(b"sesame", key)
+        self.assertNotIn(b"sesame", repr(vars(cache)).encode())

@@ -37,6 +37,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailgw.auth.cache import VerifiedCache
+
 StrPath = str | os.PathLike[str]
 RunInThread = Callable[..., defer.Deferred[Any]]
 
@@ -294,6 +296,8 @@ class PasswdChecker:
 
     @ivar hasher: makes the dummy hash; give it the parameters the file's
         hashes were made with (the default matches C{mailgw passwd}).
+    @ivar cache: recently verified passwords (L{VerifiedCache}: keyed
+        digests, bounded, dropped when the file changes), or C{None}.
     """
 
     credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
@@ -301,6 +305,7 @@ class PasswdChecker:
     path: StrPath
     runInThread: RunInThread
     hasher: PasswordHasher = attrs.field(factory=PasswordHasher)
+    cache: VerifiedCache | None = attrs.field(factory=VerifiedCache)
     _dummyHash: str = attrs.field(init=False, repr=False)
     _loadedKey: tuple[int, ...] | None = attrs.field(init=False, default=None, repr=False)
     _loaded: dict[str, UserEntry] | PasswdFileError = attrs.field(
@@ -332,6 +337,8 @@ class PasswdChecker:
                 _log.error("Cannot use users file: {problem}", problem=str(e))
                 self._loaded = e
             self._loadedKey = key
+            if self.cache is not None:
+                self.cache.clear()  # a changed or removed password must not linger
         if isinstance(self._loaded, PasswdFileError):
             raise PasswdFileError(str(self._loaded))
         return self._loaded
@@ -363,12 +370,17 @@ class PasswdChecker:
 
         if isPassword:
             passwordHash = entry.passwordHash if entry is not None else self._dummyHash
-            d = defer.maybeDeferred(
-                self.runInThread, self._verify, passwordHash, credentials.password
-            )
+            password = credentials.password
+            cache = self.cache
+            if entry is not None and cache is not None:
+                if (entry.login, passwordHash, password) in cache:
+                    return defer.succeed(entry.login.encode("utf-8"))
+            d = defer.maybeDeferred(self.runInThread, self._verify, passwordHash, password)
 
             def verified(ok: bool) -> bytes:
                 if ok and entry is not None:
+                    if cache is not None:
+                        cache.add(entry.login, passwordHash, password)
                     return entry.login.encode("utf-8")
                 raise UnauthorizedLogin()
 
