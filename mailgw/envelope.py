@@ -216,6 +216,21 @@ class QueuedMessage:
     held: bool = False
     warned: bool = False
 
+    @classmethod
+    def arrived(
+        cls, queueId: str, envelope: Envelope, session: Session, now: float, size: int
+    ) -> QueuedMessage:
+        """A message just committed: every recipient pending, due at once."""
+        return cls(
+            queueId=queueId,
+            envelope=envelope,
+            session=session,
+            arrival=now,
+            size=size,
+            recipients=tuple(RecipientState(r) for r in envelope.recipients),
+            nextAttempt=now,
+        )
+
     @property
     def pendingRecipients(self) -> tuple[RecipientState, ...]:
         return tuple(r for r in self.recipients if r.status is RecipientStatus.PENDING)

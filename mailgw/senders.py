@@ -29,6 +29,7 @@ from mailgw.address import AddressError, parseMailbox
 from mailgw.config import normalizeDomain
 from mailgw.envelope import Address, Envelope, Session
 from mailgw.interfaces import ISubmissionPolicy
+from mailgw.policy import AcceptAll
 from mailgw.server.replies import SMTPReply
 
 # RFC 5322 3.2.3 dot-atom, with any non-ASCII character as atext (RFC 6532 3.2).
@@ -264,7 +265,7 @@ def _optionalPath(mapPath: str | None) -> str | None:
 
 @implementer(ISubmissionPolicy)
 @attrs.define
-class SenderLoginPolicy:
+class SenderLoginPolicy(AcceptAll):
     """
     Lets each authenticated user use only the senders they own.
 
@@ -387,11 +388,6 @@ class SenderLoginPolicy:
         text = f"Sender address <{_shown(str(sender))}> not owned by user <{_shown(login)}>"
         reply = SMTPReply(553, "5.7.1", text)
         return self._refuse(session, "MAIL FROM", f"<{sender}>", "not owned", reply)
-
-    def checkRecipient(
-        self, session: Session, sender: Address | None, recipient: Address
-    ) -> SMTPReply | None:
-        return None
 
     def checkMessage(
         self, session: Session, envelope: Envelope, headers: bytes

@@ -22,7 +22,6 @@ from mailgw.envelope import (
     DeliveryResult,
     Envelope,
     QueuedMessage,
-    RecipientState,
     Session,
 )
 from mailgw.interfaces import IMessageWriter, IRelay, ISpool
@@ -96,14 +95,8 @@ class MemoryMessageWriter:
             self.spool.aborted.append(self.queueId)
             raise SpoolError(f"{self.queueId} aborted during its commit")
         now = self.spool.clock.seconds()
-        message = QueuedMessage(
-            queueId=self.queueId,
-            envelope=self.envelope,
-            session=self.session,
-            arrival=now,
-            size=len(self.data),
-            recipients=tuple(RecipientState(r) for r in self.envelope.recipients),
-            nextAttempt=now,
+        message = QueuedMessage.arrived(
+            self.queueId, self.envelope, self.session, now, len(self.data)
         )
         self.state = "committed"
         self.spool.committed[self.queueId] = (message, bytes(self.data))

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgw.envelope import Envelope, QueuedMessage, RecipientState, Session
+from mailgw.envelope import Envelope, QueuedMessage, Session
 from mailgw.interfaces import IMessageWriter, ISpool
 
 #: ``runBlocking(f, *args)`` runs ``f(*args)`` off the reactor thread and
@@ -497,15 +497,7 @@ class SpoolWriter:
             raise RuntimeError(f"commit of a {self._state.value} message")
         self._state = _State.COMMITTING
         now = self.spool.clock.seconds()
-        message = QueuedMessage(
-            queueId=self.queueId,
-            envelope=self.envelope,
-            session=self.session,
-            arrival=now,
-            size=self.size,
-            recipients=tuple(RecipientState(r) for r in self.envelope.recipients),
-            nextAttempt=now,
-        )
+        message = QueuedMessage.arrived(self.queueId, self.envelope, self.session, now, self.size)
         rest, self._buffer = bytes(self._buffer), bytearray()
         d = self.spool._serialized(self.queueId, self._commitBlocking, rest,
                                    encodeMessage(message))  # fmt: skip
