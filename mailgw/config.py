@@ -12,6 +12,7 @@ reference for every key.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import os
 import re
@@ -202,6 +203,7 @@ class Route:
         return password
 
 
+@functools.lru_cache(maxsize=4096)
 def normalizeDomain(domain: str) -> str:
     """``domain`` lowercased, as an A-label (IDNA 2008 with UTS 46 mapping)."""
     return idna.encode(domain.rstrip("."), uts46=True).decode("ascii").lower()

@@ -633,3 +633,28 @@ class VerifiedCacheTests(SynchronousTestCase):
         self.assertEqual(len(key), 32)
         self.assertNotIn(b"sesame", key)
         self.assertNotIn(b"sesame", repr(vars(cache)).encode())
+
+
+class SingleFlightTests(SynchronousTestCase):
+    """Identical logins under way at once share one verification."""
+
+    def test_burstHashesOnce(self) -> None:
+        path = self.mktemp()
+        addUser(path, "alice", "sesame", hasher=CHEAP)
+        pending: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
+
+        def runInThread(f: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            pending.append((f, args, d))
+            return d
+
+        checker = PasswdChecker(path, runInThread, CHEAP)
+        logins = [checker.requestAvatarId(UsernamePassword(b"alice", b"sesame")) for _ in range(5)]
+        wrong = checker.requestAvatarId(UsernamePassword(b"alice", b"nope"))
+        self.assertEqual(len(pending), 2)  # one for the five, one for the wrong password
+        for f, args, d in pending:
+            d.callback(f(*args))
+        for login in logins:
+            self.assertEqual(self.successResultOf(login), b"alice")
+        self.failureResultOf(wrong, UnauthorizedLogin)
+        self.assertEqual(checker._inflight, {})

@@ -384,14 +384,22 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
         """A failed directory fsync takes both files out of queue/ again."""
         self.failCommit("syncDirectory", "queue", errno.EIO)
 
-    def test_beginFails(self) -> None:
-        """begin raises SpoolError (SpoolFullError for ENOSPC)."""
+    def test_createFails(self) -> None:
+        """
+        The message file is created in the commit's thread (or by the first
+        write past the buffer); a failure there is SpoolError, SpoolFullError
+        for ENOSPC.
+        """
         self.fs.failOn("create", ".msg", errno.EMFILE)
-        error = self.assertRaises(SpoolError, self.spool.begin, ENVELOPE, SESSION)
+        writer = self.spool.begin(ENVELOPE, SESSION)
+        self.assertNotIn("create", [call[0] for call in self.fs.calls])
+        writer.write(b"small")
+        error = self.failureResultOf(writer.commit(), SpoolError).value
         self.assertNotIsInstance(error, SpoolFullError)
         self.fs.failures = []
         self.fs.failOn("create", ".msg", errno.ENOSPC)
-        self.assertRaises(SpoolFullError, self.spool.begin, ENVELOPE, SESSION)
+        writer = self.spool.begin(ENVELOPE, SESSION)
+        self.assertRaises(SpoolFullError, writer.write, b"x" * 70000)
         self.assertNothingLeft()
 
 
@@ -408,6 +416,7 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
         kept = self.commit(b"kept")
         writer = self.spool.begin(ENVELOPE, SESSION)
         orphan = writer.queueId
+        writer.write(b"x" * 70000)  # past the buffer: the file exists now
         os.close(writer._fd)  # type: ignore[arg-type]
         lonely = self.commit(b"lonely")
         os.unlink(os.path.join(self.directory, "queue", lonely + ".msg"))
@@ -506,7 +515,8 @@ class ReaderTests(SpoolTestMixin, SynchronousTestCase):
         self.assertRaises(KeyError, reader.load, writing.queueId)
         self.assertRaises(KeyError, reader.openMessage, writing.queueId)
         self.assertRaises(KeyError, reader.load, "../lock")
-        self.assertEqual(self.listing("tmp"), [writing.queueId + ".msg"])
+        # Nothing of an open message is on disk before its buffer fills.
+        self.assertEqual(self.listing("tmp"), [])
         writing.abort()
 
     def test_corruptLeftAlone(self) -> None:

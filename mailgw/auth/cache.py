@@ -45,6 +45,10 @@ class VerifiedCache:
             mac.update(part)
         return mac.digest()
 
+    def key(self, login: str, passwordHash: str, password: bytes) -> bytes:
+        """An opaque key for the triple (no password in it)."""
+        return self._digest(login, passwordHash, password)
+
     def __contains__(self, triple: tuple[str, str, bytes]) -> bool:
         digest = self._digest(*triple)
         expires = self._entries.get(digest)

@@ -35,6 +35,7 @@ from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.auth.cache import VerifiedCache
@@ -311,6 +312,11 @@ class PasswdChecker:
     _loaded: dict[str, UserEntry] | PasswdFileError = attrs.field(
         init=False, factory=dict, repr=False
     )
+    # Verifications under way, by cache key: a burst of logins with the same
+    # password (a client opening many connections at once) hashes once.
+    _inflight: dict[bytes, list[defer.Deferred[bool]]] = attrs.field(
+        init=False, factory=dict, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         # Made once: hashing costs as much as verifying.
@@ -353,6 +359,24 @@ class PasswdChecker:
         except VerifyMismatchError:
             return False
 
+    def _verifyOnce(self, key: bytes, passwordHash: str, password: bytes) -> defer.Deferred[bool]:
+        """L{_verify} in a thread, shared by identical requests under way."""
+        waiting: defer.Deferred[bool] = defer.Deferred()
+        if key in self._inflight:
+            self._inflight[key].append(waiting)
+            return waiting
+        self._inflight[key] = [waiting]
+
+        def done(result: Any) -> None:
+            for d in self._inflight.pop(key, []):
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        defer.maybeDeferred(self.runInThread, self._verify, passwordHash, password).addBoth(done)
+        return waiting
+
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
         """
         @return: a Deferred firing with the login (UTF-8 bytes), or failing
@@ -375,7 +399,10 @@ class PasswdChecker:
             if entry is not None and cache is not None:
                 if (entry.login, passwordHash, password) in cache:
                     return defer.succeed(entry.login.encode("utf-8"))
-            d = defer.maybeDeferred(self.runInThread, self._verify, passwordHash, password)
+                d = self._verifyOnce(cache.key(entry.login, passwordHash, password),
+                                     passwordHash, password)  # fmt: skip
+            else:
+                d = defer.maybeDeferred(self.runInThread, self._verify, passwordHash, password)
 
             def verified(ok: bool) -> bytes:
                 if ok and entry is not None:

@@ -384,6 +384,8 @@ class QueueRunner(Service):
                 kind = f"deferred until {_when(message.nextAttempt)}"
             text = f"<{state.address}>" + ("" if kind == "delivered" else f" ({_reply(state)})")
             parts.setdefault(kind, []).append(text)
+        if list(parts) == ["delivered"]:
+            return  # the relay logged each delivery already (status=sent)
         outcome = "; ".join(f"{kind}: {', '.join(texts)}" for kind, texts in parts.items())
         _log.info("Queue {queueId}: {outcome}", queueId=message.queueId, outcome=outcome)
 
@@ -409,7 +411,11 @@ class QueueRunner(Service):
             self._schedule(queueId, self._clock.seconds() + RECORD_RETRY)
 
     async def _settle(self, queueId: str) -> None:
-        await self._save(queueId)  # the results, before anything else
+        message = self._messages[queueId]
+        if not (message.finished and not self._owed.get(queueId)):
+            await self._save(queueId)  # the results, before anything else
+        # else every recipient is delivered and nothing is owed: removing the
+        # message records that as durably as a write would, at half the cost.
         changed = False
         owed = set(self._owed.get(queueId, ()))
         message = self._messages[queueId]
@@ -453,7 +459,7 @@ class QueueRunner(Service):
             except Exception as e:
                 _log.error("Cannot remove {queueId}: {error}", queueId=queueId, error=e)
                 raise _RetryLater() from e
-            _log.info("Queue {queueId}: removed, every recipient finished", queueId=queueId)
+            # The relay logged each delivery; no line of its own for the removal.
             self._forget(queueId)
             return
         self._unsettled.discard(queueId)

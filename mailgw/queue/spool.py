@@ -152,7 +152,9 @@ def _writeDurably(fs: FileSystem, path: str, data: bytes) -> None:
 
 def encodeMessage(message: QueuedMessage) -> bytes:
     """The bytes of ``queue/ID.json`` for ``message``."""
-    return json.dumps(message.toJSON(), indent=1, sort_keys=True).encode("ascii") + b"\n"
+    # Compact: the C encoder (indent would force the pure-Python one).
+    data = json.dumps(message.toJSON(), sort_keys=True, separators=(",", ":"))
+    return data.encode("ascii") + b"\n"
 
 
 def decodeMessage(data: bytes) -> QueuedMessage:
@@ -350,13 +352,10 @@ class Spool(SpoolReader):
             queueId = self._newId()
             if os.path.exists(self._path("queue", queueId, ".json")):
                 continue
-            try:
-                fd = self._fs.create(self._path("tmp", queueId, ".msg"), exclusive=True)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise spoolErrorFrom(e, "cannot create a message file") from e
-            return SpoolWriter(self, queueId, envelope, session, fd)
+            # The file is created later, by the first write past the buffer
+            # or by the commit in its thread: creating a file waits for the
+            # file system journal, which the reactor thread must not do.
+            return SpoolWriter(self, queueId, envelope, session, None)
         raise SpoolError("cannot find a free queue id")
 
     def update(self, message: QueuedMessage) -> Deferred[QueuedMessage]:
@@ -455,6 +454,16 @@ class SpoolWriter:
     def _tmp(self, suffix: str) -> str:
         return self.spool._path("tmp", self.queueId, suffix)
 
+    def _open(self) -> int:
+        """
+        The message file, created on first use.
+
+        @raise OSError: it cannot be created (also when it exists already).
+        """
+        if self._fd is None:
+            self._fd = self.spool._fs.create(self._tmp(".msg"), exclusive=True)
+        return self._fd
+
     def _fail(self, error: SpoolError) -> SpoolError:
         self._state = _State.FAILED
         self._error = error
@@ -479,13 +488,13 @@ class SpoolWriter:
         """
         if self._error is not None:
             raise self._error
-        if self._state is not _State.OPEN or self._fd is None:
+        if self._state is not _State.OPEN:
             raise RuntimeError(f"write to a {self._state.value} message")
         self.size += len(data)
         self._buffer += data
         if len(self._buffer) >= _BUFFER_SIZE:
             try:
-                self.spool._fs.write(self._fd, bytes(self._buffer))
+                self.spool._fs.write(self._open(), bytes(self._buffer))
             except OSError as e:
                 raise self._fail(spoolErrorFrom(e, f"cannot write {self.queueId}")) from e
             self._buffer.clear()
@@ -508,8 +517,8 @@ class SpoolWriter:
         final = self.spool._path("queue", self.queueId, ".msg")
         state = self.spool._path("queue", self.queueId, ".json")
         try:
-            fd, self._fd = self._fd, None
-            assert fd is not None
+            fd = self._open()
+            self._fd = None
             try:
                 if rest:
                     fs.write(fd, rest)

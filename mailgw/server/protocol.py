@@ -75,6 +75,7 @@ class SubmissionServer(Protocol):
         self._sessionTimer: IDelayedCall | None = None
         self._lineTimer: IDelayedCall | None = None
         self._lost: list[Deferred[None]] = []
+        self._session: tuple[tuple[object, ...], Session] | None = None
         # The address the connection limiter counted this connection for.
         self._counted: str | None = None
         self._tls = False
@@ -103,11 +104,16 @@ class SubmissionServer(Protocol):
 
     def session(self) -> Session:
         """What we know of the client now, as the spool and policy see it."""
+        key = (self._helo, self._user, self._tls)
+        cached = self._session
+        if cached is not None and cached[0] == key:
+            return cached[1]
         peer = self.transport.getPeer()
         tlsProtocol, tlsCipher = describeTLS(self.transport) if self._tls else (None, None)
-        if self._tls and tlsProtocol is None:
-            tlsProtocol = "TLS"  # on, though the handshake details are not at hand
-        return Session(
+        complete = not self._tls or tlsProtocol is not None
+        if not complete:
+            tlsProtocol = "TLS"  # on, though the handshake details are not at hand yet
+        session = Session(
             clientAddress=getattr(peer, "host", "local"),
             clientPort=getattr(peer, "port", None),
             helo=self._helo or "",
@@ -116,6 +122,9 @@ class SubmissionServer(Protocol):
             tlsCipher=tlsCipher,
             listener=self.factory.listenerName,
         )
+        # Asked several times per command: built again only when it changes.
+        self._session = (key, session) if complete else None
+        return session
 
     # -- connection ----------------------------------------------------
 
