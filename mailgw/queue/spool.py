@@ -150,6 +150,10 @@ def _writeDurably(fs: FileSystem, path: str, data: bytes) -> None:
         fs.close(fd)
 
 
+#: How many queued messages' state a Spool keeps in memory at most.
+MAX_REMEMBERED = 20_000
+
+
 def encodeMessage(message: QueuedMessage) -> bytes:
     """The bytes of ``queue/ID.json`` for ``message``."""
     # Compact: the C encoder (indent would force the pure-Python one).
@@ -271,6 +275,8 @@ class Spool(SpoolReader):
     _newId: QueueIdFactory = attrs.field(init=False)
     _locks: dict[str, DeferredLock] = attrs.field(init=False, factory=dict)
     _lockFD: int | None = attrs.field(init=False, default=None)
+    # The state of messages this process wrote (see _remember).
+    _known: dict[str, QueuedMessage] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._newId = QueueIdFactory(self.clock)
@@ -326,6 +332,7 @@ class Spool(SpoolReader):
                 self._quarantine(queueId, "its message file is missing")
 
     def _unreadable(self, queueId: str, reason: object) -> None:
+        self._known.pop(queueId, None)
         self._quarantine(queueId, reason)
 
     def _quarantine(self, queueId: str, reason: object) -> None:
@@ -368,7 +375,21 @@ class Spool(SpoolReader):
             return fail(KeyError(message.queueId))
         d = self._serialized(message.queueId, self._updateBlocking, message.queueId,
                              encodeMessage(message))  # fmt: skip
-        return d.addCallback(lambda _: message)
+        return d.addCallback(lambda _: self._remember(message))
+
+    def _remember(self, message: QueuedMessage) -> QueuedMessage:
+        """
+        Keep the state just made durable, so that L{load} need not read it
+        back (this process is the queue's only writer). Bounded: past
+        ``MAX_REMEMBERED`` messages, load reads the disk.
+        """
+        if message.queueId in self._known or len(self._known) < MAX_REMEMBERED:
+            self._known[message.queueId] = message
+        return message
+
+    def load(self, queueId: str) -> QueuedMessage:
+        known = self._known.get(queueId)
+        return known if known is not None else super().load(queueId)
 
     def _updateBlocking(self, queueId: str, data: bytes) -> None:
         final = self._path("queue", queueId, ".json")
@@ -391,6 +412,7 @@ class Spool(SpoolReader):
         """
         if not isQueueId(queueId):
             return fail(KeyError(queueId))
+        self._known.pop(queueId, None)
         return self._serialized(queueId, self._removeBlocking, queueId)
 
     def _removeBlocking(self, queueId: str) -> None:
@@ -450,6 +472,7 @@ class SpoolWriter:
     _state: _State = _State.OPEN
     _error: SpoolError | None = None
     _abortRequested: bool = False
+    _message: QueuedMessage | None = None
 
     def _tmp(self, suffix: str) -> str:
         return self.spool._path("tmp", self.queueId, suffix)
@@ -507,6 +530,7 @@ class SpoolWriter:
         self._state = _State.COMMITTING
         now = self.spool.clock.seconds()
         message = QueuedMessage.arrived(self.queueId, self.envelope, self.session, now, self.size)
+        self._message = message
         rest, self._buffer = bytes(self._buffer), bytearray()
         d = self.spool._serialized(self.queueId, self._commitBlocking, rest,
                                    encodeMessage(message))  # fmt: skip
@@ -540,6 +564,8 @@ class SpoolWriter:
 
     def _committed(self, queueId: str) -> str:
         self._state = _State.COMMITTED
+        if self._message is not None and not self._abortRequested:
+            self.spool._remember(self._message)
         if self._abortRequested:
             self._state = _State.ABORTED
             _log.info("Removing {queueId}, aborted during its commit", queueId=queueId)
