@@ -43,11 +43,13 @@ def _parserAdders() -> list[ParserAdder]:
     """
     # To add a subcommand: import its adder here and list it, e.g.
     #     from mailgw.queue.cli import addQueueParser
+    from mailgw.checkcli import addCheckConfigParser
     from mailgw.queuecli import addQueueParser
 
     return [
         addPasswdParser,
         addQueueParser,
+        addCheckConfigParser,
     ]
 
 
