@@ -416,13 +416,13 @@ class Upstream:
         )
 
 
-def startUpstream(reactor: Any, **knobs: Any) -> Deferred[Upstream]:
-    """Listen on 127.0.0.1, port 0, with L{Knobs}(**knobs)."""
+def startUpstream(reactor: Any, port: int = 0, **knobs: Any) -> Deferred[Upstream]:
+    """Listen on 127.0.0.1, ``port`` (0: any free one), with L{Knobs}(**knobs)."""
     factory = UpstreamFactory(Knobs(**knobs))
     listening: Factory = factory
     if factory.knobs.implicitTLS:
         listening = TLSMemoryBIOFactory(factory.knobs.tlsOptions, False, factory)
-    d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(listening)
+    d = TCP4ServerEndpoint(reactor, port, interface="127.0.0.1").listen(listening)
     return d.addCallback(lambda port: Upstream(factory, port))
 
 

@@ -292,3 +292,35 @@ tls = "none"
         expected = [f"now{i}@example.org" for i in range(count)]
         expected += [f"later{i}@example.org" for i in range(count)]
         self.assertEqual(sorted(delivered), sorted(expected))
+
+
+class UpstreamDownAtStartTests(GatewayTestCase):
+    """The upstream is not there when mail arrives; it comes up later."""
+
+    def adjustConfig(self, data: dict[str, Any]) -> dict[str, Any]:
+        self.upstreamPort = freePort()
+        data["relay"] = {"smarthosts": [f"127.0.0.1:{self.upstreamPort}"], "tls": "none"}
+        data["queue"] = {"retry_min": 3600, "retry_max": 3600}
+        return data
+
+    @inlineCallbacks
+    def test_waitsThenDelivers(self) -> Any:
+        def send() -> None:
+            with smtplib.SMTP("localhost", self.submissionPort, timeout=30) as smtp:
+                smtp.starttls(context=clientContext(self.files["cert"]))
+                smtp.login(USER, PASSWORD)
+                smtp.sendmail(USER, ["bob@example.org"], b"Subject: early\r\n\r\nx\r\n")
+
+        yield deferToThread(send)
+        for _ in range(100):
+            [queued] = self.spooled()
+            if queued.recipients[0].attempts:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertIn("refused", queued.recipients[0].diagnostic)
+        upstream = yield startUpstream(reactor, port=self.upstreamPort)
+        self.addCleanup(upstream.stop)
+        count = yield self.service.runner.flush()
+        self.assertEqual(count, 1)
+        [received] = yield upstream.waitForTransactions(1)
+        self.assertEqual(received.rcpts, ("bob@example.org",))
