@@ -658,3 +658,14 @@ class SingleFlightTests(SynchronousTestCase):
             self.assertEqual(self.successResultOf(login), b"alice")
         self.failureResultOf(wrong, UnauthorizedLogin)
         self.assertEqual(checker._inflight, {})
+
+
+class CaseTests(SynchronousTestCase):
+    def test_loginsDifferingOnlyInCaseRefused(self) -> None:
+        path = self.mktemp()
+        addUser(path, "alice@example.com", "pw", hasher=CHEAP)
+        error = self.assertRaises(
+            ValueError, addUser, path, "Alice@Example.com", "pw2", hasher=CHEAP
+        )
+        self.assertIn("differ only in case", str(error))
+        self.assertEqual(list(readUsers(path)), ["alice@example.com"])

@@ -223,13 +223,18 @@ def addUser(
     Add a user to file C{path}, creating the file if missing. With C{cram},
     also store the CRAM-MD5 secret (password-equivalent).
 
-    @raise ValueError: bad login or empty password, or the user exists.
+    @raise ValueError: bad login or empty password, or the user exists (also
+        under another case: sender ownership compares addresses regardless
+        of case, so two such logins would own the same address).
     @raise OSError, PasswdFileError: as L{readUsers} and L{writeUsers}.
     """
     checkLogin(login)
     users = _readOrEmpty(path)
     if login in users:
         raise ValueError(f"user {login!r} already exists")
+    for existing in users:
+        if existing.casefold() == login.casefold():
+            raise ValueError(f"user {existing!r} already exists (logins differ only in case)")
     users[login] = UserEntry(
         login, hashPassword(password, hasher), password.encode("utf-8") if cram else None
     )
