@@ -19,11 +19,12 @@ from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailgw.address import AddressError, ParameterError, parsePath, splitPathAndParameters
 from mailgw.envelope import Address, BodyType, Envelope, Session
@@ -53,6 +54,7 @@ class _NoSender:
 NO_SENDER = _NoSender()
 
 
+@implementer(IPushProducer)
 class SubmissionServer(Protocol):
     """One client connection to a submission or submissions listener."""
 
@@ -66,7 +68,12 @@ class SubmissionServer(Protocol):
         self._buffer = b""
         self._out: list[bytes] = []
         self._busy = False
-        self._paused = False
+        # Reading from the transport stops while a command waits with much
+        # input buffered, and while the client does not read our replies
+        # (the transport pauses us, its producer, when its buffer is full).
+        self._reading = True
+        self._writeBlocked = False
+        self._producing = False
         self._processing = False
         self._closed = False
         self._closing = False
@@ -144,6 +151,10 @@ class SubmissionServer(Protocol):
                 self._close(refusal)
                 return
             self._counted = address
+        # A client that sends without reading our replies must not make us
+        # buffer them without bound: the transport pauses us when it is full.
+        self.transport.registerProducer(self, True)
+        self._producing = True
         # Replies are small and come in bursts: do not wait for Nagle.
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
@@ -202,6 +213,10 @@ class SubmissionServer(Protocol):
         self._closed = True
         self._buffer = b""
         self._cancelTimers()
+        if self._producing:
+            # A TLS transport closes only once no producer is registered.
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def _write(self, data: bytes) -> None:
@@ -239,7 +254,7 @@ class SubmissionServer(Protocol):
             return
         self._processing = True
         try:
-            while not self._busy and not self._closed and self._buffer:
+            while not self._busy and not self._writeBlocked and not self._closed and self._buffer:
                 if self._reader is not None:
                     self._feedData()
                 else:
@@ -253,9 +268,36 @@ class SubmissionServer(Protocol):
         if self._closed:
             return
         self._watchLine()
-        if self._busy and len(self._buffer) > MAX_BUFFERED and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+        self._updateReading()
+
+    def _updateReading(self) -> None:
+        """Read from the transport only while input and output both flow."""
+        # Input is only held back, not refused, until it passes the bound:
+        # a TLS transport pauses its producer during the handshake, and
+        # reading must go on for the handshake to finish.
+        backlog = (self._busy or self._writeBlocked) and len(self._buffer) > MAX_BUFFERED
+        reading = not self._closed and not backlog
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
+
+    # -- IPushProducer: the transport tells us when the client stops reading
+
+    def pauseProducing(self) -> None:
+        self._writeBlocked = True
+        self._updateReading()
+
+    def resumeProducing(self) -> None:
+        self._writeBlocked = False
+        if not self._closed:
+            self._updateReading()
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going away; connectionLost cleans up
 
     def _watchLine(self) -> None:
         """
@@ -339,9 +381,7 @@ class SubmissionServer(Protocol):
             if self._closing:
                 self._close(replies.SHUTDOWN)
                 return
-            if self._paused:
-                self._paused = False
-                self.transport.resumeProducing()
+            self._updateReading()
             self._process()
 
         d.addBoth(done)
