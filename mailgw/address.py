@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 
 from mailgw.envelope import Address
 
@@ -17,6 +18,9 @@ from mailgw.envelope import Address
 MAX_PATH = 256
 MAX_LOCAL = 64
 MAX_DOMAIN = 255
+
+
+_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
 
 class AddressError(ValueError):
@@ -84,6 +88,13 @@ def parseMailbox(text: str, *, utf8: bool = False) -> Address:
     """
     if not utf8 and not text.isascii():
         raise AddressError("non-ASCII address without SMTPUTF8")
+    if not text.isascii() and any(
+        unicodedata.category(c) in _INVISIBLE for c in text if not c.isascii()
+    ):
+        # Controls, format characters (bidi overrides, zero-width) and line
+        # or paragraph separators: nothing a real address needs, and they
+        # would reach headers and logs.
+        raise AddressError("control or format character in address")
     local, at, domain = text.rpartition("@")
     if not at or not local:
         raise AddressError("no local part or domain")

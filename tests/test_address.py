@@ -130,3 +130,15 @@ class PropertyTests(SynchronousTestCase):
             parseMailbox(text, utf8=True)
         except AddressError:
             pass
+
+
+class InvisibleCharacterTests(SynchronousTestCase):
+    def test_formatAndSeparatorCharactersRefused(self) -> None:
+        for char in ("\u2028", "\u2029", "\u202e", "\ufeff", "\u200b", "\u0085"):
+            self.assertRaises(AddressError, parsePath, f"<a{char}b@c.d>", utf8=True)
+            self.assertRaises(AddressError, parsePath, f'<"a{char}b"@c.d>', utf8=True)
+
+    def test_lettersStillAccepted(self) -> None:
+        self.assertEqual(
+            parsePath("<\u00e9l\u00e8ve@\u00e9cole.example>", utf8=True).local, "\u00e9l\u00e8ve"
+        )

@@ -605,3 +605,27 @@ class DeadlineTests(SynchronousTestCase):
         self.assertTrue(h.closed)
         self.assertIn(b"421 4.4.2 Session time limit exceeded", h.take())
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+class AuthDelayTests(SynchronousTestCase):
+    def test_delayAppliesToRightAndWrongPasswords(self) -> None:
+        """
+        After the free failures every answer waits, right or wrong, so a
+        client cannot tell success early by hanging up.
+        """
+        from mailgw.config import LimitsConfig
+        from mailgw.limits import AuthThrottle
+
+        h = Harness(implicitTLS=True, maxErrors=100)
+        limits = LimitsConfig(authFreeFailures=1, authDelay=2.0, authDelayMax=2.0)
+        h.factory.guards.auth = AuthThrottle(h.clock, limits)
+        h.command(b"EHLO c")
+        self.assertTrue(h.command(b"AUTH PLAIN " + plain(password=b"x")).startswith(b"535"))
+        self.assertEqual(h.command(b"AUTH PLAIN " + plain(password=b"y")), b"")
+        h.clock.advance(2)
+        self.assertTrue(h.take().startswith(b"535"))
+        self.assertEqual(h.command(b"AUTH PLAIN " + plain()), b"")
+        h.clock.advance(1.9)
+        self.assertEqual(h.take(), b"")
+        h.clock.advance(0.1)
+        self.assertTrue(h.take().startswith(b"235"))

@@ -549,10 +549,17 @@ class SubmissionServer(Protocol):
                 self._reply(decision.reply)
                 return
             delay = decision.delay
-        d = maybeDeferred(self.factory.portal.login, credentials, None, ISubmitter)
-        self._await(d, lambda outcome: self._loggedIn(outcome, credentials, delay))
+        portal = self.factory.portal
+        if delay > 0:
+            # After a few failures every answer waits, right or wrong: each
+            # guess costs the attacker the delay, and a client that gives up
+            # early learns nothing (an unknown user costs the same, too).
+            d = deferLater(self.factory.clock, delay, portal.login, credentials, None, ISubmitter)
+        else:
+            d = maybeDeferred(portal.login, credentials, None, ISubmitter)
+        self._await(d, lambda outcome: self._loggedIn(outcome, credentials))
 
-    def _loggedIn(self, outcome: Any, credentials: Any, delay: float = 0.0) -> None:
+    def _loggedIn(self, outcome: Any, credentials: Any) -> None:
         throttle = self.factory.guards.auth
         address, login = self.session().clientAddress, _username(credentials)
         if isinstance(outcome, Failure):
@@ -560,14 +567,7 @@ class SubmissionServer(Protocol):
                 self._logAuthFailure(credentials)
                 if throttle is not None:
                     throttle.failed(address, login)
-                if delay > 0:
-                    # The answer to a failed login waits, however it failed:
-                    # each guess costs the attacker time, and an unknown user
-                    # costs the same as a wrong password.
-                    d = deferLater(self.factory.clock, delay, lambda: None)
-                    self._await(d, lambda _: self._reply(replies.AUTH_INVALID))
-                else:
-                    self._reply(replies.AUTH_INVALID)
+                self._reply(replies.AUTH_INVALID)
             else:
                 self._log.failure("Authentication backend failed", outcome)
                 self._reply(replies.AUTH_TEMPFAIL)
