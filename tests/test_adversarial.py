@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.helpers import PASSWORD, USER, Harness
+from tests.test_protocol import SmugglingTests
 
 LISTENERS = (False, True)  # submission (STARTTLS), submissions (implicit TLS)
 
@@ -70,18 +71,7 @@ class SmugglingOnBothListenersTests(SynchronousTestCase):
     whole, so nothing reaches the queue that a later server could split.
     """
 
-    ENDINGS = [
-        b"\n.\n",
-        b"\r.\r",
-        b"\r\n.\n",
-        b"\n.\r\n",
-        b"\r.\r\n",
-        b"\r\n.\r",
-        b"\r\n\x00.\r\n",
-        b"\r\n.\x00\r\n",
-        b"\n.\r",
-        b"\r\n.\n\r\n",
-    ]
+    ENDINGS = [*SmugglingTests.VARIANTS, b"\n.\r", b"\r\n.\n\r\n"]
 
     def smuggle(self, implicitTLS: bool, ending: bytes, prefix: bytes, split: int) -> Harness:
         h = loggedIn(implicitTLS, maxMessageSize=4000, maxLineLength=2000)

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IResolver
 from twisted.names import common, dns, error
 from zope.interface import implementer
 
+from mailgw.config import normalizeDomain
 from mailgw.envelope import Address, QueuedMessage
 
 if TYPE_CHECKING:
@@ -168,8 +169,8 @@ def _aLabel(domain: str) -> str:
         raise ValueError("empty domain")
     if not domain.isascii():
         try:
-            domain = idna.encode(domain, uts46=True).decode("ascii")
-        except idna.IDNAError as e:
+            domain = normalizeDomain(domain)  # the same A-label config routes use
+        except (idna.IDNAError, UnicodeError) as e:
             raise ValueError(str(e)) from e
     if not _HOSTNAME.match(domain) or len(domain) > 253:
         raise ValueError("not a host name")
