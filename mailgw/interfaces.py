@@ -1,5 +1,5 @@
 """
-Every seam of mailgw as a zope interface, and nothing else.
+Every seam of mailgw as a zope interface, and the errors those seams raise.
 
 Failures on these seams are either transient (the caller replies 4xx or
 retries later) or permanent (5xx, or a bounce); each method says which
@@ -9,6 +9,17 @@ exceptions mean which.
 from __future__ import annotations
 
 from zope.interface import Attribute, Interface
+
+
+class SpoolError(Exception):
+    """
+    A transient local failure of the spool: the message is not queued and
+    the client should try again (451 4.3.0). The text is for the log only.
+    """
+
+
+class SpoolFullError(SpoolError):
+    """The disk or the quota is full (ENOSPC, EDQUOT): transient, 452 4.3.1."""
 
 
 class ISubmitter(Interface):
@@ -23,14 +34,17 @@ class IMessageWriter(Interface):
     """
     One message being written into the spool.
 
-    ``write`` and ``commit`` raise or fail with
-    L{mailgw.queue.spool.SpoolFullError} when the disk is full (452 4.3.1)
-    and L{mailgw.queue.spool.SpoolError} for any other local failure
+    ``write`` and ``commit`` raise or fail with L{SpoolFullError} when the
+    disk is full (452 4.3.1) and L{SpoolError} for any other local failure
     (451 4.3.0); both are transient. After a failure nothing of the message
     is left behind.
     """
 
     queueId = Attribute("str: the queue id the message will have once committed")
+    message = Attribute(
+        "the L{mailgw.envelope.QueuedMessage} as committed (body type upgraded to "
+        "8BITMIME when the bytes are not ASCII); None until the commit fired"
+    )
 
     def write(data: bytes) -> None:
         """
@@ -43,7 +57,10 @@ class IMessageWriter(Interface):
 
         @return: a Deferred that fires with the queue id only once the
             message and its envelope are fsync'd, renamed into the queue and
-            the directory fsync'd; only then may the server reply 250.
+            the directory fsync'd; only then may the server reply 250. A
+            writer begun from an L{IQueue} has also handed the message to
+            the scheduler before the Deferred fires: nothing committed can
+            be left unscheduled, whatever becomes of the client.
         """
 
     def abort() -> None:
@@ -67,6 +84,23 @@ class ISpool(Interface):
         @raise SpoolError: transient local failure.
         """
 
+
+class IQueue(Interface):
+    """
+    Where accepted messages go: the one object that owns the spool and the
+    scheduler (L{mailgw.queue.runner.QueueRunner}). Committing a message is
+    scheduling it.
+    """
+
+    def begin(envelope, session):  # type: ignore[no-untyped-def]
+        """
+        As L{ISpool.begin}; the writer's commit also schedules the message
+        (at once) before its Deferred fires.
+
+        @return: an L{IMessageWriter}.
+        @raise SpoolError: transient local failure.
+        """
+
     def pending():  # type: ignore[no-untyped-def]
         """
         @return: a list of every committed L{mailgw.envelope.QueuedMessage},
@@ -75,7 +109,9 @@ class ISpool(Interface):
 
     def load(queueId):  # type: ignore[no-untyped-def]
         """
-        @return: the L{mailgw.envelope.QueuedMessage} ``queueId``.
+        @return: the L{mailgw.envelope.QueuedMessage} ``queueId`` as stored
+            (read from the storage, never from a cache: what another
+            process or a restart would see).
         @raise KeyError: no such message.
         """
 
@@ -89,10 +125,13 @@ class ISpool(Interface):
     def update(message):  # type: ignore[no-untyped-def]
         """
         Durably replace the stored state (recipients, next attempt, held,
-        warned) of ``message.queueId`` with that of ``message``.
+        warned) of ``message.queueId`` with that of ``message``. Changes to
+        one message are applied in call order: an update called after a
+        L{remove} fails with KeyError and leaves nothing behind.
 
         @return: a Deferred that fires with ``message`` once the new state is
-            on disk (written, fsync'd, renamed, directory fsync'd).
+            on disk (written, fsync'd, renamed, directory fsync'd); it fails
+            with KeyError when the message is not (or no longer) stored.
         """
 
     def remove(queueId):  # type: ignore[no-untyped-def]
@@ -106,6 +145,11 @@ class ISpool(Interface):
 class IRelay(Interface):
     """
     Hands queued messages to upstream MTAs.
+
+    A relay may also offer ``deliverMany(messages, report=None)``: one try
+    for several messages sharing connections, calling ``report(queueId,
+    results)`` once per message as soon as that message's recipients all
+    have a result, so that outcomes are recorded as they happen.
     """
 
     def deliver(message):  # type: ignore[no-untyped-def]
@@ -155,9 +199,6 @@ class IQueueControl(Interface):
     through the control socket). Each method returns a Deferred; an unknown
     queue id fails it with KeyError.
     """
-
-    def notify(queueId):  # type: ignore[no-untyped-def]
-        """A message was just committed: consider it for delivery now."""
 
     def flush(queueIds=None):  # type: ignore[no-untyped-def]
         """

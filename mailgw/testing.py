@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
 import attrs
@@ -19,13 +19,13 @@ from zope.interface import implementer
 
 from mailgw.envelope import (
     Address,
+    BodyType,
     DeliveryResult,
     Envelope,
     QueuedMessage,
     Session,
 )
-from mailgw.interfaces import IMessageWriter, IRelay, ISpool
-from mailgw.queue.spool import SpoolError
+from mailgw.interfaces import IMessageWriter, IRelay, ISpool, SpoolError
 
 
 @implementer(IMessageWriter)
@@ -49,6 +49,7 @@ class MemoryMessageWriter:
     state: str = "open"
     error: SpoolError | None = None
     abortRequested: bool = False
+    message: QueuedMessage | None = None
 
     def write(self, data: bytes) -> None:
         if self.error is not None:
@@ -95,10 +96,12 @@ class MemoryMessageWriter:
             self.spool.aborted.append(self.queueId)
             raise SpoolError(f"{self.queueId} aborted during its commit")
         now = self.spool.clock.seconds()
-        message = QueuedMessage.arrived(
-            self.queueId, self.envelope, self.session, now, len(self.data)
-        )
+        envelope = self.envelope
+        if envelope.body is BodyType.SEVENBIT and not self.data.isascii():
+            envelope = attrs.evolve(envelope, body=BodyType.EIGHTBITMIME)
+        message = QueuedMessage.arrived(self.queueId, envelope, self.session, now, len(self.data))
         self.state = "committed"
+        self.message = message
         self.spool.committed[self.queueId] = (message, bytes(self.data))
         return self.queueId
 
@@ -114,6 +117,8 @@ class MemorySpool:
       - L{failNextBegin}, L{failNextWrite}, L{failNextCommit}: the next call
         of that kind fails with the given L{SpoolError} (default: a plain
         L{SpoolError}; pass a L{mailgw.queue.spool.SpoolFullError} for 452).
+      - ``holdChanges``: while true, ``update`` and ``remove`` return unfired
+        Deferreds, applied in call order by L{releaseChanges}.
       - ``holdCommits``: while true, ``commit`` returns an unfired Deferred
         and appends ``(writer, deferred)`` to ``heldCommits``; fire them with
         L{releaseCommits} or L{failHeldCommits}, so a test can see that
@@ -132,6 +137,8 @@ class MemorySpool:
     clock: IReactorTime = attrs.field(factory=Clock)
     holdCommits: bool = False
     heldCommits: list[tuple[MemoryMessageWriter, Deferred[str]]] = attrs.field(factory=list)
+    holdChanges: bool = False
+    heldChanges: list[tuple[str, Any, Deferred[Any]]] = attrs.field(factory=list)
     committed: dict[str, tuple[QueuedMessage, bytes]] = attrs.field(factory=dict)
     writers: list[MemoryMessageWriter] = attrs.field(factory=list)
     aborted: list[str] = attrs.field(factory=list)
@@ -199,18 +206,52 @@ class MemorySpool:
         return io.BytesIO(self.committed[queueId][1])
 
     def update(self, message: QueuedMessage) -> Deferred[QueuedMessage]:
-        """Fails with KeyError if ``message`` is not committed."""
-        entry = self.committed.get(message.queueId)
-        if entry is None:
-            return fail(KeyError(message.queueId))
-        self.committed[message.queueId] = (message, entry[1])
-        return succeed(message)
+        """
+        Fails with KeyError if ``message`` is not committed (when it is
+        applied: a held update after a held remove fails, as on disk).
+        """
+        return self._change("update", message)
 
     def remove(self, queueId: str) -> Deferred[None]:
         """Idempotent, like the real spool's."""
-        self.removed.append(queueId)
-        self.committed.pop(queueId, None)
-        return succeed(None)
+        return self._change("remove", queueId)
+
+    def _change(self, kind: str, argument: Any) -> Deferred[Any]:
+        if self.holdChanges:
+            d: Deferred[Any] = Deferred()
+            self.heldChanges.append((kind, argument, d))
+            return d
+        try:
+            return succeed(self._apply(kind, argument))
+        except KeyError as e:
+            return fail(e)
+
+    def _apply(self, kind: str, argument: Any) -> Any:
+        if kind == "remove":
+            self.removed.append(argument)
+            self.committed.pop(argument, None)
+            return None
+        entry = self.committed.get(argument.queueId)
+        if entry is None:
+            raise KeyError(argument.queueId)
+        self.committed[argument.queueId] = (argument, entry[1])
+        return argument
+
+    def releaseChanges(self, count: int | None = None) -> None:
+        """
+        Apply the held updates and removes (the first ``count``, or all) in
+        call order, firing their Deferreds, as the real spool's thread
+        would: the knob ``holdChanges`` lets a test race them.
+        """
+        held = self.heldChanges if count is None else self.heldChanges[:count]
+        self.heldChanges = self.heldChanges[len(held) :]
+        for kind, argument, d in held:
+            try:
+                result = self._apply(kind, argument)
+            except KeyError as e:
+                d.errback(e)
+            else:
+                d.callback(result)
 
 
 # -- A scripted relay ---------------------------------------------------------
@@ -282,6 +323,8 @@ class RelayCall:
     deferred: Deferred[Any]
     results: dict[str, list[DeliveryResult]]
     failure: BaseException | None = None
+    report: Callable[[str, list[DeliveryResult]], object] | None = None
+    reported: list[str] = attrs.field(factory=list)
 
     @property
     def fired(self) -> bool:
@@ -291,11 +334,26 @@ class RelayCall:
     def queueIds(self) -> list[str]:
         return [m.queueId for m in self.messages]
 
+    def reportOne(self, queueId: str) -> None:
+        """
+        Report ``queueId``'s results now (a ``deliverMany`` with ``report``),
+        as a relay does when that message's routes are done while others
+        are still in flight.
+        """
+        if self.report is not None and queueId not in self.reported:
+            self.reported.append(queueId)
+            self.report(queueId, self.results[queueId])
+
     def fire(self) -> None:
-        """Fire the Deferred with the results, or fail it if asked to."""
+        """
+        Report every message not reported yet (unless the call is to fail),
+        then fire the Deferred with the results, or fail it if asked to.
+        """
         if self.failure is not None:
             self.deferred.errback(self.failure)
         elif self.many:
+            for message in self.messages:
+                self.reportOne(message.queueId)
             self.deferred.callback(self.results)
         else:
             self.deferred.callback(self.results[self.messages[0].queueId])
@@ -349,15 +407,26 @@ class FakeRelay:
         return self._call((message,), many=False)
 
     def deliverMany(
-        self, messages: Sequence[QueuedMessage]
+        self,
+        messages: Sequence[QueuedMessage],
+        report: Callable[[str, list[DeliveryResult]], object] | None = None,
     ) -> Deferred[dict[str, list[DeliveryResult]]]:
-        return self._call(tuple(messages), many=True)
+        """
+        As the real relay's: ``report(queueId, results)`` is called once per
+        message (at L{RelayCall.reportOne} or L{RelayCall.fire}).
+        """
+        return self._call(tuple(messages), many=True, report=report)
 
     def _next(self, address: Address) -> ScriptedOutcome:
         outcomes = self.script.get(str(address))
         return outcomes.pop(0) if outcomes else self.default
 
-    def _call(self, messages: tuple[QueuedMessage, ...], many: bool) -> Deferred[Any]:
+    def _call(
+        self,
+        messages: tuple[QueuedMessage, ...],
+        many: bool,
+        report: Callable[[str, list[DeliveryResult]], object] | None = None,
+    ) -> Deferred[Any]:
         results = {}
         for message in messages:
             results[message.queueId] = [
@@ -366,7 +435,7 @@ class FakeRelay:
             self.attempts.extend((message.queueId, str(r.address))
                                  for r in message.pendingRecipients)  # fmt: skip
         failure, self._failNext = self._failNext, None
-        call = RelayCall(messages, many, Deferred(), results, failure)
+        call = RelayCall(messages, many, Deferred(), results, failure, report)
         self.calls.append(call)
         if not self.holdResults:
             call.fire()

@@ -286,6 +286,82 @@ class SpoolTests(SpoolTestMixin, SynchronousTestCase):
         self.assertRaises(RuntimeError, writer.commit)
 
 
+class ThreadTests(SpoolTestMixin, SynchronousTestCase):
+    """Every file operation of a writer runs through runBlocking, in order."""
+
+    def openSpool(self, runBlocking: Any = None, directory: str | None = None) -> Spool:
+        if runBlocking is None:
+            self.runner = DeferredRunner()
+            runBlocking = self.runner
+        return super().openSpool(runBlocking, directory)
+
+    def test_noFileOperationOnTheCallingThread(self) -> None:
+        runner = self.runner
+        self.fs.calls.clear()
+        writer = self.spool.begin(ENVELOPE, SESSION)
+        for _ in range(3):
+            writer.write(b"x" * 70_000)
+        d = writer.commit()
+        self.assertEqual(self.fs.calls, [])  # creation and writes are queued, not done
+        self.assertNoResult(d)
+        runner.runAll()
+        self.assertEqual(self.successResultOf(d), writer.queueId)
+        with self.spool.openMessage(writer.queueId) as f:
+            self.assertEqual(f.read(), b"x" * 210_000)
+
+    def test_writeFailureInTheThread(self) -> None:
+        """A write that fails in the thread fails the commit; nothing is left."""
+        runner = self.runner
+        writer = self.spool.begin(ENVELOPE, SESSION)
+        self.fs.failOn("write", ".msg", errno.ENOSPC)
+        writer.write(b"x" * 70_000)
+        d = writer.commit()
+        runner.runAll()
+        self.failureResultOf(d, SpoolFullError)
+        runner.runAll()
+        self.assertEqual(self.listing("tmp"), [])
+        self.assertEqual(self.listing("queue"), [])
+
+    def test_abortAfterQueuedWrites(self) -> None:
+        """An abort waits for the queued writes, then removes the file."""
+        runner = self.runner
+        writer = self.spool.begin(ENVELOPE, SESSION)
+        writer.write(b"x" * 70_000)
+        writer.abort()
+        runner.runAll()
+        self.assertEqual(self.listing("tmp"), [])
+
+
+
+class WriterTests(SpoolTestMixin, SynchronousTestCase):
+    def test_eightBitUpgradesBody(self) -> None:
+        """
+        8-bit bytes make the stored body type 8BITMIME (RFC 6152), whatever
+        the client declared, so that the relay announces it upstream.
+        """
+        seven = attrs.evolve(ENVELOPE, body=BodyType.SEVENBIT)
+        writer = self.spool.begin(seven, SESSION)
+        writer.write(b"Subject: caf\xc3\xa9\r\n\r\n")
+        queueId = self.successResultOf(writer.commit())
+        self.assertIs(self.spool.load(queueId).envelope.body, BodyType.EIGHTBITMIME)
+        self.assertEqual(writer.message, self.spool.load(queueId))
+        writer = self.spool.begin(seven, SESSION)
+        writer.write(b"Subject: plain\r\n\r\n")
+        queueId = self.successResultOf(writer.commit())
+        self.assertIs(self.spool.load(queueId).envelope.body, BodyType.SEVENBIT)
+
+    def test_queueIdInUse(self) -> None:
+        """A commit never replaces a stored message with the same id."""
+        first = self.commit(b"first\r\n")
+        writer = self.spool.begin(ENVELOPE, SESSION)
+        writer.queueId = first
+        writer.write(b"second\r\n")
+        self.failureResultOf(writer.commit(), SpoolError)
+        with self.spool.openMessage(first) as f:
+            self.assertEqual(f.read(), b"first\r\n")
+        self.assertEqual(self.listing("tmp"), [])
+
+
 class AbortTests(SpoolTestMixin, SynchronousTestCase):
     def test_abort(self) -> None:
         """abort leaves no file behind, and may be called again."""
@@ -341,10 +417,13 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
         return failure.value
 
     def test_writeENOSPC(self) -> None:
-        """ENOSPC while writing: SpoolFullError, now and at commit."""
+        """
+        ENOSPC while writing (in the spool's thread): SpoolFullError at the
+        next write and at commit.
+        """
         writer = self.spool.begin(ENVELOPE, SESSION)
         self.fs.failOn("write", ".msg", errno.ENOSPC)
-        self.assertRaises(SpoolFullError, writer.write, b"x" * 70_000)
+        writer.write(b"x" * 70_000)
         self.assertNothingLeft()
         self.assertRaises(SpoolFullError, writer.write, b"more")
         self.failureResultOf(writer.commit(), SpoolFullError)
@@ -355,7 +434,8 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
         """Another write error is a SpoolError, not SpoolFullError."""
         writer = self.spool.begin(ENVELOPE, SESSION)
         self.fs.failOn("write", ".msg", errno.EIO)
-        error = self.assertRaises(SpoolError, writer.write, b"x" * 70_000)
+        writer.write(b"x" * 70_000)
+        error = self.assertRaises(SpoolError, writer.write, b"more")
         self.assertNotIsInstance(error, SpoolFullError)
         self.assertNothingLeft()
 
@@ -399,7 +479,8 @@ class FailureTests(SpoolTestMixin, SynchronousTestCase):
         self.fs.failures = []
         self.fs.failOn("create", ".msg", errno.ENOSPC)
         writer = self.spool.begin(ENVELOPE, SESSION)
-        self.assertRaises(SpoolFullError, writer.write, b"x" * 70000)
+        writer.write(b"x" * 70000)
+        self.assertRaises(SpoolFullError, writer.write, b"more")
         self.assertNothingLeft()
 
 
@@ -494,7 +575,6 @@ class RecoveryTests(SpoolTestMixin, SynchronousTestCase):
     def test_corruptOnLoad(self) -> None:
         queueId = self.commit()
         self.put("queue", queueId + ".json", b"[]")
-        self.spool._known.clear()  # a state this process did not write (a restart)
         with capturedLogs():
             self.assertRaises(KeyError, self.spool.load, queueId)
         self.assertEqual(self.listing("queue"), [])
