@@ -84,23 +84,6 @@ class ISpool(Interface):
         @raise SpoolError: transient local failure.
         """
 
-
-class IQueue(Interface):
-    """
-    Where accepted messages go: the one object that owns the spool and the
-    scheduler (L{mailgw.queue.runner.QueueRunner}). Committing a message is
-    scheduling it.
-    """
-
-    def begin(envelope, session):  # type: ignore[no-untyped-def]
-        """
-        As L{ISpool.begin}; the writer's commit also schedules the message
-        (at once) before its Deferred fires.
-
-        @return: an L{IMessageWriter}.
-        @raise SpoolError: transient local failure.
-        """
-
     def pending():  # type: ignore[no-untyped-def]
         """
         @return: a list of every committed L{mailgw.envelope.QueuedMessage},
@@ -139,6 +122,23 @@ class IQueue(Interface):
         Remove a message and its state from the spool.
 
         @return: a Deferred that fires when it is gone from disk.
+        """
+
+
+class IQueue(Interface):
+    """
+    Where accepted messages go: the one object that owns the spool and the
+    scheduler (L{mailgw.queue.runner.QueueRunner}). Committing a message is
+    scheduling it.
+    """
+
+    def begin(envelope, session):  # type: ignore[no-untyped-def]
+        """
+        As L{ISpool.begin}; the writer's commit also schedules the message
+        (at once) before its Deferred fires.
+
+        @return: an L{IMessageWriter}.
+        @raise SpoolError: transient local failure.
         """
 
 

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
 
 from mailgw.auth.realm import makePortal
 from mailgw.config import Config, ConfigError
@@ -36,13 +37,19 @@ from mailgw.senders import SenderLoginPolicy
 from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
 
 
-def threadRunner(reactor: Any) -> Callable[..., Deferred[Any]]:
-    """A ``runInThread(f, *args)`` on ``reactor``'s thread pool."""
+def threadRunner(reactor: Any, pool: ThreadPool | None = None) -> Callable[..., Deferred[Any]]:
+    """A ``runInThread(f, *args)`` on ``pool`` (default: ``reactor``'s thread pool)."""
 
     def runInThread(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+        return deferToThreadPool(reactor, pool or reactor.getThreadPool(), f, *args, **kwargs)
 
     return runInThread
+
+
+#: Threads of the spool's own pool: its fsyncs never wait behind password
+#: hashing (which uses the reactor's pool), so a burst of logins cannot
+#: delay a 250.
+SPOOL_THREADS = 4
 
 
 def serverSettings(config: Config) -> ServerSettings:
@@ -158,15 +165,18 @@ class GatewayService(MultiService):
                 config.source, "auth.backends", "no auth backend: nobody could log in"
             )
         self.portal = makePortal(self.checkers)
-        self.spool: ISpool = (
-            spool
-            if spool is not None
-            else Spool(config.spool.directory, reactor, threadRunner(reactor))
-        )
+        self._spoolThreads: ThreadPool | None = None
+        if spool is None:
+            self._spoolThreads = ThreadPool(0, SPOOL_THREADS, name="mailgw-spool")
+            spool = Spool(
+                config.spool.directory, reactor, threadRunner(reactor, self._spoolThreads)
+            )
+        self.spool: ISpool = spool
         self.settings = serverSettings(config)
         self.policy = policy if policy is not None else makePolicy(config, reactor)
         self.guards = guards if guards is not None else makeGuards(config, reactor)
         self.relay: IRelay = relay if relay is not None else self._makeRelay(resolver)
+        # The queue: committing a message through it schedules it.
         self.runner = QueueRunner(
             self.spool, self.relay, reactor, config.queue, self.settings.hostname
         )
@@ -198,20 +208,15 @@ class GatewayService(MultiService):
             maxPerHost=queue.maxPerHost,
         )
 
-    def _queued(self, queueId: str) -> None:
-        d = self.runner.notify(queueId)
-        d.addErrback(lambda f: self.log.failure("Cannot schedule {queueId}", f, queueId=queueId))
-
     def _addListener(self, description: str, implicitTLS: bool) -> None:
         factory = SubmissionFactory(
             self.settings,
             self.portal,
-            self.spool,
+            self.runner,
             self.reactor,
             self.tlsContext,
             implicitTLS=implicitTLS,
             policy=self.policy,
-            onQueued=self._queued,
             guards=self.guards,
         )
         self.factories.append(factory)
@@ -231,6 +236,8 @@ class GatewayService(MultiService):
         super().privilegedStartService()
 
     def startService(self) -> None:
+        if self._spoolThreads is not None and not self._spoolThreads.started:
+            self._spoolThreads.start()
         self._listen()
         super().startService()
 
@@ -289,6 +296,8 @@ class GatewayService(MultiService):
         return d
 
     def _closeSpool(self) -> None:
+        if self._spoolThreads is not None and self._spoolThreads.started:
+            self._spoolThreads.stop()  # waits for the steps under way: each is short
         close = getattr(self.spool, "close", None)
         if close is not None:
             close()

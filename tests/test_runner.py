@@ -26,7 +26,7 @@ from mailgw.envelope import (
     RecipientStatus,
     Session,
 )
-from mailgw.interfaces import IQueueControl, IRelay
+from mailgw.interfaces import IMessageWriter, IQueue, IQueueControl, IRelay
 from mailgw.queue.runner import RECORD_RETRY, STOP_TIMEOUT, QueueRunner, backoff
 from mailgw.queue.spool import Spool, SpoolError, SpoolReader
 from mailgw.testing import FakeRelay, MemoryMessageWriter, MemorySpool, permanent, transient
@@ -120,7 +120,16 @@ class RunnerTestCase(SynchronousTestCase):
         return runner
 
     def submit(self, *recipients: Address, sender: Address | None = SENDER) -> str:
+        """Put a message in the spool, as one from before a restart."""
         writer = self.spool.begin(Envelope(sender, recipients), SESSION)
+        writer.write(BODY)
+        return self.successResultOf(writer.commit())
+
+    def submitTo(
+        self, runner: QueueRunner, *recipients: Address, sender: Address | None = SENDER
+    ) -> str:
+        """Submit a message through the queue (commit is scheduling)."""
+        writer = runner.begin(Envelope(sender, recipients), SESSION)
         writer.write(BODY)
         return self.successResultOf(writer.commit())
 
@@ -150,6 +159,7 @@ class RunnerTestCase(SynchronousTestCase):
 class DeliveryTests(RunnerTestCase):
     def test_interfaces(self) -> None:
         self.assertTrue(verifyObject(IQueueControl, self.makeRunner()))
+        self.assertTrue(verifyObject(IQueue, self.makeRunner()))
 
     def test_badArguments(self) -> None:
         """A reporting MTA that could not go into a bounce is refused at once."""
@@ -485,15 +495,47 @@ class ControlTests(RunnerTestCase):
         self.relay.script[str(BOB)] = [transient()]
         return self.start(), queueId
 
-    def test_notify(self) -> None:
-        """notify makes a new message go out at once."""
+    def test_commitSchedules(self) -> None:
+        """
+        Committing a message through the queue schedules it: it goes out at
+        once, and its commit fires only after that, with nobody to notify
+        the runner (a client gone at the final dot included).
+        """
         runner = self.start()
-        queueId = self.submit(BOB)
+        self.spool.holdCommits = True
+        writer = runner.begin(Envelope(SENDER, (BOB,)), SESSION)
+        writer.write(BODY)
+        d = writer.commit()
         self.assertEqual(self.relay.calls, [])
-        self.assertIsNone(self.successResultOf(runner.notify(queueId)))
-        self.assertEqual([c.queueIds for c in self.relay.calls], [[queueId]])
-        self.assertNotIn(queueId, self.spool.committed)
-        self.failureResultOf(runner.notify(UNKNOWN), KeyError)
+        self.spool.releaseCommits()
+        self.assertEqual(self.successResultOf(d), writer.queueId)
+        self.assertEqual([c.queueIds for c in self.relay.calls], [[writer.queueId]])
+        self.assertNotIn(writer.queueId, self.spool.committed)
+        self.assertTrue(verifyObject(IMessageWriter, writer))
+
+    def test_failedCommitNotScheduled(self) -> None:
+        """A commit that fails (or is aborted) schedules nothing."""
+        runner = self.start()
+        self.spool.failNextCommit()
+        writer = runner.begin(Envelope(SENDER, (BOB,)), SESSION)
+        writer.write(BODY)
+        self.failureResultOf(writer.commit(), SpoolError)
+        self.spool.holdCommits = True
+        writer = runner.begin(Envelope(SENDER, (BOB,)), SESSION)
+        writer.write(BODY)
+        d = writer.commit()
+        writer.abort()
+        self.spool.releaseCommits()
+        self.failureResultOf(d, SpoolError)
+        self.assertEqual(self.relay.calls, [])
+        self.assertEqual(self.successResultOf(runner.flush()), 0)
+
+    def test_unknownToTheQueue(self) -> None:
+        """An id the queue does not hold is refused by every control command."""
+        runner = self.start()
+        for call in (runner.hold, runner.release, runner.delete):
+            self.failureResultOf(call(UNKNOWN), KeyError)
+        self.failureResultOf(runner.flush([UNKNOWN]), KeyError)
 
     def test_holdRelease(self) -> None:
         runner, queueId = self.deferred()
@@ -526,9 +568,8 @@ class ControlTests(RunnerTestCase):
     def test_flush(self) -> None:
         """flush makes every non-held message (or those listed) due now."""
         runner, first = self.deferred()
-        second = self.submit(CAROL)
         self.relay.script[str(CAROL)] = [transient(), transient()]
-        self.successResultOf(runner.notify(second))
+        second = self.submitTo(runner, CAROL)
         self.assertEqual(len(self.relay.calls), 2)
         self.assertEqual(self.successResultOf(runner.flush([second])), 1)
         self.assertEqual(self.relay.calls[-1].queueIds, [second])
@@ -567,10 +608,10 @@ class ControlTests(RunnerTestCase):
         self.assertEqual([op for op in self.spool.log if op[0] == "update"], [])
 
     def test_limits(self) -> None:
-        """At most maxInFlight relay calls of at most batchSize messages."""
+        """At most maxInFlight messages in relay calls of at most batchSize."""
         ids = [self.submit(BOB) for _ in range(7)]
         self.relay.holdResults = True
-        self.start(batchSize=2, maxInFlight=2)
+        self.start(batchSize=2, maxInFlight=4)
         self.assertEqual([c.queueIds for c in self.relay.calls], [ids[0:2], ids[2:4]])
         self.assertEqual(self.clock.getDelayedCalls(), [])  # no busy timer while full
         self.relay.calls[0].fire()
@@ -585,12 +626,57 @@ class ControlTests(RunnerTestCase):
         """Without deliverMany, a batch is batchSize deliver() calls."""
         ids = [self.submit(BOB) for _ in range(5)]
         self.relay.holdResults = True
-        self.start(relay=SingleRelay(self.relay), batchSize=2, maxInFlight=1)
+        self.start(relay=SingleRelay(self.relay), batchSize=2, maxInFlight=2)
         self.assertEqual([c.queueIds for c in self.relay.calls], [[ids[0]], [ids[1]]])
         self.relay.calls[0].fire()
-        self.assertEqual(len(self.relay.calls), 2)  # the batch is not over yet
+        # Recorded at once, but a call of one message waits for room for a
+        # whole batch while another call is in flight.
+        self.assertEqual(len(self.relay.calls), 2)
         self.relay.calls[1].fire()
         self.assertEqual(len(self.relay.calls), 4)
+
+    def test_recordedAsReported(self) -> None:
+        """
+        Each message is recorded as soon as the relay reports it, while
+        slower routes of the same call are still in flight, and its place
+        goes to the next message due (no head-of-line blocking).
+        """
+        ids = [self.submit(BOB) for _ in range(3)]
+        self.relay.holdResults = True
+        self.start(batchSize=1, maxInFlight=2)
+        self.assertEqual([c.queueIds for c in self.relay.calls], [ids[:1], ids[1:2]])
+        call = self.relay.calls[0]
+        self.relay.calls[1].fire()
+        self.assertEqual(self.operations(), [("remove", ids[1])])
+        self.assertNotIn(ids[1], self.spool.committed)
+        self.assertEqual([c.queueIds for c in self.relay.calls][2:], [ids[2:]])
+        call.fire()  # the slow one, at last
+        self.assertEqual(self.operations()[-1], ("remove", ids[0]))
+
+    def test_reportedWithinACall(self) -> None:
+        """
+        One call of several messages: each is recorded as the relay reports
+        it, while the rest of the call is in flight; none twice.
+        """
+        ids = [self.submit(BOB) for _ in range(2)]
+        self.relay.holdResults = True
+        self.start()
+        [call] = self.relay.calls
+        call.reportOne(ids[1])
+        self.assertEqual(self.operations(), [("remove", ids[1])])
+        call.fire()
+        self.assertEqual(self.operations(), [("remove", ids[1]), ("remove", ids[0])])
+
+    def test_reportUnknownIgnored(self) -> None:
+        """A report for an id not in the call, or a second one, changes nothing."""
+        queueId = self.submit(BOB)
+        self.relay.holdResults = True
+        self.start()
+        [call] = self.relay.calls
+        call.report(UNKNOWN, [])  # type: ignore[misc]
+        call.reportOne(queueId)
+        call.report(queueId, [])  # type: ignore[misc]
+        self.assertEqual(self.operations(), [("remove", queueId)])
 
 
 class StopTests(RunnerTestCase):

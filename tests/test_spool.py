@@ -332,7 +332,6 @@ class ThreadTests(SpoolTestMixin, SynchronousTestCase):
         self.assertEqual(self.listing("tmp"), [])
 
 
-
 class WriterTests(SpoolTestMixin, SynchronousTestCase):
     def test_eightBitUpgradesBody(self) -> None:
         """

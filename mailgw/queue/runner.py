@@ -14,12 +14,10 @@ twice (at least once), never be lost.
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import inspect
 import random
 import re
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 import attrs
@@ -33,15 +31,17 @@ from zope.interface import implementer
 from mailgw.config import QueueConfig
 from mailgw.envelope import (
     Address,
-    DeliveryResult,
     Envelope,
     QueuedMessage,
-    RecipientState,
     RecipientStatus,
     Session,
 )
-from mailgw.interfaces import IQueueControl, IRelay, ISpool
+from mailgw.interfaces import IMessageWriter, IQueue, IQueueControl, IRelay, ISpool
 from mailgw.queue import dsn
+from mailgw.queue.outcome import applyResults, backoff, logOutcome
+from mailgw.queue.schedule import Schedule
+
+__all__ = ["RECORD_RETRY", "STOP_TIMEOUT", "QueueRunner", "backoff"]
 
 #: Seconds before the runner tries again to record results, or to queue a
 #: bounce, after the spool failed to.
@@ -56,30 +56,51 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _Build = Callable[[QueuedMessage, BinaryIO, float], tuple[Envelope, bytes]]
 
 
-def backoff(attempts: int, config: QueueConfig, rng: random.Random) -> float:
+def _takesReport(deliverMany: Callable[..., Any]) -> bool:
+    try:
+        return "report" in inspect.signature(deliverMany).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@implementer(IMessageWriter)
+class _SchedulingWriter:
     """
-    Seconds to wait after the ``attempts``-th attempt: ``retryMin`` doubled
-    per attempt after the first, capped at ``retryMax``, times a random
-    factor in ``[1 - retryJitter, 1 + retryJitter]`` so that messages failed
-    together do not all come back together.
+    A spool writer whose commit also schedules the message: once the spool
+    says the message is durable, it is handed to the runner, and only then
+    does the commit's Deferred fire. Whatever becomes of the session that
+    wrote it (a client gone at the final dot), a committed message is
+    scheduled.
     """
-    delay = min(config.retryMin * 2.0 ** min(max(attempts, 1) - 1, 64), config.retryMax)
-    return delay * rng.uniform(1 - config.retryJitter, 1 + config.retryJitter)
 
+    def __init__(self, writer: IMessageWriter, accept: Callable[[QueuedMessage], None]) -> None:
+        self._writer = writer
+        self._accept = accept
 
-def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+    @property
+    def queueId(self) -> str:
+        return self._writer.queueId  # type: ignore[no-any-return]
 
+    @property
+    def message(self) -> QueuedMessage | None:
+        return self._writer.message  # type: ignore[no-any-return]
 
-def _days(seconds: float) -> str:
-    return f"{round(seconds / 86400, 1):g}"
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
 
+    def abort(self) -> None:
+        self._writer.abort()
 
-def _reply(state: RecipientState) -> str:
-    # Upstream text is untrusted: one bounded line in the log.
-    words = [str(state.code) if state.code else "", state.enhanced, state.diagnostic]
-    text = " ".join(w for w in words if w)
-    return "".join(c if c.isprintable() else " " for c in text)[:200]
+    def commit(self) -> Deferred[str]:
+        return self._writer.commit().addCallback(self._committed)
+
+    def _committed(self, queueId: str) -> str:
+        message = self._writer.message
+        if message is not None:
+            self._accept(message)
+        else:  # pragma: no cover - every ISpool of ours sets it
+            _log.error("Committed {queueId} has no state to schedule", queueId=queueId)
+        return queueId
 
 
 class _RetryLater(Exception):
@@ -94,18 +115,23 @@ class _Deleted(Exception):
     """The operator deleted the message meanwhile: stop; L{_unbusy} removes it."""
 
 
-@implementer(IQueueControl)
+@implementer(IQueue, IQueueControl)
 class QueueRunner(Service):
     """
-    Delivers the messages of ``spool`` through ``relay``; see the module
-    docstring and docs/queue.md.
+    The queue: owns the spool's contents and their schedule. Messages
+    enter through L{begin}, whose commit schedules them; the runner hands
+    them to ``relay`` when due, records each message's outcome as the relay
+    reports it, retries with backoff, and sends the bounces and delay
+    warnings the sender is owed. See the module docstring and docs/queue.md.
 
     @param clock: schedules attempts and timestamps results.
     @param config: retry timings, lifetimes and the delay warning.
     @param reportingMTA: our host name, in bounces and warnings.
     @param rng: the jitter of the backoff (seed it in tests).
     @param batchSize: at most this many messages per relay call.
-    @param maxInFlight: at most this many relay calls at once.
+    @param maxInFlight: at most this many messages handed to the relay and
+        not yet reported at once (a slow upstream holds only its own
+        messages: the others are reported, recorded and replaced).
     """
 
     def __init__(
@@ -118,7 +144,7 @@ class QueueRunner(Service):
         *,
         rng: random.Random | None = None,
         batchSize: int = 50,
-        maxInFlight: int = 4,
+        maxInFlight: int = 200,
     ) -> None:
         if batchSize < 1 or maxInFlight < 1:
             raise ValueError("batchSize and maxInFlight must be at least 1")
@@ -131,17 +157,31 @@ class QueueRunner(Service):
         self._rng = rng or random.Random()
         self._batchSize, self._maxInFlight = batchSize, maxInFlight
         self._messages: dict[str, QueuedMessage] = {}  # every message known, newest state
-        self._due: dict[str, tuple[float, int]] = {}  # its valid heap entry, if scheduled
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
+        self._schedule = Schedule(self._eligible)
         self._busy: set[str] = set()  # in a relay call, or being recorded
         self._unsettled: set[str] = set()  # learnt more than the spool knows yet
         self._owed: dict[str, set[Address]] = {}  # bounced, but no bounce committed yet
         self._deleting: set[str] = set()  # deleted while busy
-        self._batches = 0
+        self._sent = 0  # messages handed to the relay, not reported yet
+        self._calls = 0  # relay calls in flight
         self._timer: IDelayedCall | None = None
         self._pumping = self._pumpAgain = False
         self._idleWaiters: list[Deferred[None]] = []
+
+    # -- intake (IQueue) ------------------------------------------------------
+
+    def begin(self, envelope: Envelope, session: Session) -> IMessageWriter:
+        """
+        Start a message; its commit schedules it (at once) before it fires.
+
+        @raise SpoolError: transient local failure.
+        """
+        return _SchedulingWriter(self._spool.begin(envelope, session), self._accept)
+
+    def _accept(self, message: QueuedMessage) -> None:
+        if message.queueId not in self._messages:
+            self._add(message)
+            self._pump()
 
     # -- service --------------------------------------------------------------
 
@@ -183,7 +223,7 @@ class QueueRunner(Service):
         )
 
     def _idle(self) -> bool:
-        return not self._busy and not self._batches
+        return not self._busy and not self._calls
 
     def _checkIdle(self) -> None:
         if self._idle():
@@ -199,27 +239,13 @@ class QueueRunner(Service):
         if message.finished:
             # A crash between the last update and the remove: finish the job.
             self._unsettled.add(message.queueId)
-        self._schedule(message.queueId, message.nextAttempt)
+        self._schedule.put(message.queueId, message.nextAttempt)
 
-    def _schedule(self, queueId: str, when: float) -> None:
-        entry = (when, next(self._seq))
-        self._due[queueId] = entry
-        heapq.heappush(self._heap, (*entry, queueId))
-
-    def _valid(self, entry: tuple[float, int, str]) -> bool:
-        when, seq, queueId = entry
+    def _eligible(self, queueId: str) -> bool:
         message = self._messages.get(queueId)
-        if message is None or self._due.get(queueId) != (when, seq) or queueId in self._busy:
+        if message is None or queueId in self._busy:
             return False
         return not message.held or queueId in self._unsettled
-
-    def _popDue(self, now: float) -> str | None:
-        while self._heap and self._heap[0][0] <= now:
-            entry = heapq.heappop(self._heap)
-            if self._valid(entry):
-                del self._due[entry[2]]
-                return entry[2]
-        return None
 
     def _pump(self) -> None:
         """Start what is due; re-entrant calls (synchronous results) loop here."""
@@ -237,9 +263,14 @@ class QueueRunner(Service):
 
     def _dispatch(self) -> None:
         now = self._clock.seconds()
-        while self._batches < self._maxInFlight:
+        while self._sent < self._maxInFlight:
+            room = min(self._batchSize, self._maxInFlight - self._sent)
+            if room < self._batchSize and self._calls:
+                # Calls in flight will make room for a whole batch: messages
+                # to one route share connections only within one call.
+                return
             batch: list[str] = []
-            while len(batch) < self._batchSize and (queueId := self._popDue(now)) is not None:
+            while len(batch) < room and (queueId := self._schedule.pop(now)) is not None:
                 self._busy.add(queueId)
                 if queueId in self._unsettled:
                     self._startSettle(queueId)
@@ -250,13 +281,12 @@ class QueueRunner(Service):
             self._send(batch)
 
     def _armTimer(self) -> None:
-        while self._heap and not self._valid(self._heap[0]):
-            heapq.heappop(self._heap)
-        if not self.running or not self._heap or self._batches >= self._maxInFlight:
-            # Nothing to do, or the end of a batch will look again.
+        when = self._schedule.next()
+        full = self._maxInFlight - self._sent < self._batchSize and self._calls
+        if not self.running or when is None or full:
+            # Nothing to do, or the next report will look again.
             self._cancelTimer()
             return
-        when = self._heap[0][0]
         if self._timer is not None and self._timer.getTime() == when:
             return
         self._cancelTimer()
@@ -275,32 +305,46 @@ class QueueRunner(Service):
     # -- delivery -------------------------------------------------------------
 
     def _send(self, batch: list[str]) -> None:
-        self._batches += 1
+        """
+        One relay call for ``batch``; each message is recorded as soon as
+        the relay reports it, not when the slowest route of the call ends.
+        """
         messages = [self._messages[queueId] for queueId in batch]
+        unreported = {m.queueId: m for m in messages}
+        self._sent += len(messages)
+        self._calls += 1
+
+        def report(queueId: str, outcome: object) -> None:
+            message = unreported.pop(queueId, None)
+            if message is None:
+                return  # not ours, or reported already
+            self._sent -= 1
+            self._arrived(message, outcome)
+
+        def reportRest(outcome: object) -> None:
+            for queueId in list(unreported):
+                report(queueId, outcome.get(queueId) if isinstance(outcome, dict) else outcome)
+
         deliverMany = getattr(self._relay, "deliverMany", None)
         if callable(deliverMany):
-            d: Deferred[Any] = maybeDeferred(deliverMany, messages)
-            d.addBoth(self._arrivedMany, messages)
+            if _takesReport(deliverMany):
+                d: Deferred[Any] = maybeDeferred(deliverMany, messages, report=report)
+            else:  # a relay that reports only at the end of the call
+                d = maybeDeferred(deliverMany, messages)
+            d.addBoth(reportRest)
         else:
             each = [
-                maybeDeferred(self._relay.deliver, m).addBoth(self._arrivedOne, m) for m in messages
+                maybeDeferred(self._relay.deliver, m).addBoth(
+                    lambda outcome, queueId=m.queueId: report(queueId, outcome)
+                )
+                for m in messages
             ]
             d = DeferredList(each, consumeErrors=True)
         d.addErrback(lambda f: _log.failure("Queue runner bug after a delivery", f))
-        d.addBoth(self._batchEnded)
+        d.addBoth(self._callEnded)
 
-    def _arrivedOne(self, outcome: object, message: QueuedMessage) -> None:
-        self._arrived(message, outcome)
-
-    def _arrivedMany(self, outcome: object, messages: list[QueuedMessage]) -> None:
-        for message in messages:
-            if isinstance(outcome, dict):
-                self._arrived(message, outcome.get(message.queueId))
-            else:
-                self._arrived(message, outcome)  # a Failure: every recipient transient
-
-    def _batchEnded(self, _: object) -> None:
-        self._batches -= 1
+    def _callEnded(self, _: object) -> None:
+        self._calls -= 1
         self._checkIdle()
         self._pump()
 
@@ -310,84 +354,20 @@ class QueueRunner(Service):
         if queueId in self._deleting:
             self._unbusy(queueId)  # deleted meanwhile: the results do not matter
             return
+        now = self._clock.seconds()
         try:
-            self._apply(queueId, outcome)
+            result = applyResults(self._messages[queueId], outcome, now, self._config, self._rng)
         except Exception:
             _log.failure("Queue runner bug recording results for {queueId}", queueId=queueId)
             if queueId in self._messages:
-                self._schedule(queueId, self._clock.seconds() + RECORD_RETRY)
+                self._schedule.put(queueId, now + RECORD_RETRY)
             self._unbusy(queueId)
             return
+        if result.bounced:
+            self._owed.setdefault(queueId, set()).update(result.bounced)
+        self._messages[queueId] = result.message
+        logOutcome(result, now)
         self._startSettle(queueId)
-
-    def _apply(self, queueId: str, outcome: object) -> None:
-        """Update the in-memory state of ``queueId`` with ``outcome``."""
-        now = self._clock.seconds()
-        message = before = self._messages[queueId]
-        results: dict[Address, DeliveryResult] = {}
-        missing = "no result from the relay"
-        if isinstance(outcome, Failure):
-            _log.failure("The relay failed delivering {queueId}", outcome, queueId=queueId)
-            missing = f"relay failure: {outcome.getErrorMessage()}"
-        elif isinstance(outcome, list):
-            for result in outcome:
-                results.setdefault(result.recipient, result)
-        states, expired = [], []
-        lifetime = self._config.bounceLifetime if message.isBounce else self._config.maxLifetime
-        for state in message.recipients:
-            if state.status is _PENDING:
-                result = results.get(
-                    state.address, DeliveryResult(state.address, False, text=missing)
-                )
-                state = state.withResult(result, now)
-                if state.status is _PENDING and now - message.arrival >= lifetime:
-                    expired.append(state.address)
-                    reason = (
-                        f"message expired after {_days(now - message.arrival)} days in the queue"
-                    )
-                    state = attrs.evolve(
-                        state,
-                        status=_BOUNCED,
-                        diagnostic=(f"{reason}; last error: {state.diagnostic or 'none'}"),
-                    )
-            states.append(state)
-        message = attrs.evolve(message, recipients=tuple(states))
-        bounced = {
-            new.address
-            for new, old in zip(states, before.recipients, strict=True)
-            if new.status is _BOUNCED and old.status is _PENDING
-        }
-        if bounced:
-            self._owed.setdefault(queueId, set()).update(bounced)
-        if message.pendingRecipients:
-            attempts = max(r.attempts for r in message.pendingRecipients)
-            message = attrs.evolve(
-                message, nextAttempt=now + backoff(attempts, self._config, self._rng)
-            )
-        self._messages[queueId] = message
-        self._logOutcome(message, now, bounced, expired)
-
-    def _logOutcome(
-        self, message: QueuedMessage, now: float, bounced: set[Address], expired: list[Address]
-    ) -> None:
-        parts: dict[str, list[str]] = {}
-        for state in message.recipients:
-            if state.lastAttempt != now:
-                continue
-            if state.status is RecipientStatus.DELIVERED:
-                kind = "delivered"
-            elif state.address in expired:
-                kind = "expired"
-            elif state.address in bounced:
-                kind = "bounced"
-            else:
-                kind = f"deferred until {_when(message.nextAttempt)}"
-            text = f"<{state.address}>" + ("" if kind == "delivered" else f" ({_reply(state)})")
-            parts.setdefault(kind, []).append(text)
-        if list(parts) == ["delivered"]:
-            return  # the relay logged each delivery already (status=sent)
-        outcome = "; ".join(f"{kind}: {', '.join(texts)}" for kind, texts in parts.items())
-        _log.info("Queue {queueId}: {outcome}", queueId=message.queueId, outcome=outcome)
 
     # -- recording --------------------------------------------------------------
 
@@ -408,7 +388,7 @@ class QueueRunner(Service):
         if not failure.check(_RetryLater):
             _log.failure("Queue runner bug recording {queueId}", failure, queueId=queueId)
         if queueId in self._messages:
-            self._schedule(queueId, self._clock.seconds() + RECORD_RETRY)
+            self._schedule.put(queueId, self._clock.seconds() + RECORD_RETRY)
 
     async def _settle(self, queueId: str) -> None:
         message = self._messages[queueId]
@@ -463,7 +443,7 @@ class QueueRunner(Service):
             self._forget(queueId)
             return
         self._unsettled.discard(queueId)
-        self._schedule(queueId, message.nextAttempt)
+        self._schedule.put(queueId, message.nextAttempt)
 
     def _wantsWarning(self, message: QueuedMessage) -> bool:
         delay = self._config.delayWarning
@@ -529,7 +509,8 @@ class QueueRunner(Service):
         )
         writer = None
         try:
-            writer = self._spool.begin(envelope, session)
+            # Committing the DSN schedules it, whatever happens to its cause.
+            writer = self.begin(envelope, session)
             writer.write(data)
             newId = await writer.commit()
             self._checkWanted(queueId)  # the DSN is sent all the same, as a crash would
@@ -548,10 +529,6 @@ class QueueRunner(Service):
         _log.info(
             "Queue {queueId}: {kind} queued as {newId}", queueId=queueId, kind=kind, newId=newId
         )
-        try:
-            self._add(self._spool.load(newId))
-        except Exception as e:  # committed: the next start picks it up
-            _log.error("Cannot load {newId}: {error}", newId=newId, error=e)
         return True
 
     def _unbusy(self, queueId: str) -> None:
@@ -563,33 +540,25 @@ class QueueRunner(Service):
         self._pump()
 
     def _forget(self, queueId: str) -> None:
-        for table in (self._messages, self._due, self._owed):
-            table.pop(queueId, None)
+        self._messages.pop(queueId, None)
+        self._owed.pop(queueId, None)
+        self._schedule.discard(queueId)
         self._unsettled.discard(queueId)
 
     # -- operator control (IQueueControl) ----------------------------------------
 
     def _lookup(self, queueId: str) -> QueuedMessage:
-        """The message ``queueId``, loaded from the spool if new to us."""
+        """
+        The message ``queueId``. Every committed message is known (commit is
+        scheduling, and the start loads the spool), so an id we do not know
+        is no message of the queue.
+
+        @raise KeyError: no such message.
+        """
         message = self._messages.get(queueId)
         if message is None:
-            message = self._spool.load(queueId)
-            self._add(message)
+            raise KeyError(queueId)
         return message
-
-    def notify(self, queueId: str) -> Deferred[None]:
-        """
-        ``queueId`` was just committed: try it now. Fails with KeyError (no
-        such message) or SpoolError (cannot read it; the next start will).
-        """
-        try:
-            message = self._lookup(queueId)
-        except Exception as e:
-            return fail(e)
-        if queueId not in self._busy and not message.held:
-            self._schedule(queueId, self._clock.seconds())
-        self._pump()
-        return succeed(None)
 
     def flush(self, queueIds: Iterable[str] | None = None) -> Deferred[int]:
         """
@@ -609,7 +578,7 @@ class QueueRunner(Service):
             if not message.held:
                 count += 1
                 if message.queueId not in self._busy:
-                    self._schedule(message.queueId, now)
+                    self._schedule.put(message.queueId, now)
         self._pump()
         return succeed(count)
 
@@ -637,7 +606,7 @@ class QueueRunner(Service):
         )
         d = maybeDeferred(self._spool.update, self._durable(self._messages[queueId]))
         if not held and queueId not in self._busy:
-            self._schedule(queueId, self._clock.seconds())
+            self._schedule.put(queueId, self._clock.seconds())
         self._pump()
         return d.addCallback(lambda _: None)
 

@@ -93,9 +93,11 @@ class SpoolWriter:
         if self._error is None:
             error = failure.value
             if not isinstance(error, SpoolError):
-                error = spoolErrorFrom(error, f"cannot write {self.queueId}") if isinstance(
-                    error, OSError
-                ) else SpoolError(f"cannot write {self.queueId}: {error!r}")
+                error = (
+                    spoolErrorFrom(error, f"cannot write {self.queueId}")
+                    if isinstance(error, OSError)
+                    else SpoolError(f"cannot write {self.queueId}: {error!r}")
+                )
             self._error = error
             if self._state is _State.OPEN:
                 self._state = _State.FAILED
@@ -118,9 +120,7 @@ class SpoolWriter:
         now = self.spool.clock.seconds()
         message = QueuedMessage.arrived(self.queueId, envelope, self.session, now, self.size)
         rest, self._buffer = bytes(self._buffer), bytearray()
-        d = self.spool.serialized(
-            self.queueId, self._commitBlocking, rest, encodeMessage(message)
-        )
+        d = self.spool.serialized(self.queueId, self._commitBlocking, rest, encodeMessage(message))
         return d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(message,))
 
     def _committed(self, queueId: str, message: QueuedMessage) -> str:
