@@ -355,6 +355,23 @@ class BounceTests(RunnerTestCase):
         self.assertNotIn(queueId, self.spool.committed)
         self.assertEqual(len(self.dsns()), 1)
 
+    def test_deleteDuringBounceCommit(self) -> None:
+        """
+        An operator's delete while the bounce is being committed: the
+        message goes, and the committed bounce is still scheduled and sent
+        (committing it scheduled it), not left in the spool until a restart.
+        """
+        queueId = self.submit(BOB)
+        self.relay.script[str(BOB)] = [permanent()]
+        self.spool.holdCommits = True
+        runner = self.start()
+        [(writer, _)] = self.spool.heldCommits
+        self.successResultOf(runner.delete(queueId))
+        self.spool.releaseCommits()
+        self.assertNotIn(queueId, self.spool.committed)
+        self.assertEqual(self.relay.attempts[-1], (writer.queueId, str(SENDER)))
+        self.assertNotIn(writer.queueId, self.spool.committed)
+
     def test_bounceCommittedBeforeBouncedState(self) -> None:
         """
         The results are recorded first (with the recipient still pending);
