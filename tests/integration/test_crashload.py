@@ -166,7 +166,7 @@ tls = "none"
             processes[-1].send_signal(signal.SIGKILL)
             yield deferToThread(processes[-1].wait)
             yield deferToThread(start)
-        for d in clients:
+        for d in clients:  # noqa: UP028 - inlineCallbacks waits on each
             yield d
         self.assertEqual(len(acknowledged), MESSAGES, "the clients did not finish")
         for _ in range(600):
