@@ -42,6 +42,51 @@ class BodyType(enum.Enum):
     EIGHTBITMIME = "8BITMIME"
 
 
+#: The version of the spool's state files this code writes. Files without a
+#: version are of version 1.
+SPOOL_FORMAT = 1
+
+#: Keys of a stored record that this version does not know, kept as read
+#: and written back, so that an older gateway running on a newer one's spool
+#: (a rollback) loses nothing. Not part of equality.
+_EXTRA: Any = attrs.field(factory=dict, eq=False, repr=False, kw_only=True)
+
+
+def _split(data: dict[str, Any], names: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``data`` as (the keys in ``names``, the others)."""
+    if names.issuperset(data):
+        return dict(data), {}
+    known = {k: v for k, v in data.items() if k in names}
+    return known, {k: v for k, v in data.items() if k not in names}
+
+
+def _withExtra(extra: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
+    return {**extra, **known} if extra else known
+
+
+_SESSION_KEYS = frozenset(
+    ["clientAddress", "clientPort", "helo", "user", "tlsProtocol", "tlsCipher", "listener"]
+)
+_ENVELOPE_KEYS = frozenset(["sender", "recipients", "body", "smtputf8", "declaredSize"])
+_RECIPIENT_KEYS = frozenset(
+    ["address", "status", "attempts", "lastAttempt", "code", "enhanced", "diagnostic", "remote"]
+)
+_MESSAGE_KEYS = frozenset(
+    [
+        "version",
+        "queueId",
+        "envelope",
+        "session",
+        "arrival",
+        "size",
+        "recipients",
+        "nextAttempt",
+        "held",
+        "warned",
+    ]
+)
+
+
 @attrs.frozen
 class Session:
     """
@@ -58,22 +103,27 @@ class Session:
     tlsProtocol: str | None = None
     tlsCipher: str | None = None
     listener: str = "submission"
+    extra: dict[str, Any] = _EXTRA
 
     def toJSON(self) -> dict[str, Any]:
         # By hand: attrs.asdict is several times slower, once per message.
-        return {
-            "clientAddress": self.clientAddress,
-            "clientPort": self.clientPort,
-            "helo": self.helo,
-            "user": self.user,
-            "tlsProtocol": self.tlsProtocol,
-            "tlsCipher": self.tlsCipher,
-            "listener": self.listener,
-        }
+        return _withExtra(
+            self.extra,
+            {
+                "clientAddress": self.clientAddress,
+                "clientPort": self.clientPort,
+                "helo": self.helo,
+                "user": self.user,
+                "tlsProtocol": self.tlsProtocol,
+                "tlsCipher": self.tlsCipher,
+                "listener": self.listener,
+            },
+        )
 
     @classmethod
     def fromJSON(cls, data: dict[str, Any]) -> Session:
-        return cls(**data)
+        known, extra = _split(data, _SESSION_KEYS)
+        return cls(**known, extra=extra)
 
 
 @attrs.frozen
@@ -89,15 +139,19 @@ class Envelope:
     body: BodyType = BodyType.SEVENBIT
     smtputf8: bool = False
     declaredSize: int | None = None
+    extra: dict[str, Any] = _EXTRA
 
     def toJSON(self) -> dict[str, Any]:
-        return {
-            "sender": None if self.sender is None else str(self.sender),
-            "recipients": [str(r) for r in self.recipients],
-            "body": self.body.value,
-            "smtputf8": self.smtputf8,
-            "declaredSize": self.declaredSize,
-        }
+        return _withExtra(
+            self.extra,
+            {
+                "sender": None if self.sender is None else str(self.sender),
+                "recipients": [str(r) for r in self.recipients],
+                "body": self.body.value,
+                "smtputf8": self.smtputf8,
+                "declaredSize": self.declaredSize,
+            },
+        )
 
     @classmethod
     def fromJSON(cls, data: dict[str, Any]) -> Envelope:
@@ -108,6 +162,7 @@ class Envelope:
             body=BodyType(data.get("body", "7BIT")),
             smtputf8=bool(data.get("smtputf8", False)),
             declaredSize=data.get("declaredSize"),
+            extra=_split(data, _ENVELOPE_KEYS)[1],
         )
 
 
@@ -171,25 +226,29 @@ class RecipientState:
     enhanced: str = ""
     diagnostic: str = ""
     remote: str = ""
+    extra: dict[str, Any] = _EXTRA
 
     def toJSON(self) -> dict[str, Any]:
-        return {
-            "address": str(self.address),
-            "status": self.status.value,
-            "attempts": self.attempts,
-            "lastAttempt": self.lastAttempt,
-            "code": self.code,
-            "enhanced": self.enhanced,
-            "diagnostic": self.diagnostic,
-            "remote": self.remote,
-        }
+        return _withExtra(
+            self.extra,
+            {
+                "address": str(self.address),
+                "status": self.status.value,
+                "attempts": self.attempts,
+                "lastAttempt": self.lastAttempt,
+                "code": self.code,
+                "enhanced": self.enhanced,
+                "diagnostic": self.diagnostic,
+                "remote": self.remote,
+            },
+        )
 
     @classmethod
     def fromJSON(cls, data: dict[str, Any]) -> RecipientState:
-        data = dict(data)
-        data["address"] = splitAddress(data["address"])
-        data["status"] = RecipientStatus(data["status"])
-        return cls(**data)
+        known, extra = _split(data, _RECIPIENT_KEYS)
+        known["address"] = splitAddress(known["address"])
+        known["status"] = RecipientStatus(known["status"])
+        return cls(**known, extra=extra)
 
     def withResult(self, result: DeliveryResult, when: float) -> RecipientState:
         """This state after ``result`` was seen at ``when``."""
@@ -230,6 +289,9 @@ class QueuedMessage:
     nextAttempt: float = 0.0
     held: bool = False
     warned: bool = False
+    #: The format version of the file this state was read from (0: new).
+    formatVersion: int = attrs.field(default=0, eq=False, repr=False, kw_only=True)
+    extra: dict[str, Any] = _EXTRA
 
     @classmethod
     def arrived(
@@ -259,21 +321,38 @@ class QueuedMessage:
         return self.envelope.sender is None
 
     def toJSON(self) -> dict[str, Any]:
-        return {
-            "queueId": self.queueId,
-            "envelope": self.envelope.toJSON(),
-            "session": self.session.toJSON(),
-            "arrival": self.arrival,
-            "size": self.size,
-            "recipients": [r.toJSON() for r in self.recipients],
-            "nextAttempt": self.nextAttempt,
-            "held": self.held,
-            "warned": self.warned,
-        }
+        return _withExtra(
+            self.extra,
+            {
+                # A newer gateway's version is kept: its readers know what
+                # they added, and ours keeps what it does not understand.
+                "version": max(SPOOL_FORMAT, self.formatVersion),
+                "queueId": self.queueId,
+                "envelope": self.envelope.toJSON(),
+                "session": self.session.toJSON(),
+                "arrival": self.arrival,
+                "size": self.size,
+                "recipients": [r.toJSON() for r in self.recipients],
+                "nextAttempt": self.nextAttempt,
+                "held": self.held,
+                "warned": self.warned,
+            },
+        )
 
     @classmethod
     def fromJSON(cls, data: dict[str, Any]) -> QueuedMessage:
+        """
+        Read what this version understands; keep every other key (a newer
+        gateway's) in ``extra``, to be written back unchanged.
+
+        @raise ValueError: the version is not a positive integer.
+        """
+        version = data.get("version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"bad format version {version!r}")
         return cls(
+            formatVersion=version,
+            extra=_split(data, _MESSAGE_KEYS)[1],
             queueId=data["queueId"],
             envelope=Envelope.fromJSON(data["envelope"]),
             session=Session.fromJSON(data["session"]),
