@@ -157,6 +157,16 @@ def _pending(args: argparse.Namespace) -> list[QueuedMessage]:
         raise _spoolProblem(directory, e) from None
 
 
+def _corrupt(args: argparse.Namespace) -> int:
+    return SpoolReader(spoolDirectory(args)).corrupt()
+
+
+def _corruptNote(count: int) -> str:
+    if not count:
+        return ""
+    return f"; {count} {'entry' if count == 1 else 'entries'} in corrupt/ (docs/spool.md)"
+
+
 def formatAge(seconds: float) -> str:
     """``45s``, ``12m``, ``3h05m``, ``2d04h``: the short form of a duration."""
     s = max(0, int(seconds))
@@ -254,8 +264,9 @@ def queueList(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([_messageJSON(m, now) for m in messages], indent=1))
         return 0
+    corrupt = _corrupt(args)
     if not messages:
-        print("queue is empty")
+        print("queue is empty" + _corruptNote(corrupt))
         return 0
     print(f"{'QUEUE ID':<20}  {'SIZE':>9}  {'AGE':<6}  SENDER")
     for m in messages:
@@ -267,7 +278,7 @@ def queueList(args: argparse.Namespace) -> int:
     total = sum(m.size for m in messages)
     print(
         f"-- {_plural(len(messages), 'message')}, {formatSize(total)}, "
-        f"{_plural(pending, 'recipient')} pending"
+        f"{_plural(pending, 'recipient')} pending{_corruptNote(corrupt)}"
     )
     return 0
 
@@ -363,10 +374,13 @@ def _stats(messages: list[QueuedMessage], now: float) -> dict[str, Any]:
 
 def queueStats(args: argparse.Namespace) -> int:
     stats = _stats(_pending(args), _now())
+    stats["corrupt"] = _corrupt(args)
     if args.json:
         print(json.dumps(stats, indent=1))
         return 0
     print(f"messages:    {stats['messages']} ({stats['held']} held), {formatSize(stats['size'])}")
+    if stats["corrupt"]:
+        print(f"corrupt:     {stats['corrupt']} (unreadable entries kept in corrupt/)")
     print("recipients:  " + ", ".join(f"{n} {s}" for s, n in stats["recipients"].items()))
     print("age:         " + ", ".join(f"{b} {n}" for b, n in stats["age"].items()))
     if stats["domains"]:

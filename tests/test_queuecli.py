@@ -361,6 +361,33 @@ example.net          0          1          0
         )
 
 
+class CorruptTests(QueueTestCase):
+    def putCorrupt(self, *queueIds: str) -> None:
+        for queueId in queueIds:
+            for suffix in (".json", ".msg"):
+                with open(os.path.join(self.directory, "corrupt", queueId + suffix), "wb") as f:
+                    f.write(b"?")
+
+    def test_counted(self) -> None:
+        """list and stats say how many entries wait in corrupt/."""
+        self.putCorrupt("0" * 20, "1" * 20)
+        self.assertEqual(self.mailgw("list", "--spool", self.directory), 0)
+        self.assertIn("; 2 entries in corrupt/", self.output().splitlines()[-1])
+        self.clearOutput()
+        self.assertEqual(self.mailgw("stats", "--json", "--spool", self.directory), 0)
+        self.assertEqual(json.loads(self.output())["corrupt"], 2)
+        self.clearOutput()
+        self.assertEqual(self.mailgw("stats", "--spool", self.directory), 0)
+        self.assertIn("corrupt:     2", self.output())
+
+    def test_none(self) -> None:
+        self.assertEqual(self.mailgw("stats", "--json", "--spool", self.directory), 0)
+        self.assertEqual(json.loads(self.output())["corrupt"], 0)
+        self.clearOutput()
+        self.assertEqual(self.mailgw("list", "--spool", self.directory), 0)
+        self.assertNotIn("corrupt", self.output())
+
+
 class StoppedGatewayTests(QueueTestCase):
     """hold, release and delete change the spool itself when no gateway runs."""
 

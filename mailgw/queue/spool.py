@@ -99,6 +99,14 @@ class SpoolReader:
         messages.sort(key=lambda m: (m.arrival, m.queueId))
         return messages
 
+    def corrupt(self) -> int:
+        """How many entries were moved to corrupt/ (for the operator to look at)."""
+        try:
+            names = os.listdir(self._dir("corrupt"))
+        except OSError:
+            return 0
+        return len({name.partition(".")[0] for name in names})
+
     def _read(self, queueId: str) -> QueuedMessage:
         try:
             with open(self._path("queue", queueId, ".json"), "rb") as f:
