@@ -56,6 +56,10 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _Build = Callable[[QueuedMessage, BinaryIO, float], tuple[Envelope, bytes]]
 
 
+def _reportAs(outcome: object, report: Callable[[str, object], None], queueId: str) -> None:
+    report(queueId, outcome)
+
+
 def _takesReport(deliverMany: Callable[..., Any]) -> bool:
     try:
         return "report" in inspect.signature(deliverMany).parameters
@@ -334,9 +338,7 @@ class QueueRunner(Service):
             d.addBoth(reportRest)
         else:
             each = [
-                maybeDeferred(self._relay.deliver, m).addBoth(
-                    lambda outcome, queueId=m.queueId: report(queueId, outcome)
-                )
+                maybeDeferred(self._relay.deliver, m).addBoth(_reportAs, report, m.queueId)
                 for m in messages
             ]
             d = DeferredList(each, consumeErrors=True)
