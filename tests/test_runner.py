@@ -767,6 +767,41 @@ class SlowSpoolTests(RunnerTestCase):
         self.assertNotIn(self.queueId, self.spool.committed)
 
 
+class RemoveRaceTests(RunnerTestCase):
+    """Operator actions racing the runner's removal of a finished message."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.queueId = self.submit(BOB)
+        self.spool.holdChanges = True
+        self.runner = self.start()
+        # Delivered: the removal is asked for, not yet done.
+        self.assertEqual([k for k, _, _ in self.spool.heldChanges], ["remove"])
+
+    def test_holdRacingRemoval(self) -> None:
+        """
+        A hold asked for while the removal is under way fails as for an
+        unknown message, and nothing comes back: no ghost to schedule.
+        """
+        held = self.runner.hold(self.queueId)
+        self.spool.releaseChanges()
+        self.failureResultOf(held, KeyError)
+        self.assertNotIn(self.queueId, self.spool.committed)
+        self.assertEqual(self.successResultOf(self.runner.flush()), 0)
+        self.failureResultOf(self.runner.flush([self.queueId]), KeyError)
+        self.clock.advance(DAY)
+        self.assertEqual(len(self.relay.calls), 1)
+
+    def test_releaseRacingRemoval(self) -> None:
+        """A release during the removal does not send the message again."""
+        released = self.runner.release(self.queueId)
+        self.spool.releaseChanges()
+        self.failureResultOf(released, KeyError)
+        self.clock.advance(DAY)
+        self.assertEqual(len(self.relay.calls), 1)
+        self.failureResultOf(self.runner.hold(self.queueId), KeyError)
+
+
 class FileSpoolTests(SynchronousTestCase):
     """With the real file spool, across a restart of spool and runner."""
 
