@@ -14,15 +14,14 @@ twice (at least once), never be lost.
 
 from __future__ import annotations
 
-import inspect
 import random
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +37,8 @@ from mailgw.envelope import (
 )
 from mailgw.interfaces import IMessageWriter, IQueue, IQueueControl, IRelay, ISpool
 from mailgw.queue import dsn
+from mailgw.queue.intake import SchedulingWriter, reportAs, takesReport
+from mailgw.queue.operator import OperatorControl
 from mailgw.queue.outcome import applyResults, backoff, logOutcome
 from mailgw.queue.schedule import Schedule
 
@@ -56,57 +57,6 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _Build = Callable[[QueuedMessage, BinaryIO, float], tuple[Envelope, bytes]]
 
 
-def _reportAs(outcome: object, report: Callable[[str, object], None], queueId: str) -> None:
-    report(queueId, outcome)
-
-
-def _takesReport(deliverMany: Callable[..., Any]) -> bool:
-    try:
-        return "report" in inspect.signature(deliverMany).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-@implementer(IMessageWriter)
-class _SchedulingWriter:
-    """
-    A spool writer whose commit also schedules the message: once the spool
-    says the message is durable, it is handed to the runner, and only then
-    does the commit's Deferred fire. Whatever becomes of the session that
-    wrote it (a client gone at the final dot), a committed message is
-    scheduled.
-    """
-
-    def __init__(self, writer: IMessageWriter, accept: Callable[[QueuedMessage], None]) -> None:
-        self._writer = writer
-        self._accept = accept
-
-    @property
-    def queueId(self) -> str:
-        return self._writer.queueId  # type: ignore[no-any-return]
-
-    @property
-    def message(self) -> QueuedMessage | None:
-        return self._writer.message  # type: ignore[no-any-return]
-
-    def write(self, data: bytes) -> None:
-        self._writer.write(data)
-
-    def abort(self) -> None:
-        self._writer.abort()
-
-    def commit(self) -> Deferred[str]:
-        return self._writer.commit().addCallback(self._committed)
-
-    def _committed(self, queueId: str) -> str:
-        message = self._writer.message
-        if message is not None:
-            self._accept(message)
-        else:  # pragma: no cover - every ISpool of ours sets it
-            _log.error("Committed {queueId} has no state to schedule", queueId=queueId)
-        return queueId
-
-
 class _RetryLater(Exception):
     """The spool failed (logged): record again after L{RECORD_RETRY}."""
 
@@ -120,7 +70,7 @@ class _Deleted(Exception):
 
 
 @implementer(IQueue, IQueueControl)
-class QueueRunner(Service):
+class QueueRunner(OperatorControl, Service):
     """
     The queue: owns the spool's contents and their schedule. Messages
     enter through L{begin}, whose commit schedules them; the runner hands
@@ -180,7 +130,7 @@ class QueueRunner(Service):
 
         @raise SpoolError: transient local failure.
         """
-        return _SchedulingWriter(self._spool.begin(envelope, session), self._accept)
+        return SchedulingWriter(self._spool.begin(envelope, session), self._accept)
 
     def _accept(self, message: QueuedMessage) -> None:
         if message.queueId not in self._messages:
@@ -331,14 +281,14 @@ class QueueRunner(Service):
 
         deliverMany = getattr(self._relay, "deliverMany", None)
         if callable(deliverMany):
-            if _takesReport(deliverMany):
+            if takesReport(deliverMany):
                 d: Deferred[Any] = maybeDeferred(deliverMany, messages, report=report)
             else:  # a relay that reports only at the end of the call
                 d = maybeDeferred(deliverMany, messages)
             d.addBoth(reportRest)
         else:
             each = [
-                maybeDeferred(self._relay.deliver, m).addBoth(_reportAs, report, m.queueId)
+                maybeDeferred(self._relay.deliver, m).addBoth(reportAs, report, m.queueId)
                 for m in messages
             ]
             d = DeferredList(each, consumeErrors=True)
@@ -546,100 +496,3 @@ class QueueRunner(Service):
         self._owed.pop(queueId, None)
         self._schedule.discard(queueId)
         self._unsettled.discard(queueId)
-
-    # -- operator control (IQueueControl) ----------------------------------------
-
-    def _lookup(self, queueId: str) -> QueuedMessage:
-        """
-        The message ``queueId``. Every committed message is known (commit is
-        scheduling, and the start loads the spool), so an id we do not know
-        is no message of the queue.
-
-        @raise KeyError: no such message.
-        """
-        message = self._messages.get(queueId)
-        if message is None:
-            raise KeyError(queueId)
-        return message
-
-    def flush(self, queueIds: Iterable[str] | None = None) -> Deferred[int]:
-        """
-        Make every message (or those listed) due now, held ones excepted.
-
-        @return: a Deferred firing with how many are tried now (those in
-            flight included), or failing with KeyError for an unknown id,
-            in which case nothing was changed.
-        """
-        try:
-            ids = list(self._messages) if queueIds is None else list(dict.fromkeys(queueIds))
-            messages = [self._lookup(queueId) for queueId in ids]
-        except Exception as e:
-            return fail(e)
-        now, count = self._clock.seconds(), 0
-        for message in messages:
-            if not message.held:
-                count += 1
-                if message.queueId not in self._busy:
-                    self._schedule.put(message.queueId, now)
-        self._pump()
-        return succeed(count)
-
-    def hold(self, queueId: str) -> Deferred[None]:
-        """
-        Stop trying ``queueId`` (after the attempt in flight, if any) until
-        released; fires once that is on disk.
-        """
-        return self._setHeld(queueId, True)
-
-    def release(self, queueId: str) -> Deferred[None]:
-        """Undo L{hold}, durably; the message is tried now."""
-        return self._setHeld(queueId, False)
-
-    def _setHeld(self, queueId: str, held: bool) -> Deferred[None]:
-        try:
-            message = self._lookup(queueId)
-        except Exception as e:
-            return fail(e)
-        self._messages[queueId] = attrs.evolve(message, held=held)
-        _log.info(
-            "Queue {queueId}: {what} by the operator",
-            queueId=queueId,
-            what="held" if held else "released",
-        )
-        d = maybeDeferred(self._spool.update, self._durable(self._messages[queueId]))
-        if not held and queueId not in self._busy:
-            self._schedule.put(queueId, self._clock.seconds())
-        self._pump()
-        return d.addCallback(lambda _: None)
-
-    def delete(self, queueId: str) -> Deferred[None]:
-        """
-        Remove ``queueId`` from the spool without a bounce.
-
-        @return: a Deferred that fires once the message is gone, or fails
-            with the spool's error. A message in flight is removed when its
-            attempt ends (the results of that attempt are ignored); the
-            Deferred then fires at once, so that an operator is not kept
-            waiting for a slow upstream.
-        """
-        try:
-            self._lookup(queueId)
-        except Exception as e:
-            return fail(e)
-        if queueId in self._busy:
-            _log.info("Queue {queueId}: to be deleted once its attempt ends", queueId=queueId)
-            self._deleting.add(queueId)
-            return succeed(None)
-        return self._removeNow(queueId)
-
-    def _removeNow(self, queueId: str) -> Deferred[None]:
-        self._forget(queueId)
-
-        def done(result: object) -> object:
-            if isinstance(result, Failure):
-                _log.error("Cannot delete {queueId}: {error}", queueId=queueId, error=result.value)
-            else:
-                _log.info("Queue {queueId}: deleted by the operator", queueId=queueId)
-            return result
-
-        return maybeDeferred(self._spool.remove, queueId).addBoth(done)

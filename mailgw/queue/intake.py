@@ -1,0 +1,72 @@
+"""
+The way into the queue: a writer whose commit schedules the message, and
+how the runner asks a relay to report each message as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailgw.envelope import QueuedMessage
+from mailgw.interfaces import IMessageWriter
+
+_log = Logger(namespace="mailgw.queue.runner")
+
+
+def reportAs(outcome: object, report: Callable[[str, object], None], queueId: str) -> None:
+    """``report(queueId, outcome)``: a callback for one message's Deferred."""
+    report(queueId, outcome)
+
+
+def takesReport(deliverMany: Callable[..., Any]) -> bool:
+    """Does this ``deliverMany`` take a ``report`` callback?"""
+    try:
+        return "report" in inspect.signature(deliverMany).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@implementer(IMessageWriter)
+class SchedulingWriter:
+    """
+    A spool writer whose commit also schedules the message: once the spool
+    says the message is durable, it is handed to the runner, and only then
+    does the commit's Deferred fire. Whatever becomes of the session that
+    wrote it (a client gone at the final dot), a committed message is
+    scheduled.
+    """
+
+    def __init__(self, writer: IMessageWriter, accept: Callable[[QueuedMessage], None]) -> None:
+        self._writer = writer
+        self._accept = accept
+
+    @property
+    def queueId(self) -> str:
+        return self._writer.queueId  # type: ignore[no-any-return]
+
+    @property
+    def message(self) -> QueuedMessage | None:
+        return self._writer.message  # type: ignore[no-any-return]
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+    def commit(self) -> Deferred[str]:
+        return self._writer.commit().addCallback(self._committed)
+
+    def _committed(self, queueId: str) -> str:
+        message = self._writer.message
+        if message is not None:
+            self._accept(message)
+        else:  # pragma: no cover - every ISpool of ours sets it
+            _log.error("Committed {queueId} has no state to schedule", queueId=queueId)
+        return queueId

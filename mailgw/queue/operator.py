@@ -1,0 +1,140 @@
+"""
+What an operator may ask of the running queue (L{IQueueControl}, reached
+through the control socket by ``mailgw queue flush/hold/release/delete``),
+over the queue runner's state: a part of L{mailgw.queue.runner.QueueRunner}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailgw.envelope import QueuedMessage
+from mailgw.interfaces import ISpool
+from mailgw.queue.schedule import Schedule
+
+_log = Logger(namespace="mailgw.queue.runner")
+
+
+class OperatorControl:
+    """
+    L{IQueueControl} for the runner it is mixed into, which provides the
+    state below and ``_pump`` (start what is due), ``_durable`` (the state
+    the spool may hold) and ``_forget`` (drop a message from memory).
+    """
+
+    _messages: dict[str, QueuedMessage]
+    _busy: set[str]
+    _deleting: set[str]
+    _schedule: Schedule
+    _clock: IReactorTime
+    _spool: ISpool
+
+    def _pump(self) -> None:
+        raise NotImplementedError
+
+    def _durable(self, message: QueuedMessage) -> QueuedMessage:
+        raise NotImplementedError
+
+    def _forget(self, queueId: str) -> None:
+        raise NotImplementedError
+
+    def _lookup(self, queueId: str) -> QueuedMessage:
+        """
+        The message ``queueId``. Every committed message is known (commit is
+        scheduling, and the start loads the spool), so an id we do not know
+        is no message of the queue.
+
+        @raise KeyError: no such message.
+        """
+        message = self._messages.get(queueId)
+        if message is None:
+            raise KeyError(queueId)
+        return message
+
+    def flush(self, queueIds: Iterable[str] | None = None) -> Deferred[int]:
+        """
+        Make every message (or those listed) due now, held ones excepted.
+
+        @return: a Deferred firing with how many are tried now (those in
+            flight included), or failing with KeyError for an unknown id,
+            in which case nothing was changed.
+        """
+        try:
+            ids = list(self._messages) if queueIds is None else list(dict.fromkeys(queueIds))
+            messages = [self._lookup(queueId) for queueId in ids]
+        except Exception as e:
+            return fail(e)
+        now, count = self._clock.seconds(), 0
+        for message in messages:
+            if not message.held:
+                count += 1
+                if message.queueId not in self._busy:
+                    self._schedule.put(message.queueId, now)
+        self._pump()
+        return succeed(count)
+
+    def hold(self, queueId: str) -> Deferred[None]:
+        """
+        Stop trying ``queueId`` (after the attempt in flight, if any) until
+        released; fires once that is on disk.
+        """
+        return self._setHeld(queueId, True)
+
+    def release(self, queueId: str) -> Deferred[None]:
+        """Undo L{hold}, durably; the message is tried now."""
+        return self._setHeld(queueId, False)
+
+    def _setHeld(self, queueId: str, held: bool) -> Deferred[None]:
+        try:
+            message = self._lookup(queueId)
+        except Exception as e:
+            return fail(e)
+        self._messages[queueId] = attrs.evolve(message, held=held)
+        _log.info(
+            "Queue {queueId}: {what} by the operator",
+            queueId=queueId,
+            what="held" if held else "released",
+        )
+        d = maybeDeferred(self._spool.update, self._durable(self._messages[queueId]))
+        if not held and queueId not in self._busy:
+            self._schedule.put(queueId, self._clock.seconds())
+        self._pump()
+        return d.addCallback(lambda _: None)
+
+    def delete(self, queueId: str) -> Deferred[None]:
+        """
+        Remove ``queueId`` from the spool without a bounce.
+
+        @return: a Deferred that fires once the message is gone, or fails
+            with the spool's error. A message in flight is removed when its
+            attempt ends (the results of that attempt are ignored); the
+            Deferred then fires at once, so that an operator is not kept
+            waiting for a slow upstream.
+        """
+        try:
+            self._lookup(queueId)
+        except Exception as e:
+            return fail(e)
+        if queueId in self._busy:
+            _log.info("Queue {queueId}: to be deleted once its attempt ends", queueId=queueId)
+            self._deleting.add(queueId)
+            return succeed(None)
+        return self._removeNow(queueId)
+
+    def _removeNow(self, queueId: str) -> Deferred[None]:
+        self._forget(queueId)
+
+        def done(result: object) -> object:
+            if isinstance(result, Failure):
+                _log.error("Cannot delete {queueId}: {error}", queueId=queueId, error=result.value)
+            else:
+                _log.info("Queue {queueId}: deleted by the operator", queueId=queueId)
+            return result
+
+        return maybeDeferred(self._spool.remove, queueId).addBoth(done)
