@@ -50,11 +50,11 @@ def shortDirectory(testCase: TestCase) -> Path:
     return path
 
 
-def makeFixtures(base: Path, spool: Path | None = None) -> dict[str, str]:
+def makeFixtures(base: Path, spool: Path | None = None, cram: bool = True) -> dict[str, str]:
     base.mkdir(parents=True, exist_ok=True)
     cert, key, passwd = base / "cert.pem", base / "key.pem", base / "passwd"
     makeSelfSigned(str(cert), str(key), "localhost")
-    addUser(str(passwd), USER, PASSWORD, cram=True)
+    addUser(str(passwd), USER, PASSWORD, cram=cram)
     spool = spool if spool is not None else base / "spool"
     return {"cert": str(cert), "key": str(key), "passwd": str(passwd), "spool": str(spool)}
 
@@ -73,11 +73,13 @@ class GatewayTestCase(TestCase):
 
     timeout = 60
     extraConfig: dict[str, Any] = {}
+    #: Whether the test user has a CRAM-MD5 secret (``mailgw passwd add --cram``).
+    cramSecrets = True
 
     @inlineCallbacks
     def setUp(self) -> Any:
         self.base = Path(self.mktemp())
-        self.files = makeFixtures(self.base, shortDirectory(self) / "spool")
+        self.files = makeFixtures(self.base, shortDirectory(self) / "spool", self.cramSecrets)
         data: dict[str, Any] = {
             "server": {
                 "hostname": "localhost",
