@@ -1,0 +1,163 @@
+"""
+Postfix as a relay client of the gateway: the most common way servers send
+through a submission service (``relayhost = [gateway]:587`` with SASL, or
+port 465 with ``smtp_tls_wrappermode``). It runs from a configuration
+directory of its own under a temp directory (never the system's instance or
+files), takes mail from the test on a free port of 127.0.0.1, and relays it
+to the gateway with its own defaults for the SASL mechanism. Its master runs
+in the foreground as the test's child, stopped by its pid.
+
+Needs root (Postfix drops to its ``postfix`` user), the Debian packages
+postfix and libsasl2-modules (the client side of PLAIN, LOGIN and CRAM-MD5).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+DAEMONS = Path("/usr/lib/postfix/sbin")
+SASL_MODULES = Path("/usr/lib/x86_64-linux-gnu/sasl2")
+
+SERVICES = """\
+pickup    unix  n  -  n  60    1  pickup
+cleanup   unix  n  -  n  -     0  cleanup
+qmgr      unix  n  -  n  300   1  qmgr
+tlsmgr    unix  -  -  n  1000? 1  tlsmgr
+rewrite   unix  -  -  n  -     -  trivial-rewrite
+bounce    unix  -  -  n  -     0  bounce
+defer     unix  -  -  n  -     0  bounce
+trace     unix  -  -  n  -     0  bounce
+verify    unix  -  -  n  -     1  verify
+flush     unix  n  -  n  1000? 0  flush
+proxymap  unix  -  -  n  -     -  proxymap
+smtp      unix  -  -  n  -     -  smtp
+relay     unix  -  -  n  -     -  smtp
+showq     unix  n  -  n  -     -  showq
+error     unix  -  -  n  -     -  error
+retry     unix  -  -  n  -     -  error
+discard   unix  -  -  n  -     -  discard
+anvil     unix  -  -  n  -     1  anvil
+scache    unix  -  -  n  -     1  scache
+postlog   unix-dgram n - n -   1  postlogd
+"""
+
+
+def unavailable() -> str | None:
+    """Why Postfix cannot run here as a relay client, or None when it can."""
+    if not (DAEMONS / "master").exists() or shutil.which("postfix") is None:
+        return "Postfix is not installed (Debian: apt-get install postfix)"
+    if os.geteuid() != 0:
+        return "Postfix needs root to start"
+    if not any(Path("/usr/lib").glob("*/sasl2/libplain.so*")):
+        return "the SASL client modules are not installed (Debian: libsasl2-modules)"
+    return None
+
+
+class PostfixRelayClient:
+    """
+    A private Postfix that relays everything it takes on ``inPort`` to the
+    gateway at ``localhost:gatewayPort`` with SASL ``user``/``password``,
+    trusting the gateway's certificate ``caFile``; ``implicitTLS`` for a
+    port-465 listener.
+    """
+
+    def __init__(
+        self,
+        gatewayPort: int,
+        caFile: str,
+        user: str,
+        password: str,
+        inPort: int,
+        implicitTLS: bool = False,
+    ) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="mailgw-postfix-"))
+        self.inPort = inPort
+        os.chmod(self.directory, 0o711)
+        d = self.directory
+        shutil.copy(caFile, d / "ca.pem")
+        os.chmod(d / "ca.pem", 0o644)
+        wrapper = "yes" if implicitTLS else "no"
+        (d / "main.cf").write_text(
+            f"""\
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+meta_directory = /etc/postfix
+command_directory = /usr/sbin
+daemon_directory = {DAEMONS}
+shlib_directory = /usr/lib/postfix
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file_prefixes = {d}
+maillog_file = {d}/postfix.log
+myhostname = relayclient.test
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = [localhost]:{gatewayPort}
+smtp_sasl_auth_enable = yes
+smtp_sasl_password_maps = texthash:{d}/sasl_passwd
+smtp_sasl_security_options = noanonymous
+smtp_sasl_tls_security_options = noanonymous
+smtp_tls_security_level = secure
+smtp_tls_secure_cert_match = nexthop
+smtp_tls_CAfile = {d}/ca.pem
+smtp_tls_wrappermode = {wrapper}
+smtp_tls_session_cache_database =
+minimal_backoff_time = 300s
+maximal_backoff_time = 600s
+queue_run_delay = 300s
+biff = no
+"""
+        )
+        (d / "master.cf").write_text(f"127.0.0.1:{inPort} inet n - n - - smtpd\n{SERVICES}")
+        (d / "sasl_passwd").write_text(f"[localhost]:{gatewayPort} {user}:{password}\n")
+        shutil.chown(d / "sasl_passwd", group="postfix")
+        os.chmod(d / "sasl_passwd", 0o640)
+        (d / "queue").mkdir(mode=0o755)
+        (d / "data").mkdir(mode=0o700)
+        shutil.chown(d / "data", user="postfix", group="postfix")
+        subprocess.run(["postfix", "-c", str(d), "check"], check=True, capture_output=True)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(DAEMONS / "master"), "-c", str(self.directory), "-d"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def log(self) -> str:
+        try:
+            return (self.directory / "postfix.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def waitFor(self, predicate: object, limit: float) -> bool:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if predicate():  # type: ignore[operator]
+                return True
+            time.sleep(0.2)
+        return False
