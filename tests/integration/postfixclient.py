@@ -115,6 +115,7 @@ smtp_tls_secure_cert_match = nexthop
 smtp_tls_CAfile = {d}/ca.pem
 smtp_tls_wrappermode = {wrapper}
 smtp_tls_session_cache_database =
+smtp_host_lookup = native
 minimal_backoff_time = 300s
 maximal_backoff_time = 600s
 queue_run_delay = 300s
