@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -85,6 +86,11 @@ def texts(events: Sequence[dict[str, Any]]) -> list[str]:
     return [formatEvent(e) for e in events]
 
 
+def attemptLines(events: Sequence[dict[str, Any]]) -> list[str]:
+    """The delivery log's lines, their delay (the wall clock's) as 0.00."""
+    return [re.sub(r"delay=[0-9.]+", "delay=0.00", t) for t in texts(events) if "to=<" in t]
+
+
 @implementer(IStreamClientEndpoint)
 class PendingEndpoint:
     """An endpoint whose connection attempt the test ends."""
@@ -156,7 +162,8 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(sorted(results), ["Q1", "Q2"])
         [result] = self.successResultOf(second)
         self.assertEqual((result.transient, result.text), (True, "connection refused"))
-        self.assertEqual(relay._perHost, {})  # idle hosts are forgotten
+        self.assertTrue(relay.slots.idle)
+        self.assertEqual(relay.slots._active, {})  # idle hosts are forgotten
 
     def test_routeConnectTimeout(self) -> None:
         """The route's connect timeout bounds the attempt, not timeouts.connect."""
@@ -203,7 +210,7 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(result.text, "no relay route configured for a.test")
         self.assertEqual(self.endpoints, [])
         self.assertIn(
-            "Q1: to=<x@a.test>, relay=none, status=deferred "
+            "Q1: to=<x@a.test>, relay=none, tls=none, delay=0.00, dsn=4.3.5, status=deferred "
             "(4.3.5 no relay route configured for a.test)",
             texts(events),
         )
@@ -287,8 +294,7 @@ class MemoryTests(SynchronousTestCase):
         self.assertTrue(result.transient)
         self.assertEqual(result.text, "internal error in the relay; will retry")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(relay._perHost, {})
-        self.assertEqual(relay._connections.tokens, relay._connections.limit)
+        self.assertTrue(relay.slots.idle)
 
     def test_routeLookupBug(self) -> None:
         """Even routeFor raising yields a transient result per recipient."""
@@ -373,10 +379,15 @@ class LoopbackTests(TestCase):
         [received] = upstream.transactions
         self.assertEqual((received.tls, received.user), (True, "relay"))
         self.assertEqual((received.rcpts, received.data), (("bob@example.net",), BODY))
-        self.assertIn(
-            "Q1: to=<bob@example.net>, relay=localhost, status=sent (250 2.0.0 Ok: queued)",
-            texts(events),
+        port = upstream.portNumber
+        [line] = [t for t in texts(events) if "to=<" in t]
+        self.assertRegex(
+            line,
+            rf"^Q1: to=<bob@example.net>, relay=localhost\[127\.0\.0\.1\]:{port}, "
+            r"tls=TLSv1\.[23]/[A-Z0-9_-]+, delay=[0-9.]+, dsn=2\.0\.0, "
+            r"status=sent \(250 2\.0\.0 Ok: queued\)$",
         )
+        self.assertFalse(any("Starting factory" in t for t in texts(events)))
         self.assertFalse(any(PASSWORD in repr(e) for e in events))
 
     @inlineCallbacks
@@ -447,9 +458,11 @@ class LoopbackTests(TestCase):
             (True, 550, "5.1.1", "a.test"),
         )
         self.assertEqual(second.connectionCount, 0)
+        port = self.ports["a.test"]
         self.assertIn(
-            "Q1: to=<b@x.test>, relay=a.test, status=bounced (550 5.1.1 no such user)",
-            texts(events),
+            f"Q1: to=<b@x.test>, relay=a.test[127.0.0.1]:{port}, tls=none, delay=0.00, "
+            "dsn=5.1.1, status=bounced (550 5.1.1 no such user)",
+            attemptLines(events),
         )
 
     @inlineCallbacks

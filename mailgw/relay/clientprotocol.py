@@ -14,19 +14,23 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.relay.stuffing import DotStuffer
+
+#: Gives the next chunk of a message (b"" at its end), read off the reactor thread.
+ChunkReader = Callable[[], "Deferred[bytes]"]
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
@@ -323,30 +327,52 @@ class SMTPClientProtocol(Protocol):
         self.transport.startTLS(creator)  # type: ignore[union-attr]
         self.tlsStarted = True
 
-    def sendBody(self, message: BinaryIO, blockTimeout: float) -> Deferred[None]:
+    def sendBody(self, read: ChunkReader, blockTimeout: float) -> Deferred[None]:
         """
-        Stream C{message} dot-stuffed, then the end-of-data terminator, and
-        expect one reply to it. Data is read in L{BODY_CHUNK} pieces only
-        when the transport asks for more (a pull producer), so a message is
-        never held in memory whole.
+        Stream a message dot-stuffed, then the end-of-data terminator, and
+        expect one reply to it. C{read()} gives the next chunk (a Deferred,
+        so the file is read off the reactor thread; C{b""} at the end); a
+        chunk is asked for only when the previous one is written and the
+        transport is not paused (a streaming producer), so at most one
+        chunk and the transport's buffer are in memory, never the message.
 
         @return: a Deferred that fires once the terminator is written; it
-            fails with L{ReplyTimeout} when the transport takes no data for
+            fails with L{ReplyTimeout} when the transport stays paused for
             C{blockTimeout} seconds (RFC 5321 4.5.3.2.5), with L{LocalError}
-            when C{message} cannot be read, or with the session's failure.
+            when a chunk cannot be read, or with the session's failure. It
+            never fires while a read is still running.
         """
         if self._failure is not None:
             return fail(self._failure)
-        self._body = _BodySender(self, message, blockTimeout)
-        self.transport.registerProducer(self._body, False)  # type: ignore[union-attr]
-        return self._body.done
+        self._body = _BodySender(self, blockTimeout)
+        self.transport.registerProducer(self._body, True)  # type: ignore[union-attr]
+        return Deferred.fromCoroutine(self._streamBody(self._body, read))
 
-    def _bodyWritten(self, terminator: bytes) -> None:
-        body, self._body = self._body, None
-        assert body is not None
-        self.transport.unregisterProducer()  # type: ignore[union-attr]
-        self.send(terminator, 1)
-        body.done.callback(None)
+    async def _streamBody(self, body: _BodySender, read: ChunkReader) -> None:
+        stuffer = DotStuffer()
+        try:
+            while True:
+                await body.whenWritable()
+                try:
+                    chunk = await read()
+                except (OSError, ValueError) as e:
+                    self.fail(LocalError(f"cannot read the message from the spool: {e}"))
+                    raise self._failed() from None
+                if self._body is not body:
+                    raise self._failed()  # failed while the chunk was read
+                if not chunk:
+                    break
+                self.transport.write(stuffer.feed(chunk))  # type: ignore[union-attr]
+        finally:
+            body.stop()
+            if self._body is body:
+                self._body = None
+                self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self.send(stuffer.finish(), 1)
+
+    def _failed(self) -> RelayError:
+        assert self._failure is not None
+        return self._failure
 
     def fail(self, reason: RelayError) -> None:
         """
@@ -364,7 +390,7 @@ class SMTPClientProtocol(Protocol):
         if self._body is not None:
             body, self._body = self._body, None
             body.stop()
-            body.done.errback(self._failure)
+            body.fail(self._failure)
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.errback(self._failure)
@@ -405,45 +431,47 @@ class SMTPClientProtocol(Protocol):
             d.callback(None)
 
 
-@implementer(IPullProducer)
+@implementer(IPushProducer)
 class _BodySender:
     """
-    A pull producer: each L{resumeProducing} sends one chunk of the message,
-    dot-stuffed; the last one sends the terminator.
+    The streaming producer registered while the body is sent: the transport
+    pauses it when its buffer is full and resumes it when drained. Paused
+    for longer than the block timeout, the session fails.
     """
 
-    def __init__(self, protocol: SMTPClientProtocol, message: BinaryIO, timeout: float) -> None:
+    def __init__(self, protocol: SMTPClientProtocol, timeout: float) -> None:
         self._protocol = protocol
-        self._message = message
         self._timeout = timeout
-        self._stuffer = DotStuffer()
-        self._finished = False
-        self.done: Deferred[None] = Deferred()
-        # Armed now too: a transport that never asks for data is a stall.
-        self._timer: IDelayedCall | None = self._armTimer()
+        self._paused: Deferred[None] | None = None
+        self._timer: IDelayedCall | None = None
+        self._stopped = False
 
-    def _armTimer(self) -> IDelayedCall:
-        return self._protocol._clock.callLater(
+    def whenWritable(self) -> Deferred[None]:
+        """Fires at once unless paused; then when resumed (or failed)."""
+        if self._paused is not None:
+            return self._paused
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        if self._stopped or self._paused is not None:
+            return
+        self._paused = Deferred()
+        self._timer = self._protocol._clock.callLater(
             self._timeout,
             self._protocol.fail,
             ReplyTimeout("timeout sending message data (upstream took no data)"),
         )
 
     def resumeProducing(self) -> None:
-        if self._finished:
-            return
         self._cancelTimer()
-        try:
-            chunk = self._message.read(BODY_CHUNK)
-        except (OSError, ValueError) as e:
-            self._protocol.fail(LocalError(f"cannot read the message from the spool: {e}"))
-            return
-        if chunk:
-            self._protocol.transport.write(self._stuffer.feed(chunk))  # type: ignore[union-attr]
-            self._timer = self._armTimer()
-        else:
-            self._finished = True
-            self._protocol._bodyWritten(self._stuffer.finish())
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.callback(None)
+
+    def fail(self, reason: RelayError) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.errback(reason)
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -451,7 +479,7 @@ class _BodySender:
         self._timer = None
 
     def stop(self) -> None:
-        self._finished = True
+        self._stopped = True
         self._cancelTimer()
 
     def stopProducing(self) -> None:
