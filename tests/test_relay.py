@@ -309,6 +309,169 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
 
 
+class ReportTests(SynchronousTestCase):
+    """
+    deliverMany's report: each message once, as soon as its results are
+    known, whatever the others do (issue 13, defect 9).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.endpoints: list[PendingEndpoint] = []
+        self.reports: list[tuple[str, list[Any]]] = []
+
+    def endpointFactory(self, destination: Destination, timeout: float) -> PendingEndpoint:
+        endpoint = PendingEndpoint(destination.host)
+        self.endpoints.append(endpoint)
+        return endpoint
+
+    def report(self, queueId: str, results: list[Any]) -> None:
+        self.reports.append((queueId, results))
+
+    def makeRelay(self, config: RelayConfig, **kw: Any) -> Relay:
+        kw.setdefault("endpointFactory", self.endpointFactory)
+        return Relay(self.clock, config, StaticResolver(), "gw.example.com", openBody, **kw)
+
+    def end(self, host: str) -> None:
+        """Refuse the oldest connection attempt to C{host} still waiting."""
+        [e for e in self.endpoints if e.host == host and not e.attempt.called][0].refuse()
+
+    def test_fastReportedWhileSlowInFlight(self) -> None:
+        """
+        Q1 goes to a slow host, Q2 to a fast one, Q3 to both: Q2 is
+        reported while Q1 and Q3 are in flight; Q3 when its last route is
+        done; the Deferred fires last, with the same results.
+        """
+        config = RelayConfig(default=smart("slow.test"), domains={"b.test": smart("fast.test")})
+        relay = self.makeRelay(config)
+        d = relay.deliverMany(
+            [
+                makeMessage("Q1", ["x@a.test"]),
+                makeMessage("Q2", ["y@b.test"]),
+                makeMessage("Q3", ["z@b.test", "w@a.test"]),
+            ],
+            report=self.report,
+        )
+        self.assertEqual(self.reports, [])
+        self.end("fast.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q2"])
+        self.assertNoResult(d)
+        self.end("slow.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q2", "Q1", "Q3"])
+        results = self.successResultOf(d)
+        self.assertEqual(dict(self.reports), results)
+        self.assertEqual([str(r.recipient) for r in results["Q3"]], ["z@b.test", "w@a.test"])
+
+    def test_batchesOfOneHostReportIndependently(self) -> None:
+        """Two connections to one host: the one that ends first reports first."""
+        relay = self.makeRelay(RelayConfig(default=smart("a.test")), maxMessagesPerConnection=1)
+        d = relay.deliverMany([makeMessage("Q1"), makeMessage("Q2")], report=self.report)
+        self.endpoints[1].refuse()
+        self.assertEqual([q for q, _ in self.reports], ["Q2"])
+        self.endpoints[0].refuse()
+        self.assertEqual([q for q, _ in self.reports], ["Q2", "Q1"])
+        self.successResultOf(d)
+
+    def test_failoverReportsAfterTheLastHost(self) -> None:
+        """A transient result at the first host is not reported: the second
+        host's is."""
+        relay = self.makeRelay(RelayConfig(default=smart("a.test", "b.test")))
+        d = relay.deliverMany([makeMessage("Q1")], report=self.report)
+        self.end("a.test")
+        self.assertEqual(self.reports, [])
+        self.end("b.test")
+        [(queueId, [result])] = self.reports
+        self.assertEqual((queueId, result.remote), ("Q1", "b.test"))
+        self.successResultOf(d)
+
+    def test_nothingPendingAndNoRouteAtOnce(self) -> None:
+        """A message with nothing pending, or with no route, is reported
+        at once; a duplicate queue id once."""
+        relay = self.makeRelay(RelayConfig(domains={"b.test": smart("b.test")}))
+        done = makeMessage("Q1", ["a@b.test"], delivered={"a@b.test"})
+        d = relay.deliverMany(
+            [done, makeMessage("Q2", ["a@nowhere.test"]), makeMessage("Q3", ["a@b.test"]), done],
+            report=self.report,
+        )
+        self.assertEqual([(q, len(r)) for q, r in self.reports], [("Q1", 0), ("Q2", 1)])
+        self.end("b.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q1", "Q2", "Q3"])
+        self.successResultOf(d)
+
+    def test_onceEvenWhenReportRaises(self) -> None:
+        """A report that raises is logged; the others still come, once each."""
+
+        def report(queueId: str, results: list[Any]) -> None:
+            self.reports.append((queueId, results))
+            raise ValueError(queueId)
+
+        relay = self.makeRelay(RelayConfig(default=smart("a.test")))
+        d = relay.deliverMany([makeMessage("Q1"), makeMessage("Q2")], report=report)
+        self.end("a.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q1", "Q2"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
+        self.assertEqual(sorted(self.successResultOf(d)), ["Q1", "Q2"])
+
+    def test_onceEvenOnRelayBug(self) -> None:
+        """
+        A bug after some results are known: every message is reported once,
+        its unfinished recipients transient.
+        """
+        config = RelayConfig(default=smart("a.test"), domains={"b.test": smart("b.test")})
+        relay = self.makeRelay(config)
+        d = relay.deliverMany(
+            [makeMessage("Q1", ["x@b.test"]), makeMessage("Q2", ["y@b.test", "z@a.test"])],
+            report=self.report,
+        )
+        self.end("b.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q1"])
+        # The connection to a.test goes wrong inside the relay itself.
+        [endpoint] = [e for e in self.endpoints if not e.attempt.called]
+        endpoint.attempt.callback(object())  # not a protocol: the client chokes
+        self.flushLoggedErrors()
+        self.assertEqual([q for q, _ in self.reports], ["Q1", "Q2"])
+        [y, z] = dict(self.reports)["Q2"]
+        self.assertEqual((y.text, z.transient), ("connection refused", True))
+        self.assertEqual(self.successResultOf(d)["Q2"], [y, z])
+
+    def test_onceEvenOnRouteLookupBug(self) -> None:
+        class Broken(RelayConfig):
+            def routeFor(self, domain: str) -> Route | None:
+                raise KeyError(domain)
+
+        relay = self.makeRelay(Broken())
+        d = relay.deliverMany([makeMessage("Q1"), makeMessage("Q2")], report=self.report)
+        self.assertEqual(self.flushLoggedErrors(KeyError)[0].type, KeyError)
+        self.assertEqual([q for q, _ in self.reports], ["Q1", "Q2"])
+        self.assertTrue(all(r.transient for _, rs in self.reports for r in rs))
+        self.successResultOf(d)
+
+    def test_slowHostLeavesSlotsForOthers(self) -> None:
+        """
+        maxConcurrency=4, maxPerHost=4: a slow host with four connections'
+        worth of mail gets three; the fourth slot goes to another host's
+        first connection, which would otherwise wait for the slow host.
+        """
+        config = RelayConfig(default=smart("slow.test"), domains={"b.test": smart("fast.test")})
+        relay = self.makeRelay(
+            config, maxConcurrency=4, maxPerHost=4, maxMessagesPerConnection=1
+        )
+        messages = [makeMessage(f"S{i}") for i in range(4)]
+        d = relay.deliverMany([*messages, makeMessage("F", ["a@b.test"])])
+        waiting = sorted(e.host for e in self.endpoints if not e.attempt.called)
+        self.assertEqual(waiting, ["fast.test", "slow.test", "slow.test", "slow.test"])
+        self.end("fast.test")
+        # The freed slot is the reserve: it stays free for a new host.
+        self.assertEqual(len([e for e in self.endpoints if not e.attempt.called]), 3)
+        self.end("slow.test")
+        # Now two are free, one above the reserve: the slow host's fourth.
+        self.assertEqual(len([e for e in self.endpoints if not e.attempt.called]), 3)
+        while [e for e in self.endpoints if not e.attempt.called]:
+            self.end("slow.test")
+        self.assertEqual(len(self.successResultOf(d)), 5)
+        self.assertTrue(relay.slots.idle)
+
+
 class LoopbackTests(TestCase):
     """Real sessions over 127.0.0.1 with recording upstreams."""
 
