@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import attrs
 from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
@@ -26,6 +28,7 @@ from zope.interface.verify import verifyObject
 
 from mailgw.config import RelayConfig, Route, Smarthost, TLSMode
 from mailgw.envelope import (
+    BodyType,
     Envelope,
     QueuedMessage,
     RecipientState,
@@ -35,6 +38,7 @@ from mailgw.envelope import (
 )
 from mailgw.interfaces import IRelay
 from mailgw.relay.client import RelayTimeouts
+from mailgw.relay.clientprotocol import BODY_CHUNK
 from mailgw.relay.relay import Relay
 from mailgw.relay.routing import Destination, StaticResolver
 from tests.upstream import makeTLSFiles, startUpstream
@@ -725,6 +729,96 @@ class LoopbackTests(TestCase):
             self.assertTrue(all(r.success for rs in results.values() for r in rs))
             self.assertEqual(upstream.connectionCount, 3)
             self.assertEqual(peak[0] > 1, overlapping, (limit, peak))
+
+
+    @inlineCallbacks
+    def test_fastUpstreamReportedWhileSlowStalls(self) -> Any:
+        """
+        Issue 13, defect 9, over real sockets: one upstream stalls at the
+        final dot; the message to the other is reported sent while the
+        stalled one is still in flight.
+        """
+        slow = yield self.upstream("slow.test", stallAt="dot")
+        yield self.upstream("fast.test")
+        config = RelayConfig(default=smart("slow.test"), domains={"b.test": smart("fast.test")})
+        reported: Deferred[Any] = Deferred()
+        reports: list[tuple[str, list[Any]]] = []
+
+        def report(queueId: str, results: list[Any]) -> None:
+            reports.append((queueId, results))
+            if queueId == "Q2":
+                reported.callback(None)
+
+        relay = self.makeRelay(config)
+        d = relay.deliverMany(
+            [makeMessage("Q1", ["a@a.test"]), makeMessage("Q2", ["b@b.test"])], report=report
+        )
+        yield reported
+        [(queueId, [result])] = reports
+        self.assertEqual((queueId, result.success), ("Q2", True))
+        self.assertFalse(d.called)
+        yield slow.stop()  # the stalled session ends: connection lost
+        results = yield d
+        self.assertEqual([q for q, _ in reports], ["Q2", "Q1"])
+        self.assertTrue(results["Q1"][0].transient)
+
+    @inlineCallbacks
+    def test_bodyReadInThreads(self) -> Any:
+        """
+        With the default runBlocking (the reactor's thread pool) the spool
+        file is opened and read off the reactor thread, in chunks of at
+        most BODY_CHUNK octets.
+        """
+        upstream = yield self.upstream("a.test")
+        body = b"x" * (3 * BODY_CHUNK) + b"\r\n"
+        threads: list[bool] = []
+        reads: list[int] = []
+
+        class Recording(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                threads.append(threading.current_thread() is threading.main_thread())
+                reads.append(-1 if size is None else size)
+                return super().read(size)
+
+        def opener(queueId: str) -> Recording:
+            threads.append(threading.current_thread() is threading.main_thread())
+            return Recording(body)
+
+        relay = Relay(
+            reactor,
+            RelayConfig(default=smart("a.test")),
+            StaticResolver(),
+            "gw.example.com",
+            opener,
+            timeouts=FAST,
+            endpointFactory=self.endpointFactory,
+        )
+        [result] = yield relay.deliver(makeMessage())
+        self.assertTrue(result.success, result)
+        self.assertEqual(upstream.transactions[0].data, body)
+        self.assertTrue(threads)
+        self.assertNotIn(True, threads)
+        self.assertEqual(set(reads), {BODY_CHUNK})
+
+    @inlineCallbacks
+    def test_eightBitEnvelopeSendsBody8BITMIME(self) -> Any:
+        """
+        Issue 15: a message whose envelope says 8BITMIME (as the spool
+        records for 8-bit content) goes up with BODY=8BITMIME; a 7-bit one
+        without it.
+        """
+        upstream = yield self.upstream("a.test")
+        eight = makeMessage("Q1")
+        eight = attrs.evolve(
+            eight, envelope=attrs.evolve(eight.envelope, body=BodyType.EIGHTBITMIME)
+        )
+        results = yield self.makeRelay(RelayConfig(default=smart("a.test"))).deliverMany(
+            [eight, makeMessage("Q2")]
+        )
+        self.assertTrue(all(rs[0].success for rs in results.values()), results)
+        self.assertEqual(
+            [t.mailParams for t in upstream.transactions], [("BODY=8BITMIME",), ()]
+        )
 
 
 def trackPeak(upstream: Any) -> list[int]:

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -1175,6 +1176,16 @@ class LoopbackTests(TestCase):
         self.assertGreater(size, 20 * 1024 * 1024)
         with open(path, "rb") as f:
             self.assertTrue(received.data == f.read(), "data differs")
+
+    @inlineCallbacks
+    def test_noFactoryNoise(self) -> Any:
+        """Issue 14: no "Starting factory <... at 0x...>" line per connection."""
+        upstream = yield self.upstream()
+        with capturedLogs() as events:
+            [[result]] = yield self.deliver(upstream, self.settings(TLSMode.NONE), [makeMessage()])
+        self.assertTrue(result.success, result)
+        lines = [formatEvent(e) for e in events]
+        self.assertFalse([line for line in lines if "factory" in line.lower()], lines)
 
     @inlineCallbacks
     def test_eightBitWithout8BITMIME(self) -> Any:
