@@ -414,7 +414,8 @@ class ReportTests(SynchronousTestCase):
         self.end("a.test")
         self.assertEqual([q for q, _ in self.reports], ["Q1", "Q2"])
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
-        self.assertEqual(sorted(self.successResultOf(d)), ["Q1", "Q2"])
+        results = self.successResultOf(d)
+        self.assertEqual(sorted(results), ["Q1", "Q2"])
 
     def test_onceEvenOnRelayBug(self) -> None:
         """
@@ -457,9 +458,7 @@ class ReportTests(SynchronousTestCase):
         first connection, which would otherwise wait for the slow host.
         """
         config = RelayConfig(default=smart("slow.test"), domains={"b.test": smart("fast.test")})
-        relay = self.makeRelay(
-            config, maxConcurrency=4, maxPerHost=4, maxMessagesPerConnection=1
-        )
+        relay = self.makeRelay(config, maxConcurrency=4, maxPerHost=4, maxMessagesPerConnection=1)
         messages = [makeMessage(f"S{i}") for i in range(4)]
         d = relay.deliverMany([*messages, makeMessage("F", ["a@b.test"])])
         waiting = sorted(e.host for e in self.endpoints if not e.attempt.called)
@@ -730,7 +729,6 @@ class LoopbackTests(TestCase):
             self.assertEqual(upstream.connectionCount, 3)
             self.assertEqual(peak[0] > 1, overlapping, (limit, peak))
 
-
     @inlineCallbacks
     def test_fastUpstreamReportedWhileSlowStalls(self) -> Any:
         """
@@ -816,9 +814,7 @@ class LoopbackTests(TestCase):
             [eight, makeMessage("Q2")]
         )
         self.assertTrue(all(rs[0].success for rs in results.values()), results)
-        self.assertEqual(
-            [t.mailParams for t in upstream.transactions], [("BODY=8BITMIME",), ()]
-        )
+        self.assertEqual([t.mailParams for t in upstream.transactions], [("BODY=8BITMIME",), ()])
 
 
 def trackPeak(upstream: Any) -> list[int]:

@@ -89,6 +89,8 @@ class Transport(StringTransport):
     transport does, once more than that many bytes are buffered.
     """
 
+    protocol: Any
+
     def __init__(self) -> None:
         super().__init__(
             IPv4Address("TCP", "127.0.0.1", 50000), IPv4Address("TCP", "192.0.2.1", 25)
@@ -480,7 +482,7 @@ class DialogTests(SynchronousTestCase):
         blocking.runNext()
         self.assertTrue(d.client().startswith(b"MAIL FROM:"))
         d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        producer = d.transport.producer
+        producer: Any = d.transport.producer
         self.assertTrue(d.transport.streaming)
         verifyObject(IPushProducer, producer)
         self.assertEqual((blocking.names(), d.client()), (["read"], b""))

@@ -148,9 +148,7 @@ class Relay:
         self.endpointFactory = endpointFactory or self._hostnameEndpoint
         self.runBlocking = runBlocking or threadPoolRunner(reactor)
         self.slots = ConnectionSlots(maxConcurrency, maxPerHost)
-        self.tlsCreators: FileCache[IOpenSSLClientConnectionCreator] = FileCache(
-            self.runBlocking
-        )
+        self.tlsCreators: FileCache[IOpenSSLClientConnectionCreator] = FileCache(self.runBlocking)
         self.secrets: FileCache[str | None] = FileCache(self.runBlocking)
 
     def _hostnameEndpoint(self, destination: Destination, timeout: float) -> IStreamClientEndpoint:
@@ -292,7 +290,9 @@ class Relay:
                 if not pending:
                     return
         except Exception:
-            log.failure("relay bug while delivering to {remote}", remote=[str(d.host) for d in destinations])
+            log.failure(
+                "relay bug while delivering to {remote}", remote=[str(d.host) for d in destinations]
+            )
             for part in pending:
                 self._bug(part, results)
 
@@ -377,7 +377,9 @@ class Relay:
         if destination.tls is not TLSMode.NONE:
             host, caFile = destination.host, destination.route.caFile or None
             creator = await self.tlsCreators.get(
-                (host, caFile), caFile or _systemTrustPath(), lambda: tls.clientCreator(host, caFile)
+                (host, caFile),
+                caFile or _systemTrustPath(),
+                lambda: tls.clientCreator(host, caFile),
             )
         return RelaySettings(
             hostname=destination.host,

@@ -156,5 +156,3 @@ def _split(
             restricted = attrs.evolve(message, recipients=tuple(pending[p] for p in positions))
             parts.setdefault(key, []).append(_Part(restricted, positions))
     return parts
-
-
