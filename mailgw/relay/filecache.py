@@ -20,8 +20,10 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
 
-__all__ = ["FileCache", "FileStamp", "RunBlocking", "runInline"]
+__all__ = ["FileCache", "FileStamp", "RunBlocking", "runInline", "threadPoolRunner"]
 
 V = TypeVar("V")
 
@@ -33,6 +35,18 @@ RunBlocking = Callable[..., "Deferred[Any]"]
 def runInline(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """A C{RunBlocking} that runs C{f} at once, on the calling thread (tests)."""
     return maybeDeferred(f, *args)
+
+
+def threadPoolRunner(reactor: Any) -> RunBlocking:
+    """C{runBlocking} on C{reactor}'s thread pool; inline for a reactor
+    without threads (a test's Clock)."""
+    if not IReactorThreads.providedBy(reactor):
+        return runInline
+
+    def runBlocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return runBlocking
 
 
 @attrs.frozen

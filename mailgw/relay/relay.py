@@ -28,11 +28,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
-    IReactorThreads,
     IResolver,
     IStreamClientEndpoint,
 )
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -48,7 +46,7 @@ from mailgw.relay.client import (
     deliverBatch,
 )
 from mailgw.relay.deliverylog import logAttempt, relayName, tlsName
-from mailgw.relay.filecache import FileCache, RunBlocking, runInline
+from mailgw.relay.filecache import FileCache, RunBlocking, threadPoolRunner
 from mailgw.relay.results import INTERNAL, INTERNAL_ERROR, Report, _Part, _Results, _split
 from mailgw.relay.routing import (
     Destination,
@@ -75,18 +73,6 @@ DEFAULT_TIMEOUTS = RelayTimeouts()
 
 class _LocalProblem(Exception):
     """Our own configuration keeps a group from being tried (transient)."""
-
-
-def threadPoolRunner(reactor: Any) -> RunBlocking:
-    """C{runBlocking} on C{reactor}'s thread pool; inline for a reactor
-    without threads (a test's Clock)."""
-    if not IReactorThreads.providedBy(reactor):
-        return runInline
-
-    def runBlocking(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-    return runBlocking
 
 
 @implementer(IRelay)
