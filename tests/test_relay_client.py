@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
@@ -41,6 +42,7 @@ from mailgw.relay import clientprotocol
 from mailgw.relay.client import RelaySettings, RelayTimeouts, deliverBatch
 from mailgw.relay.clientprotocol import ProtocolError, ReplyParser
 from mailgw.relay.clienttransaction import Capabilities
+from mailgw.relay.filecache import threadPoolRunner
 from tests.upstream import makeTLSFiles, startUpstream
 
 CREATOR = optionsForClientTLS("upstream.test")  # never used for a handshake in memory
@@ -1157,7 +1159,10 @@ class LoopbackTests(TestCase):
 
     @inlineCallbacks
     def test_twentyMebibytes(self) -> Any:
-        """A 20 MiB message, streamed from a file, arrives byte for byte."""
+        """
+        A 20 MiB message, streamed from a file 64 KiB at a time off the
+        reactor thread, arrives byte for byte.
+        """
         path = self.mktemp()
         line = b"0123456789" * 7 + b"abcd\r\n"
         with open(path, "wb") as f:
@@ -1166,13 +1171,24 @@ class LoopbackTests(TestCase):
             size = f.tell()
         upstream = yield self.upstream(size=30 * 1024 * 1024)
         message = makeMessage(size=size)
+        reads: list[tuple[int, bool]] = []
+
+        class Recording(io.FileIO):
+            def read(self, size: int = -1) -> bytes:
+                reads.append((size, threading.current_thread() is threading.main_thread()))
+                return super().read(size)
+
         results = yield deliverBatch(
             reactor,
             upstream.endpoint(reactor),
             self.settings(TLSMode.NONE),
-            [(message, lambda queueId: open(path, "rb"))],
+            [(message, lambda queueId: Recording(path, "rb"))],
+            runBlocking=threadPoolRunner(reactor),
         )
         self.assertTrue(results[0][0].success, results)
+        # Read in chunks, each in a thread of the pool, never the whole file.
+        self.assertEqual({r[0] for r in reads}, {clientprotocol.BODY_CHUNK})
+        self.assertEqual({r[1] for r in reads}, {False})
         [received] = upstream.factory.transactions
         self.assertEqual(received.mailParams, (f"SIZE={size}",))
         self.assertGreater(size, 20 * 1024 * 1024)

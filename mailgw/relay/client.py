@@ -310,6 +310,7 @@ class _Session:
             return
         try:
             await self.transaction(transaction, message)
+            self.reporter.report()  # before the close: that is a thread's round trip
         finally:
             await self.runBlocking(message.close)
 
