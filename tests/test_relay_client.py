@@ -1174,8 +1174,9 @@ class LoopbackTests(TestCase):
         reads: list[tuple[int, bool]] = []
 
         class Recording(io.FileIO):
-            def read(self, size: int = -1) -> bytes:
-                reads.append((size, threading.current_thread() is threading.main_thread()))
+            def read(self, size: int | None = -1) -> bytes:
+                onMain = threading.current_thread() is threading.main_thread()
+                reads.append((-1 if size is None else size, onMain))
                 return super().read(size)
 
         results = yield deliverBatch(
@@ -1192,8 +1193,8 @@ class LoopbackTests(TestCase):
         [received] = upstream.factory.transactions
         self.assertEqual(received.mailParams, (f"SIZE={size}",))
         self.assertGreater(size, 20 * 1024 * 1024)
-        with open(path, "rb") as f:
-            self.assertTrue(received.data == f.read(), "data differs")
+        with open(path, "rb") as original:
+            self.assertTrue(received.data == original.read(), "data differs")
 
     @inlineCallbacks
     def test_noFactoryNoise(self) -> Any:

@@ -174,6 +174,7 @@ class RelayCacheTests(SynchronousTestCase):
 
         self.assertEqual([password(), password()], ["first", "first"])
         self.assertEqual(relay.secrets.builds, 1)
+        self.assertNotIn("first", repr(relay.secrets))
         write(path, b"second-longer\n")
         self.assertEqual(password(), "second-longer")
         self.assertEqual(relay.secrets.builds, 2)

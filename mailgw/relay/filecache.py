@@ -99,7 +99,10 @@ class FileCache(Generic[V]):
     runBlocking: RunBlocking
     size: int = 128
     builds: int = attrs.field(default=0, init=False)  # for tests and figures
-    _entries: OrderedDict[Hashable, _Entry[V]] = attrs.field(factory=OrderedDict, init=False)
+    # Never in a repr: the values may be secrets (relay passwords).
+    _entries: OrderedDict[Hashable, _Entry[V]] = attrs.field(
+        factory=OrderedDict, init=False, repr=False
+    )
 
     def get(self, key: Hashable, path: str, build: Callable[[], V]) -> Deferred[V]:
         """
