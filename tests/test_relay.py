@@ -505,13 +505,13 @@ class LoopbackTests(TestCase):
 
     def makeRelay(self, config: RelayConfig, **kw: Any) -> Relay:
         resolver = kw.pop("resolver", StaticResolver())
+        kw.setdefault("timeouts", FAST)
         return Relay(
             reactor,
             config,
             resolver,
             "gw.example.com",
             openBody,
-            timeouts=FAST,
             endpointFactory=self.endpointFactory,
             **kw,
         )
@@ -759,6 +759,50 @@ class LoopbackTests(TestCase):
         results = yield d
         self.assertEqual([q for q, _ in reports], ["Q2", "Q1"])
         self.assertTrue(results["Q1"][0].transient)
+
+    @inlineCallbacks
+    def test_fourSlowUpstreamsDoNotStallTheRest(self) -> Any:
+        """
+        Issue 13, defect 9: four upstreams that never answer, with mail
+        enough to fill every slot (maxConcurrency 8, maxPerHost 2), and a
+        fast one: the fast one's message is delivered and reported while
+        all four still hold their connections.
+        """
+        slow = []
+        for i in range(4):
+            upstream = yield self.upstream(f"slow{i}.test", stallAt="greeting")
+            slow.append(upstream)
+        yield self.upstream("fast.test")
+        config = RelayConfig(
+            default=smart("fast.test"),
+            domains={f"d{i}.test": smart(f"slow{i}.test") for i in range(4)},
+        )
+        patient = attrs.evolve(FAST, greeting=120)
+        relay = self.makeRelay(
+            config, maxConcurrency=8, maxPerHost=2, maxMessagesPerConnection=1, timeouts=patient
+        )
+        messages = [makeMessage(f"S{i}{j}", [f"x@d{i}.test"]) for i in range(4) for j in range(3)]
+        reported: Deferred[Any] = Deferred()
+        reports: list[str] = []
+
+        def report(queueId: str, results: list[Any]) -> None:
+            reports.append(queueId)
+            if queueId == "F":
+                reported.callback(results)
+
+        d = relay.deliverMany([*messages, makeMessage("F", ["y@fast.test"])], report=report)
+        [result] = yield reported
+        self.assertTrue(result.success, result)
+        self.assertEqual(reports, ["F"])
+        # Second connections stopped at the reserve (2 of 8): slow0-2 got two
+        # each, slow3 only its first (from the reserve), fast.test the last.
+        active = [relay.slots.active(f"slow{i}.test") for i in range(4)]
+        self.assertEqual(active, [2, 2, 2, 1])
+        for upstream in slow:
+            yield upstream.stop()
+        results = yield d
+        self.assertEqual(len(results), 13)
+        self.assertTrue(relay.slots.idle)
 
     @inlineCallbacks
     def test_bodyReadInThreads(self) -> Any:

@@ -10,8 +10,9 @@ slot, and then mail for every other host waits behind them. Here a host's
 I{first} connection may take any free slot, but a further connection to a
 host that already has one is granted only while more than C{reserve} slots
 stay free: the last C{reserve} slots are kept for hosts with no connection
-at all, so however many connections slow hosts hold, mail to other hosts
-still moves (until C{limit - reserve} distinct hosts are all slow).
+at all: however many further connections slow hosts hold, mail to a new
+host still finds a slot, unless the reserve too is taken, each slot by the
+first connection of yet another host.
 """
 
 from __future__ import annotations
