@@ -183,7 +183,7 @@ class Dialog:
         self.endpoint = FakeEndpoint()
         if bodies is None:
             bodies = {m.queueId: b"Subject: hi\r\n\r\nbody\r\n" for m in messages}
-        openBody = opener(bodies)
+        openBody = kw.pop("openBody", None) or opener(bodies)
         self.deferred = deliverBatch(
             self.clock, self.endpoint, settings, [(m, openBody) for m in messages], **kw
         )
@@ -468,6 +468,33 @@ class DialogTests(SynchronousTestCase):
         self.assertEqual(results[0][0].transient, True)
         self.assertIn("cannot open the message", results[0][0].text)
         self.assertTrue(results[1][0].success)
+
+    def test_spoolErrorAtOpenIsTransientForThatMessage(self) -> None:
+        """
+        An opener failing with the spool's own error (not an OSError, e.g.
+        SpoolError for too many open files): transient for that message,
+        logged; the next one goes.
+        """
+
+        class SpoolTrouble(Exception):
+            pass
+
+        def openBody(queueId: str) -> io.BytesIO:
+            if queueId == "Q1":
+                raise SpoolTrouble("cannot open Q1: too many open files")
+            return io.BytesIO(b"x\r\n")
+
+        d = Dialog(self, settingsFor(), [makeMessage("Q1"), makeMessage("Q2")], openBody=openBody)
+        d.hello(["PIPELINING"])
+        self.assertTrue(d.client().startswith(b"MAIL FROM:"))
+        d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        d.expect(b"x\r\n.\r\n")
+        d.server(b"250 ok\r\n")
+        [[first], [second]] = d.quit()
+        self.assertTrue(first.transient)
+        self.assertIn("cannot open the message in the spool: cannot open Q1", first.text)
+        self.assertTrue(second.success)
+        self.assertEqual(len(self.flushLoggedErrors(SpoolTrouble)), 1)
 
     def test_bodyStreamedInChunks(self) -> None:
         """

@@ -304,7 +304,11 @@ class _Session:
             return
         try:
             message: BinaryIO = await self.runBlocking(opener, transaction.message.queueId)
-        except (OSError, KeyError) as e:
+        except Exception as e:
+            # OSError, KeyError (gone), or whatever the spool raises for a
+            # local failure (its SpoolError): transient for this message.
+            if not isinstance(e, OSError | KeyError):
+                log.failure("cannot open {queueId}", queueId=transaction.message.queueId)
             why = f"cannot open the message in the spool: {e}"
             transaction.finishAll(Outcome(False, False, 0, "", why))
             return

@@ -47,7 +47,7 @@ from mailgw.relay.client import (
 )
 from mailgw.relay.deliverylog import logAttempt, relayName, tlsName
 from mailgw.relay.filecache import FileCache, RunBlocking, threadPoolRunner
-from mailgw.relay.results import INTERNAL, INTERNAL_ERROR, Report, _Part, _Results, _split
+from mailgw.relay.results import INTERNAL, INTERNAL_ERROR, Part, Report, Results, splitParts
 from mailgw.relay.routing import (
     Destination,
     DestinationKey,
@@ -172,15 +172,15 @@ class Relay:
         unique: dict[str, QueuedMessage] = {}
         for message in messages:
             unique.setdefault(message.queueId, message)
-        results = _Results(list(unique.values()), report, self.reactor.seconds)
+        results = Results(list(unique.values()), report, self.reactor.seconds)
         return Deferred.fromCoroutine(self._deliverMany(list(unique.values()), results))
 
     async def _deliverMany(
-        self, messages: list[QueuedMessage], results: _Results
+        self, messages: list[QueuedMessage], results: Results
     ) -> dict[str, list[DeliveryResult]]:
         try:
             results.start()
-            groups = _split(messages, groupRecipients(messages, self.relayConfig.routeFor))
+            groups = splitParts(messages, groupRecipients(messages, self.relayConfig.routeFor))
             await gatherResults(
                 [
                     Deferred.fromCoroutine(self._deliverGroup(key, parts, results))
@@ -193,7 +193,7 @@ class Relay:
         return results.final()
 
     async def _deliverGroup(
-        self, key: DestinationKey | None, parts: list[_Part], results: _Results
+        self, key: DestinationKey | None, parts: list[Part], results: Results
     ) -> None:
         """Never fails: a bug makes what is unfinished in C{parts} transient."""
         try:
@@ -219,15 +219,13 @@ class Relay:
             for part in parts:
                 self._bug(part, results)
 
-    def _bug(self, part: _Part, results: _Results) -> None:
+    def _bug(self, part: Part, results: Results) -> None:
         left = results.unfilled(part)
         if left:
             rest = part.only(left)
             results.local(rest, rest.deferred(INTERNAL, INTERNAL_ERROR))
 
-    async def _deliverRoute(
-        self, key: DestinationKey, parts: list[_Part], results: _Results
-    ) -> None:
+    async def _deliverRoute(self, key: DestinationKey, parts: list[Part], results: Results) -> None:
         route = key.route
         try:
             destinations = await resolveDestinations(self.resolver, route, key.domain, rng=self.rng)
@@ -263,8 +261,8 @@ class Relay:
         self,
         destinations: list[Destination],
         auth: tuple[str, str, str] | None,
-        batch: list[_Part],
-        results: _Results,
+        batch: list[Part],
+        results: Results,
     ) -> None:
         """One batch through the hosts in order, until nothing is left to
         retry (RFC 5321 5.1). Never fails."""
@@ -286,10 +284,10 @@ class Relay:
         self,
         destination: Destination,
         auth: tuple[str, str, str] | None,
-        parts: list[_Part],
-        results: _Results,
+        parts: list[Part],
+        results: Results,
         last: bool,
-    ) -> list[_Part]:
+    ) -> list[Part]:
         """
         Deliver C{parts} over one connection to C{destination}, putting
         each final result as soon as the session knows it.

@@ -17,7 +17,7 @@ from mailgw.envelope import Address, DeliveryResult, QueuedMessage
 from mailgw.relay.deliverylog import logAttempt
 from mailgw.relay.routing import DestinationKey
 
-__all__ = ["INTERNAL", "INTERNAL_ERROR", "Report"]
+__all__ = ["INTERNAL", "INTERNAL_ERROR", "Part", "Report", "Results", "splitParts"]
 
 log = Logger(namespace="mailgw.relay.relay")
 
@@ -31,7 +31,7 @@ INTERNAL_ERROR = "internal error in the relay; will retry"
 
 
 @attrs.frozen
-class _Part:
+class Part:
     """
     A message restricted to the pending recipients of one group, and the
     position of each of them among the message's pending recipients.
@@ -40,10 +40,10 @@ class _Part:
     message: QueuedMessage
     positions: tuple[int, ...]
 
-    def only(self, indices: Sequence[int]) -> _Part:
+    def only(self, indices: Sequence[int]) -> Part:
         """This part with only its recipients at C{indices}."""
         states = self.message.recipients
-        return _Part(
+        return Part(
             attrs.evolve(self.message, recipients=tuple(states[i] for i in indices)),
             tuple(self.positions[i] for i in indices),
         )
@@ -57,7 +57,7 @@ class _Part:
         return self.all(success=False, enhanced=enhanced, text=text, remote=remote)
 
 
-class _Results:
+class Results:
     """
     One slot per pending recipient of every message, each filled once; a
     message is reported the moment its last slot is filled, and only then.
@@ -81,7 +81,7 @@ class _Results:
             if not missing:
                 self._report(queueId)
 
-    def put(self, part: _Part, index: int, result: DeliveryResult) -> None:
+    def put(self, part: Part, index: int, result: DeliveryResult) -> None:
         queueId = part.message.queueId
         slots = self.slots[queueId]
         if slots[part.positions[index]] is None:
@@ -90,20 +90,20 @@ class _Results:
             if not self.missing[queueId]:
                 self._report(queueId)
 
-    def putAll(self, part: _Part, results: Sequence[DeliveryResult]) -> None:
+    def putAll(self, part: Part, results: Sequence[DeliveryResult]) -> None:
         if len(results) != len(part.positions):
             raise RuntimeError(f"{len(results)} results for {len(part.positions)} recipients")
         for index, result in enumerate(results):
             self.put(part, index, result)
 
-    def local(self, part: _Part, results: Sequence[DeliveryResult]) -> None:
+    def local(self, part: Part, results: Sequence[DeliveryResult]) -> None:
         """Results of our own (no upstream tried): logged, then put."""
         now = self.now()
         for result in results:
             logAttempt(part.message, result, now)
         self.putAll(part, results)
 
-    def unfilled(self, part: _Part) -> list[int]:
+    def unfilled(self, part: Part) -> list[int]:
         """Indices of C{part}'s recipients that have no result yet."""
         slots = self.slots[part.message.queueId]
         return [i for i, p in enumerate(part.positions) if slots[p] is None]
@@ -137,22 +137,22 @@ class _Results:
         return {q: [r for r in slots if r is not None] for q, slots in self.slots.items()}
 
 
-def _split(
+def splitParts(
     messages: Sequence[QueuedMessage],
     groups: dict[DestinationKey | None, list[tuple[QueuedMessage, tuple[Address, ...]]]],
-) -> dict[DestinationKey | None, list[_Part]]:
+) -> dict[DestinationKey | None, list[Part]]:
     """Turn L{groupRecipients}' addresses back into recipient positions."""
     free: dict[str, dict[Address, deque[int]]] = {}
     for message in messages:
         table = free[message.queueId] = {}
         for position, state in enumerate(message.pendingRecipients):
             table.setdefault(state.address, deque()).append(position)
-    parts: dict[DestinationKey | None, list[_Part]] = {}
+    parts: dict[DestinationKey | None, list[Part]] = {}
     for key, items in groups.items():
         for message, addresses in items:
             # A recipient listed twice takes two positions, in order.
             positions = tuple(free[message.queueId][a].popleft() for a in addresses)
             pending = message.pendingRecipients
             restricted = attrs.evolve(message, recipients=tuple(pending[p] for p in positions))
-            parts.setdefault(key, []).append(_Part(restricted, positions))
+            parts.setdefault(key, []).append(Part(restricted, positions))
     return parts
