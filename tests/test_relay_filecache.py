@@ -156,6 +156,14 @@ class RelayCacheTests(SynchronousTestCase):
         self.attempt(relay)
         self.assertEqual(relay.tlsCreators.builds, 4)
 
+    def test_systemTrustCached(self) -> None:
+        """Without a CA file, the context on the system store is kept too."""
+        route = Route(smarthosts=(Smarthost("a.test", 25),), tls=TLSMode.STARTTLS)
+        relay = self.makeRelay(route)
+        self.attempt(relay)
+        self.attempt(relay)
+        self.assertEqual(relay.tlsCreators.builds, 1)
+
     def test_passwordReadOnceUntilChanged(self) -> None:
         os.makedirs(self.base)
         path = os.path.join(self.base, "password")

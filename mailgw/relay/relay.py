@@ -18,6 +18,7 @@ relay password or CA file, and any bug in this module.
 
 from __future__ import annotations
 
+import functools
 import random
 import ssl as stdssl
 from collections.abc import Callable, Sequence
@@ -404,8 +405,13 @@ class Relay:
         return (route.authUser, password, route.authMechanism)
 
 
+@functools.cache
 def _systemTrustPath() -> str:
     """The file (or directory) OpenSSL's default trust store is read from,
-    whose changes rebuild the cached contexts that use it."""
+    whose changes rebuild the cached contexts that use it. Looked up once
+    (it stats files): where the store lives does not change while we run."""
     paths = stdssl.get_default_verify_paths()
-    return paths.openssl_cafile if paths.cafile else paths.openssl_capath
+    # cafile and capath as resolved (SSL_CERT_FILE and SSL_CERT_DIR included),
+    # None where nothing exists: then nothing is cached, and every attempt
+    # builds its context.
+    return paths.cafile or paths.capath or ""
