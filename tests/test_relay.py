@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import attrs
 from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
@@ -25,6 +28,7 @@ from zope.interface.verify import verifyObject
 
 from mailgw.config import RelayConfig, Route, Smarthost, TLSMode
 from mailgw.envelope import (
+    BodyType,
     Envelope,
     QueuedMessage,
     RecipientState,
@@ -34,6 +38,7 @@ from mailgw.envelope import (
 )
 from mailgw.interfaces import IRelay
 from mailgw.relay.client import RelayTimeouts
+from mailgw.relay.clientprotocol import BODY_CHUNK
 from mailgw.relay.relay import Relay
 from mailgw.relay.routing import Destination, StaticResolver
 from tests.upstream import makeTLSFiles, startUpstream
@@ -83,6 +88,11 @@ def smart(*hosts: str, **kw: Any) -> Route:
 
 def texts(events: Sequence[dict[str, Any]]) -> list[str]:
     return [formatEvent(e) for e in events]
+
+
+def attemptLines(events: Sequence[dict[str, Any]]) -> list[str]:
+    """The delivery log's lines, their delay (the wall clock's) as 0.00."""
+    return [re.sub(r"delay=[0-9.]+", "delay=0.00", t) for t in texts(events) if "to=<" in t]
 
 
 @implementer(IStreamClientEndpoint)
@@ -156,7 +166,8 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(sorted(results), ["Q1", "Q2"])
         [result] = self.successResultOf(second)
         self.assertEqual((result.transient, result.text), (True, "connection refused"))
-        self.assertEqual(relay._perHost, {})  # idle hosts are forgotten
+        self.assertTrue(relay.slots.idle)
+        self.assertEqual(relay.slots._active, {})  # idle hosts are forgotten
 
     def test_routeConnectTimeout(self) -> None:
         """The route's connect timeout bounds the attempt, not timeouts.connect."""
@@ -203,7 +214,7 @@ class MemoryTests(SynchronousTestCase):
         self.assertEqual(result.text, "no relay route configured for a.test")
         self.assertEqual(self.endpoints, [])
         self.assertIn(
-            "Q1: to=<x@a.test>, relay=none, status=deferred "
+            "Q1: to=<x@a.test>, relay=none, tls=none, delay=0.00, dsn=4.3.5, status=deferred "
             "(4.3.5 no relay route configured for a.test)",
             texts(events),
         )
@@ -287,8 +298,7 @@ class MemoryTests(SynchronousTestCase):
         self.assertTrue(result.transient)
         self.assertEqual(result.text, "internal error in the relay; will retry")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(relay._perHost, {})
-        self.assertEqual(relay._connections.tokens, relay._connections.limit)
+        self.assertTrue(relay.slots.idle)
 
     def test_routeLookupBug(self) -> None:
         """Even routeFor raising yields a transient result per recipient."""
@@ -301,6 +311,168 @@ class MemoryTests(SynchronousTestCase):
         [result] = self.successResultOf(relay.deliver(makeMessage()))
         self.assertTrue(result.transient)
         self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+
+
+class ReportTests(SynchronousTestCase):
+    """
+    deliverMany's report: each message once, as soon as its results are
+    known, whatever the others do (issue 13, defect 9).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.endpoints: list[PendingEndpoint] = []
+        self.reports: list[tuple[str, list[Any]]] = []
+
+    def endpointFactory(self, destination: Destination, timeout: float) -> PendingEndpoint:
+        endpoint = PendingEndpoint(destination.host)
+        self.endpoints.append(endpoint)
+        return endpoint
+
+    def report(self, queueId: str, results: list[Any]) -> None:
+        self.reports.append((queueId, results))
+
+    def makeRelay(self, config: RelayConfig, **kw: Any) -> Relay:
+        kw.setdefault("endpointFactory", self.endpointFactory)
+        return Relay(self.clock, config, StaticResolver(), "gw.example.com", openBody, **kw)
+
+    def end(self, host: str) -> None:
+        """Refuse the oldest connection attempt to C{host} still waiting."""
+        [e for e in self.endpoints if e.host == host and not e.attempt.called][0].refuse()
+
+    def test_fastReportedWhileSlowInFlight(self) -> None:
+        """
+        Q1 goes to a slow host, Q2 to a fast one, Q3 to both: Q2 is
+        reported while Q1 and Q3 are in flight; Q3 when its last route is
+        done; the Deferred fires last, with the same results.
+        """
+        config = RelayConfig(default=smart("slow.test"), domains={"b.test": smart("fast.test")})
+        relay = self.makeRelay(config)
+        d = relay.deliverMany(
+            [
+                makeMessage("Q1", ["x@a.test"]),
+                makeMessage("Q2", ["y@b.test"]),
+                makeMessage("Q3", ["z@b.test", "w@a.test"]),
+            ],
+            report=self.report,
+        )
+        self.assertEqual(self.reports, [])
+        self.end("fast.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q2"])
+        self.assertNoResult(d)
+        self.end("slow.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q2", "Q1", "Q3"])
+        results = self.successResultOf(d)
+        self.assertEqual(dict(self.reports), results)
+        self.assertEqual([str(r.recipient) for r in results["Q3"]], ["z@b.test", "w@a.test"])
+
+    def test_batchesOfOneHostReportIndependently(self) -> None:
+        """Two connections to one host: the one that ends first reports first."""
+        relay = self.makeRelay(RelayConfig(default=smart("a.test")), maxMessagesPerConnection=1)
+        d = relay.deliverMany([makeMessage("Q1"), makeMessage("Q2")], report=self.report)
+        self.endpoints[1].refuse()
+        self.assertEqual([q for q, _ in self.reports], ["Q2"])
+        self.endpoints[0].refuse()
+        self.assertEqual([q for q, _ in self.reports], ["Q2", "Q1"])
+        self.successResultOf(d)
+
+    def test_failoverReportsAfterTheLastHost(self) -> None:
+        """A transient result at the first host is not reported: the second
+        host's is."""
+        relay = self.makeRelay(RelayConfig(default=smart("a.test", "b.test")))
+        d = relay.deliverMany([makeMessage("Q1")], report=self.report)
+        self.end("a.test")
+        self.assertEqual(self.reports, [])
+        self.end("b.test")
+        [(queueId, [result])] = self.reports
+        self.assertEqual((queueId, result.remote), ("Q1", "b.test"))
+        self.successResultOf(d)
+
+    def test_nothingPendingAndNoRouteAtOnce(self) -> None:
+        """A message with nothing pending, or with no route, is reported
+        at once; a duplicate queue id once."""
+        relay = self.makeRelay(RelayConfig(domains={"b.test": smart("b.test")}))
+        done = makeMessage("Q1", ["a@b.test"], delivered={"a@b.test"})
+        d = relay.deliverMany(
+            [done, makeMessage("Q2", ["a@nowhere.test"]), makeMessage("Q3", ["a@b.test"]), done],
+            report=self.report,
+        )
+        self.assertEqual([(q, len(r)) for q, r in self.reports], [("Q1", 0), ("Q2", 1)])
+        self.end("b.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q1", "Q2", "Q3"])
+        self.successResultOf(d)
+
+    def test_onceEvenWhenReportRaises(self) -> None:
+        """A report that raises is logged; the others still come, once each."""
+
+        def report(queueId: str, results: list[Any]) -> None:
+            self.reports.append((queueId, results))
+            raise ValueError(queueId)
+
+        relay = self.makeRelay(RelayConfig(default=smart("a.test")))
+        d = relay.deliverMany([makeMessage("Q1"), makeMessage("Q2")], report=report)
+        self.end("a.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q1", "Q2"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 2)
+        results = self.successResultOf(d)
+        self.assertEqual(sorted(results), ["Q1", "Q2"])
+
+    def test_onceEvenOnRelayBug(self) -> None:
+        """
+        A bug after some results are known: every message is reported once,
+        its unfinished recipients transient.
+        """
+        config = RelayConfig(default=smart("a.test"), domains={"b.test": smart("b.test")})
+        relay = self.makeRelay(config)
+        d = relay.deliverMany(
+            [makeMessage("Q1", ["x@b.test"]), makeMessage("Q2", ["y@b.test", "z@a.test"])],
+            report=self.report,
+        )
+        self.end("b.test")
+        self.assertEqual([q for q, _ in self.reports], ["Q1"])
+        # The connection to a.test goes wrong inside the relay itself.
+        [endpoint] = [e for e in self.endpoints if not e.attempt.called]
+        endpoint.attempt.callback(object())  # not a protocol: the client chokes
+        self.flushLoggedErrors()
+        self.assertEqual([q for q, _ in self.reports], ["Q1", "Q2"])
+        [y, z] = dict(self.reports)["Q2"]
+        self.assertEqual((y.text, z.transient), ("connection refused", True))
+        self.assertEqual(self.successResultOf(d)["Q2"], [y, z])
+
+    def test_onceEvenOnRouteLookupBug(self) -> None:
+        class Broken(RelayConfig):
+            def routeFor(self, domain: str) -> Route | None:
+                raise KeyError(domain)
+
+        relay = self.makeRelay(Broken())
+        d = relay.deliverMany([makeMessage("Q1"), makeMessage("Q2")], report=self.report)
+        self.assertEqual(self.flushLoggedErrors(KeyError)[0].type, KeyError)
+        self.assertEqual([q for q, _ in self.reports], ["Q1", "Q2"])
+        self.assertTrue(all(r.transient for _, rs in self.reports for r in rs))
+        self.successResultOf(d)
+
+    def test_slowHostLeavesSlotsForOthers(self) -> None:
+        """
+        maxConcurrency=4, maxPerHost=4: a slow host with four connections'
+        worth of mail gets three; the fourth slot goes to another host's
+        first connection, which would otherwise wait for the slow host.
+        """
+        config = RelayConfig(default=smart("slow.test"), domains={"b.test": smart("fast.test")})
+        relay = self.makeRelay(config, maxConcurrency=4, maxPerHost=4, maxMessagesPerConnection=1)
+        messages = [makeMessage(f"S{i}") for i in range(4)]
+        d = relay.deliverMany([*messages, makeMessage("F", ["a@b.test"])])
+        waiting = sorted(e.host for e in self.endpoints if not e.attempt.called)
+        self.assertEqual(waiting, ["fast.test", "slow.test", "slow.test", "slow.test"])
+        self.end("fast.test")
+        # The freed slot is the reserve: it stays free for a new host.
+        self.assertEqual(len([e for e in self.endpoints if not e.attempt.called]), 3)
+        self.end("slow.test")
+        # Now two are free, one above the reserve: the slow host's fourth.
+        self.assertEqual(len([e for e in self.endpoints if not e.attempt.called]), 3)
+        while [e for e in self.endpoints if not e.attempt.called]:
+            self.end("slow.test")
+        self.assertEqual(len(self.successResultOf(d)), 5)
+        self.assertTrue(relay.slots.idle)
 
 
 class LoopbackTests(TestCase):
@@ -333,13 +505,13 @@ class LoopbackTests(TestCase):
 
     def makeRelay(self, config: RelayConfig, **kw: Any) -> Relay:
         resolver = kw.pop("resolver", StaticResolver())
+        kw.setdefault("timeouts", FAST)
         return Relay(
             reactor,
             config,
             resolver,
             "gw.example.com",
             openBody,
-            timeouts=FAST,
             endpointFactory=self.endpointFactory,
             **kw,
         )
@@ -373,10 +545,15 @@ class LoopbackTests(TestCase):
         [received] = upstream.transactions
         self.assertEqual((received.tls, received.user), (True, "relay"))
         self.assertEqual((received.rcpts, received.data), (("bob@example.net",), BODY))
-        self.assertIn(
-            "Q1: to=<bob@example.net>, relay=localhost, status=sent (250 2.0.0 Ok: queued)",
-            texts(events),
+        port = upstream.portNumber
+        [line] = [t for t in texts(events) if "to=<" in t]
+        self.assertRegex(
+            line,
+            rf"^Q1: to=<bob@example.net>, relay=localhost\[127\.0\.0\.1\]:{port}, "
+            r"tls=TLSv1\.[23]/[A-Z0-9_-]+, delay=[0-9.]+, dsn=2\.0\.0, "
+            r"status=sent \(250 2\.0\.0 Ok: queued\)$",
         )
+        self.assertFalse(any("Starting factory" in t for t in texts(events)))
         self.assertFalse(any(PASSWORD in repr(e) for e in events))
 
     @inlineCallbacks
@@ -447,9 +624,11 @@ class LoopbackTests(TestCase):
             (True, 550, "5.1.1", "a.test"),
         )
         self.assertEqual(second.connectionCount, 0)
+        port = self.ports["a.test"]
         self.assertIn(
-            "Q1: to=<b@x.test>, relay=a.test, status=bounced (550 5.1.1 no such user)",
-            texts(events),
+            f"Q1: to=<b@x.test>, relay=a.test[127.0.0.1]:{port}, tls=none, delay=0.00, "
+            "dsn=5.1.1, status=bounced (550 5.1.1 no such user)",
+            attemptLines(events),
         )
 
     @inlineCallbacks
@@ -549,6 +728,137 @@ class LoopbackTests(TestCase):
             self.assertTrue(all(r.success for rs in results.values() for r in rs))
             self.assertEqual(upstream.connectionCount, 3)
             self.assertEqual(peak[0] > 1, overlapping, (limit, peak))
+
+    @inlineCallbacks
+    def test_fastUpstreamReportedWhileSlowStalls(self) -> Any:
+        """
+        Issue 13, defect 9, over real sockets: one upstream stalls at the
+        final dot; the message to the other is reported sent while the
+        stalled one is still in flight.
+        """
+        slow = yield self.upstream("slow.test", stallAt="dot")
+        yield self.upstream("fast.test")
+        config = RelayConfig(default=smart("slow.test"), domains={"b.test": smart("fast.test")})
+        reported: Deferred[Any] = Deferred()
+        reports: list[tuple[str, list[Any]]] = []
+
+        def report(queueId: str, results: list[Any]) -> None:
+            reports.append((queueId, results))
+            if queueId == "Q2":
+                reported.callback(None)
+
+        relay = self.makeRelay(config)
+        d = relay.deliverMany(
+            [makeMessage("Q1", ["a@a.test"]), makeMessage("Q2", ["b@b.test"])], report=report
+        )
+        yield reported
+        [(queueId, [result])] = reports
+        self.assertEqual((queueId, result.success), ("Q2", True))
+        self.assertFalse(d.called)
+        yield slow.stop()  # the stalled session ends: connection lost
+        results = yield d
+        self.assertEqual([q for q, _ in reports], ["Q2", "Q1"])
+        self.assertTrue(results["Q1"][0].transient)
+
+    @inlineCallbacks
+    def test_fourSlowUpstreamsDoNotStallTheRest(self) -> Any:
+        """
+        Issue 13, defect 9: four upstreams that never answer, with mail
+        enough to fill every slot (maxConcurrency 8, maxPerHost 2), and a
+        fast one: the fast one's message is delivered and reported while
+        all four still hold their connections.
+        """
+        slow = []
+        for i in range(4):
+            upstream = yield self.upstream(f"slow{i}.test", stallAt="greeting")
+            slow.append(upstream)
+        yield self.upstream("fast.test")
+        config = RelayConfig(
+            default=smart("fast.test"),
+            domains={f"d{i}.test": smart(f"slow{i}.test") for i in range(4)},
+        )
+        patient = attrs.evolve(FAST, greeting=120)
+        relay = self.makeRelay(
+            config, maxConcurrency=8, maxPerHost=2, maxMessagesPerConnection=1, timeouts=patient
+        )
+        messages = [makeMessage(f"S{i}{j}", [f"x@d{i}.test"]) for i in range(4) for j in range(3)]
+        reported: Deferred[Any] = Deferred()
+        reports: list[str] = []
+
+        def report(queueId: str, results: list[Any]) -> None:
+            reports.append(queueId)
+            if queueId == "F":
+                reported.callback(results)
+
+        d = relay.deliverMany([*messages, makeMessage("F", ["y@fast.test"])], report=report)
+        [result] = yield reported
+        self.assertTrue(result.success, result)
+        self.assertEqual(reports, ["F"])
+        # Second connections stopped at the reserve (2 of 8): slow0-2 got two
+        # each, slow3 only its first (from the reserve), fast.test the last.
+        active = [relay.slots.active(f"slow{i}.test") for i in range(4)]
+        self.assertEqual(active, [2, 2, 2, 1])
+        for upstream in slow:
+            yield upstream.stop()
+        results = yield d
+        self.assertEqual(len(results), 13)
+        self.assertTrue(relay.slots.idle)
+
+    @inlineCallbacks
+    def test_bodyReadInThreads(self) -> Any:
+        """
+        With the default runBlocking (the reactor's thread pool) the spool
+        file is opened and read off the reactor thread, in chunks of at
+        most BODY_CHUNK octets.
+        """
+        upstream = yield self.upstream("a.test")
+        body = b"x" * (3 * BODY_CHUNK) + b"\r\n"
+        threads: list[bool] = []
+        reads: list[int] = []
+
+        class Recording(io.BytesIO):
+            def read(self, size: int | None = -1) -> bytes:
+                threads.append(threading.current_thread() is threading.main_thread())
+                reads.append(-1 if size is None else size)
+                return super().read(size)
+
+        def opener(queueId: str) -> Recording:
+            threads.append(threading.current_thread() is threading.main_thread())
+            return Recording(body)
+
+        relay = Relay(
+            reactor,
+            RelayConfig(default=smart("a.test")),
+            StaticResolver(),
+            "gw.example.com",
+            opener,
+            timeouts=FAST,
+            endpointFactory=self.endpointFactory,
+        )
+        [result] = yield relay.deliver(makeMessage())
+        self.assertTrue(result.success, result)
+        self.assertEqual(upstream.transactions[0].data, body)
+        self.assertTrue(threads)
+        self.assertNotIn(True, threads)
+        self.assertEqual(set(reads), {BODY_CHUNK})
+
+    @inlineCallbacks
+    def test_eightBitEnvelopeSendsBody8BITMIME(self) -> Any:
+        """
+        Issue 15: a message whose envelope says 8BITMIME (as the spool
+        records for 8-bit content) goes up with BODY=8BITMIME; a 7-bit one
+        without it.
+        """
+        upstream = yield self.upstream("a.test")
+        eight = makeMessage("Q1")
+        eight = attrs.evolve(
+            eight, envelope=attrs.evolve(eight.envelope, body=BodyType.EIGHTBITMIME)
+        )
+        results = yield self.makeRelay(RelayConfig(default=smart("a.test"))).deliverMany(
+            [eight, makeMessage("Q2")]
+        )
+        self.assertTrue(all(rs[0].success for rs in results.values()), results)
+        self.assertEqual([t.mailParams for t in upstream.transactions], [("BODY=8BITMIME",), ()])
 
 
 def trackPeak(upstream: Any) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
@@ -16,10 +17,11 @@ from typing import Any
 from twisted.internet import error, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IPullProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -40,6 +42,7 @@ from mailgw.relay import clientprotocol
 from mailgw.relay.client import RelaySettings, RelayTimeouts, deliverBatch
 from mailgw.relay.clientprotocol import ProtocolError, ReplyParser
 from mailgw.relay.clienttransaction import Capabilities
+from mailgw.relay.filecache import threadPoolRunner
 from tests.upstream import makeTLSFiles, startUpstream
 
 CREATOR = optionsForClientTLS("upstream.test")  # never used for a handshake in memory
@@ -82,12 +85,19 @@ def settingsFor(mode: TLSMode = TLSMode.NONE, **kw: Any) -> RelaySettings:
 
 
 class Transport(StringTransport):
-    """Records each write, STARTTLS and TCP_NODELAY; closing is immediate."""
+    """
+    Records each write, STARTTLS and TCP_NODELAY; closing is immediate.
+    With a C{bufferLimit}, a streaming producer is paused, as a real
+    transport does, once more than that many bytes are buffered.
+    """
+
+    protocol: Any
 
     def __init__(self) -> None:
         super().__init__(
             IPv4Address("TCP", "127.0.0.1", 50000), IPv4Address("TCP", "192.0.2.1", 25)
         )
+        self.bufferLimit: int | None = None
         self.writes: list[bytes] = []
         self.tlsCreators: list[object] = []
         self.noDelay: bool | None = None
@@ -97,6 +107,9 @@ class Transport(StringTransport):
     def write(self, data: bytes) -> None:
         self.writes.append(data)
         super().write(data)
+        full = self.bufferLimit is not None and len(self.value()) > self.bufferLimit
+        if full and self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
 
     def startTLS(self, creator: object) -> None:
         self.tlsCreators.append(creator)
@@ -116,6 +129,30 @@ class Transport(StringTransport):
         if not self.lost:
             self.lost = True
             self.protocol.connectionLost(reason)
+
+
+class Blocking:
+    """A C{runBlocking} whose calls wait until the test runs them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def names(self) -> list[str]:
+        return [f.__name__ for f, _, _ in self.calls]
+
+    def runNext(self) -> None:
+        f, args, d = self.calls.pop(0)
+        try:
+            result = f(*args)
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
 
 
 @implementer(IStreamClientEndpoint)
@@ -139,15 +176,16 @@ class Dialog:
         messages: list[QueuedMessage],
         bodies: dict[str, bytes] | None = None,
         connect: bool = True,
+        **kw: Any,
     ) -> None:
         self.case = case
         self.clock = Clock()
         self.endpoint = FakeEndpoint()
         if bodies is None:
             bodies = {m.queueId: b"Subject: hi\r\n\r\nbody\r\n" for m in messages}
-        openBody = opener(bodies)
+        openBody = kw.pop("openBody", None) or opener(bodies)
         self.deferred = deliverBatch(
-            self.clock, self.endpoint, settings, [(m, openBody) for m in messages]
+            self.clock, self.endpoint, settings, [(m, openBody) for m in messages], **kw
         )
         self.results: list[list[list[DeliveryResult]]] = []
         self.deferred.addCallback(self.results.append)
@@ -179,13 +217,12 @@ class Dialog:
     def expect(self, data: bytes) -> None:
         self.case.assertEqual(self.client(), data)
 
-    def pumpBody(self, limit: int = 10_000) -> None:
-        for _ in range(limit):
-            producer = self.transport.producer
-            if producer is None:
-                return
-            producer.resumeProducing()
-        raise AssertionError("body never ended")
+    def pumpBody(self) -> None:
+        """Let a paused body go to its end."""
+        self.transport.bufferLimit = None
+        if self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        self.case.assertIsNone(self.transport.producer, "body never ended")
 
     def hello(self, capabilities: Iterable[str] = ("PIPELINING", "8BITMIME")) -> None:
         """Greeting and EHLO with these capabilities."""
@@ -432,25 +469,123 @@ class DialogTests(SynchronousTestCase):
         self.assertIn("cannot open the message", results[0][0].text)
         self.assertTrue(results[1][0].success)
 
+    def test_spoolErrorAtOpenIsTransientForThatMessage(self) -> None:
+        """
+        An opener failing with the spool's own error (not an OSError, e.g.
+        SpoolError for too many open files): transient for that message,
+        logged; the next one goes.
+        """
+
+        class SpoolTrouble(Exception):
+            pass
+
+        def openBody(queueId: str) -> io.BytesIO:
+            if queueId == "Q1":
+                raise SpoolTrouble("cannot open Q1: too many open files")
+            return io.BytesIO(b"x\r\n")
+
+        d = Dialog(self, settingsFor(), [makeMessage("Q1"), makeMessage("Q2")], openBody=openBody)
+        d.hello(["PIPELINING"])
+        self.assertTrue(d.client().startswith(b"MAIL FROM:"))
+        d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        d.expect(b"x\r\n.\r\n")
+        d.server(b"250 ok\r\n")
+        [[first], [second]] = d.quit()
+        self.assertTrue(first.transient)
+        self.assertIn("cannot open the message in the spool: cannot open Q1", first.text)
+        self.assertTrue(second.success)
+        self.assertEqual(len(self.flushLoggedErrors(SpoolTrouble)), 1)
+
     def test_bodyStreamedInChunks(self) -> None:
         """
-        The body is read 64 KiB at a time, only when the transport asks,
-        through a registered pull producer.
+        The file is opened, read 64 KiB at a time and closed through
+        runBlocking (off the reactor thread); one read at a time, none while
+        the transport is paused, so a message is never in memory whole.
         """
         body = b"x" * (3 * clientprotocol.BODY_CHUNK + 5)
-        d = Dialog(self, settingsFor(), [makeMessage()], {"Q1": body})
+        blocking = Blocking()
+        d = Dialog(self, settingsFor(), [makeMessage()], {"Q1": body}, runBlocking=blocking)
+        d.hello(["PIPELINING"])
+        self.assertEqual(d.client(), b"")  # MAIL waits for the file to open
+        self.assertEqual(blocking.names(), ["<lambda>"])  # the opener
+        blocking.runNext()
+        self.assertTrue(d.client().startswith(b"MAIL FROM:"))
+        d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        producer: Any = d.transport.producer
+        self.assertTrue(d.transport.streaming)
+        verifyObject(IPushProducer, producer)
+        self.assertEqual((blocking.names(), d.client()), (["read"], b""))
+        blocking.runNext()
+        self.assertEqual(len(d.client()), clientprotocol.BODY_CHUNK)
+        self.assertEqual(blocking.names(), ["read"])  # the next chunk, one at a time
+        producer.pauseProducing()
+        blocking.runNext()
+        self.assertEqual(len(d.client()), clientprotocol.BODY_CHUNK)
+        self.assertEqual(blocking.calls, [])  # paused: nothing read
+        producer.resumeProducing()
+        while blocking.names() == ["read"]:
+            blocking.runNext()
+        self.assertEqual(len(d.client()), clientprotocol.BODY_CHUNK + 5 + 5)
+        self.assertIsNone(d.transport.producer)
+        d.server(b"250 ok\r\n")
+        self.assertEqual(blocking.names(), ["close"])
+        blocking.runNext()
+        [[result]] = d.quit()
+        self.assertTrue(result.success)
+
+    def test_onFinishedPerMessage(self) -> None:
+        """
+        onFinished reports each message as soon as its final dot is
+        answered, while the session goes on; once each, in order.
+        """
+        reports: list[tuple[int, list[str], Any]] = []
+
+        def onFinished(index: int, results: list[DeliveryResult], attempt: Any) -> None:
+            reports.append((index, [kind(r) for r in results], attempt))
+
+        d = Dialog(
+            self,
+            settingsFor(),
+            [makeMessage("Q1"), makeMessage("Q2", recipients=["a@x.test", "b@x.test"])],
+            onFinished=onFinished,
+        )
         d.hello(["PIPELINING"])
         d.client()
         d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        producer = d.transport.producer
-        self.assertFalse(d.transport.streaming)
-        verifyObject(IPullProducer, producer)
-        self.assertEqual(d.client(), b"")  # nothing until asked
-        producer.resumeProducing()
-        self.assertEqual(len(d.client()), clientprotocol.BODY_CHUNK)
-        d.pumpBody()
-        self.assertEqual(len(d.client()), 2 * clientprotocol.BODY_CHUNK + 5 + 5)
-        self.assertIsNone(d.transport.producer)
+        d.client()
+        self.assertEqual(reports, [])
+        d.server(b"250 ok\r\n")
+        self.assertEqual([r[:2] for r in reports], [(0, ["success"])])
+        self.assertEqual(reports[0][2].peer, ("192.0.2.1", 25))
+        self.assertIsNone(reports[0][2].tlsVersion)
+        d.client()
+        d.server(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+        d.client()
+        d.server(b"250 ok\r\n")
+        self.assertEqual(
+            [r[:2] for r in reports], [(0, ["success"]), (1, ["success", "permanent"])]
+        )
+        d.quit()
+        self.assertEqual(len(reports), 2)
+
+    def test_onFinishedAfterFailure(self) -> None:
+        """A session that fails reports what was unfinished, once."""
+        reports: list[int] = []
+        d = Dialog(
+            self,
+            settingsFor(),
+            [makeMessage("Q1"), makeMessage("Q2")],
+            onFinished=lambda index, results, attempt: reports.append(index),
+        )
+        d.hello(["PIPELINING"])
+        d.client()
+        d.server(b"421 4.3.2 closing\r\n")
+        d.done()
+        self.assertEqual(reports, [0, 1])
+
+
+def kind(r: DeliveryResult) -> str:
+    return "success" if r.success else "permanent" if r.permanent else "transient"
 
 
 class SizeAndExtensionTests(SynchronousTestCase):
@@ -706,11 +841,12 @@ class TimeoutTests(SynchronousTestCase):
         self.assertTimedOut(d, 120, "timeout waiting for reply to DATA")
 
     def test_dataBlock(self) -> None:
-        """The transport taking no data for 180 s is a timeout."""
+        """The transport paused (taking no data) for 180 s is a timeout."""
         d = Dialog(self, settingsFor(), [makeMessage()], {"Q1": b"x" * 200_000})
+        d.transport.bufferLimit = 1000
         d.hello(["PIPELINING"])
         d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        d.transport.producer.resumeProducing()
+        self.assertIsNotNone(d.transport.producer)
         self.assertTimedOut(d, 180, "timeout sending message data (upstream took no data)")
 
     def test_finalDot(self) -> None:
@@ -740,9 +876,9 @@ class TimeoutTests(SynchronousTestCase):
 
     def test_connectionLostMidData(self) -> None:
         d = Dialog(self, settingsFor(), [makeMessage()], {"Q1": b"x" * 200_000})
+        d.transport.bufferLimit = 1000
         d.hello(["PIPELINING"])
         d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        d.transport.producer.resumeProducing()
         d.transport.closeNow(Failure(error.ConnectionLost()))
         [[result]] = d.done()
         self.assertEqual(result.text, "connection lost while sending message data")
@@ -792,9 +928,9 @@ class HostileReplyTests(SynchronousTestCase):
 
     def test_replyDuringData(self) -> None:
         d = Dialog(self, settingsFor(), [makeMessage()], {"Q1": b"x" * 200_000})
+        d.transport.bufferLimit = 1000
         d.hello(["PIPELINING"])
         d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
-        d.transport.producer.resumeProducing()
         d.server(b"250 done early\r\n")
         [[result]] = d.done()
         self.assertIn("before the end of data", result.text)
@@ -1050,7 +1186,10 @@ class LoopbackTests(TestCase):
 
     @inlineCallbacks
     def test_twentyMebibytes(self) -> Any:
-        """A 20 MiB message, streamed from a file, arrives byte for byte."""
+        """
+        A 20 MiB message, streamed from a file 64 KiB at a time off the
+        reactor thread, arrives byte for byte.
+        """
         path = self.mktemp()
         line = b"0123456789" * 7 + b"abcd\r\n"
         with open(path, "wb") as f:
@@ -1059,18 +1198,40 @@ class LoopbackTests(TestCase):
             size = f.tell()
         upstream = yield self.upstream(size=30 * 1024 * 1024)
         message = makeMessage(size=size)
+        reads: list[tuple[int, bool]] = []
+
+        class Recording(io.FileIO):
+            def read(self, size: int | None = -1) -> bytes:
+                onMain = threading.current_thread() is threading.main_thread()
+                reads.append((-1 if size is None else size, onMain))
+                return super().read(size)
+
         results = yield deliverBatch(
             reactor,
             upstream.endpoint(reactor),
             self.settings(TLSMode.NONE),
-            [(message, lambda queueId: open(path, "rb"))],
+            [(message, lambda queueId: Recording(path, "rb"))],
+            runBlocking=threadPoolRunner(reactor),
         )
         self.assertTrue(results[0][0].success, results)
+        # Read in chunks, each in a thread of the pool, never the whole file.
+        self.assertEqual({r[0] for r in reads}, {clientprotocol.BODY_CHUNK})
+        self.assertEqual({r[1] for r in reads}, {False})
         [received] = upstream.factory.transactions
         self.assertEqual(received.mailParams, (f"SIZE={size}",))
         self.assertGreater(size, 20 * 1024 * 1024)
-        with open(path, "rb") as f:
-            self.assertTrue(received.data == f.read(), "data differs")
+        with open(path, "rb") as original:
+            self.assertTrue(received.data == original.read(), "data differs")
+
+    @inlineCallbacks
+    def test_noFactoryNoise(self) -> Any:
+        """Issue 14: no "Starting factory <... at 0x...>" line per connection."""
+        upstream = yield self.upstream()
+        with capturedLogs() as events:
+            [[result]] = yield self.deliver(upstream, self.settings(TLSMode.NONE), [makeMessage()])
+        self.assertTrue(result.success, result)
+        lines = [formatEvent(e) for e in events]
+        self.assertFalse([line for line in lines if "factory" in line.lower()], lines)
 
     @inlineCallbacks
     def test_eightBitWithout8BITMIME(self) -> Any:

@@ -11,14 +11,12 @@ transient results; replies are classified as docs/relay-client.md tabulates.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Sequence
-from typing import BinaryIO, cast
+from collections.abc import Sequence
+from typing import Any, BinaryIO, cast
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
-    IOpenSSLClientConnectionCreator,
     IReactorTime,
     IStreamClientEndpoint,
 )
@@ -29,6 +27,7 @@ from twisted.python.failure import Failure
 from mailgw.config import TLSMode
 from mailgw.envelope import DeliveryResult, QueuedMessage
 from mailgw.relay.clientprotocol import (
+    BODY_CHUNK,
     ConnectionFailed,
     ProtocolError,
     RelayError,
@@ -36,71 +35,28 @@ from mailgw.relay.clientprotocol import (
     SMTPClientProtocol,
     describeFailure,
 )
-from mailgw.relay.clienttransaction import Capabilities, Outcome, Transaction, classify, wireSafe
+from mailgw.relay.clientsettings import (
+    Attempt,
+    MessageOpener,
+    OnFinished,
+    RelaySettings,
+    RelayTimeouts,
+)
+from mailgw.relay.clienttransaction import Capabilities, Outcome, Transaction, classify
+from mailgw.relay.filecache import RunBlocking, runInline
+from mailgw.tls import describeTLS
 
-__all__ = ["RelaySettings", "RelayTimeouts", "TLSMode", "deliverBatch", "MessageOpener"]
+__all__ = [
+    "Attempt",
+    "MessageOpener",
+    "OnFinished",
+    "RelaySettings",
+    "RelayTimeouts",
+    "TLSMode",
+    "deliverBatch",
+]
 
 log = Logger()
-
-#: Opens a queued message's bytes for reading, given its queue id (e.g.
-#: L{mailgw.interfaces.ISpool.openMessage}).
-MessageOpener = Callable[[str], BinaryIO]
-
-
-@attrs.frozen
-class RelayTimeouts:
-    """
-    Seconds to wait, RFC 5321 4.5.3.2 defaults. C{command} covers what that
-    section does not list (STARTTLS, AUTH, RSET; HELO uses C{ehlo});
-    C{quit} bounds the polite goodbye, after every result is already known.
-    """
-
-    connect: float = 30.0
-    greeting: float = 300.0
-    ehlo: float = 300.0
-    command: float = 300.0
-    mail: float = 300.0
-    rcpt: float = 300.0
-    dataInitiation: float = 120.0
-    dataBlock: float = 180.0
-    finalDot: float = 600.0
-    quit: float = 30.0
-
-
-def _hideSecret(auth: tuple[str, str, str] | None) -> str:
-    return "None" if auth is None else f"({auth[0]!r}, '***', {auth[2]!r})"
-
-
-@attrs.frozen
-class RelaySettings:
-    """
-    How to talk to one upstream.
-
-    @ivar hostname: the upstream's name, as given to C{optionsForClientTLS}
-        when C{tlsCreator} was built; it is the C{remote} of every result.
-    @ivar ehloHostname: our name in EHLO/HELO.
-    @ivar tlsMode: STARTTLS (required), OPPORTUNISTIC (when offered, then
-        required to succeed), IMPLICIT (L{deliverBatch} wraps the endpoint
-        in TLS itself) or NONE (plain text; loopback upstreams only).
-    @ivar tlsCreator: verifies the upstream certificate; required unless
-        C{tlsMode} is NONE.
-    @ivar auth: C{(user, password, "PLAIN" | "LOGIN")} or None.
-    """
-
-    hostname: str
-    ehloHostname: str
-    tlsMode: TLSMode = TLSMode.STARTTLS
-    tlsCreator: IOpenSSLClientConnectionCreator | None = None
-    auth: tuple[str, str, str] | None = attrs.field(default=None, repr=_hideSecret)
-    timeouts: RelayTimeouts = RelayTimeouts()
-
-    def __attrs_post_init__(self) -> None:
-        if not self.ehloHostname or not wireSafe(self.ehloHostname) or " " in self.ehloHostname:
-            raise ValueError(f"bad EHLO host name {self.ehloHostname!r}")
-        if self.tlsMode is not TLSMode.NONE and self.tlsCreator is None:
-            raise ValueError(f"TLS mode {self.tlsMode.value} needs a tlsCreator")
-        if self.auth is not None and self.auth[2] not in ("PLAIN", "LOGIN"):
-            raise ValueError(f"unsupported AUTH mechanism {self.auth[2]!r}")
 
 
 def deliverBatch(
@@ -108,10 +64,20 @@ def deliverBatch(
     endpoint: IStreamClientEndpoint,
     settings: RelaySettings,
     messages: Sequence[tuple[QueuedMessage, MessageOpener]],
+    *,
+    runBlocking: RunBlocking = runInline,
+    onFinished: OnFinished | None = None,
 ) -> Deferred[list[list[DeliveryResult]]]:
     """
     Deliver C{messages} over one connection made with C{endpoint} (a plain
     TCP endpoint; for IMPLICIT mode this wraps it with C{wrapClientTLS}).
+
+    Each message is opened with its opener, read in L{BODY_CHUNK} pieces
+    and closed through C{runBlocking} (a thread pool in production; the
+    default runs them inline, for tests). C{onFinished} is called once per
+    message, from the reactor thread, as soon as the message's results are
+    known: after the upstream's reply to its final dot, not at the end of
+    the session; a failure of C{onFinished} is logged and ignored.
 
     @return: a Deferred that never fails and fires, once the connection is
         closed, with one list per message of one L{DeliveryResult} per
@@ -122,10 +88,14 @@ def deliverBatch(
         (4xx, network, TLS, certificate, timeout, protocol errors, AUTH
         refused, 530) is transient.
     """
-    return Deferred.fromCoroutine(_deliverBatch(reactor, endpoint, settings, messages))
+    return Deferred.fromCoroutine(
+        _deliverBatch(reactor, endpoint, settings, messages, runBlocking, onFinished)
+    )
 
 
 class _ClientFactory(Factory):
+    noisy = False  # no "Starting factory" line per relay connection
+
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
 
@@ -158,14 +128,18 @@ async def _deliverBatch(
     endpoint: IStreamClientEndpoint,
     settings: RelaySettings,
     messages: Sequence[tuple[QueuedMessage, MessageOpener]],
+    runBlocking: RunBlocking,
+    onFinished: OnFinished | None,
 ) -> list[list[DeliveryResult]]:
     transactions = [Transaction.forMessage(m, settings.hostname) for m, _ in messages]
+    reporter = _Reporter(transactions, onFinished)
     work = list(zip(transactions, (o for _, o in messages), strict=True))
     protocol: SMTPClientProtocol | None = None
     try:
         if not all(t.finished for t in transactions):
             protocol = await _connect(reactor, endpoint, settings)
-            await _Session(protocol, settings).run(work)
+            reporter.protocol = protocol
+            await _Session(protocol, settings, runBlocking, reporter).run(work)
     except Exception as e:
         if not isinstance(e, RelayError):
             log.failure("relay client bug; every unfinished recipient is deferred")
@@ -173,22 +147,66 @@ async def _deliverBatch(
         log.info("relay to {remote} ended: {why}", remote=settings.hostname, why=str(e))
         for t in transactions:
             t.failUnfinished(e)
+        reporter.report()
         if protocol is not None and e.polite:
-            await _Session(protocol, settings).quit()
+            await _Session(protocol, settings, runBlocking, reporter).quit()
         elif protocol is not None:
             protocol.fail(e)  # abort: the connection is out of step or hostile
+    reporter.report()
     if protocol is not None:
         protocol.close(settings.timeouts.quit)
         await protocol.whenClosed()
     return [t.results() for t in transactions]
 
 
+class _Reporter:
+    """Calls C{onFinished} once for each transaction, once it is finished."""
+
+    def __init__(self, transactions: list[Transaction], onFinished: OnFinished | None) -> None:
+        self.transactions = transactions
+        self.onFinished = onFinished
+        self.reported = [False] * len(transactions)
+        self.protocol: SMTPClientProtocol | None = None
+        self._tls: tuple[str | None, str | None] = (None, None)
+
+    def attempt(self) -> Attempt:
+        if self.protocol is None or self.protocol.transport is None:
+            return Attempt()
+        transport: Any = self.protocol.transport
+        peer = transport.getPeer()
+        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        version, cipher = describeTLS(transport)
+        if version is not None:
+            self._tls = (version, cipher)  # still known once the connection is gone
+        address = (str(host), int(port)) if host is not None and port is not None else None
+        return Attempt(address, *self._tls)
+
+    def report(self) -> None:
+        if self.onFinished is None:
+            return
+        for index, transaction in enumerate(self.transactions):
+            if transaction.finished and not self.reported[index]:
+                self.reported[index] = True
+                try:
+                    self.onFinished(index, transaction.results(), self.attempt())
+                except Exception:
+                    log.failure("error reporting a relay result")
+
+
 class _Session:
     """The dialogue with one upstream, from greeting to QUIT."""
 
-    def __init__(self, protocol: SMTPClientProtocol, settings: RelaySettings) -> None:
+    def __init__(
+        self,
+        protocol: SMTPClientProtocol,
+        settings: RelaySettings,
+        runBlocking: RunBlocking,
+        reporter: _Reporter,
+    ) -> None:
         self.protocol = protocol
         self.settings = settings
+        self.runBlocking = runBlocking
+        self.reporter = reporter
         self.timeouts = settings.timeouts
         self.capabilities = Capabilities()
         self.tls = settings.tlsMode is TLSMode.IMPLICIT
@@ -207,6 +225,7 @@ class _Session:
         for transaction, opener in work:
             if not transaction.finished:
                 await self.deliver(transaction, opener)
+            self.reporter.report()
         await self.quit()
 
     async def hello(self) -> None:
@@ -284,15 +303,20 @@ class _Session:
         if transaction.refuse(self.capabilities):
             return
         try:
-            message = opener(transaction.message.queueId)
-        except (OSError, KeyError) as e:
+            message: BinaryIO = await self.runBlocking(opener, transaction.message.queueId)
+        except Exception as e:
+            # OSError, KeyError (gone), or whatever the spool raises for a
+            # local failure (its SpoolError): transient for this message.
+            if not isinstance(e, OSError | KeyError):
+                log.failure("cannot open {queueId}", queueId=transaction.message.queueId)
             why = f"cannot open the message in the spool: {e}"
             transaction.finishAll(Outcome(False, False, 0, "", why))
             return
         try:
             await self.transaction(transaction, message)
+            self.reporter.report()  # before the close: that is a thread's round trip
         finally:
-            message.close()
+            await self.runBlocking(message.close)
 
     async def transaction(self, transaction: Transaction, message: BinaryIO) -> None:
         protocol, timeouts = self.protocol, self.timeouts
@@ -345,7 +369,9 @@ class _Session:
             transaction.finishAll(classify(dataReply))
             await self.reset()
             return
-        await protocol.sendBody(message, timeouts.dataBlock)
+        await protocol.sendBody(
+            lambda: self.runBlocking(message.read, BODY_CHUNK), timeouts.dataBlock
+        )
         final = await protocol.nextReply(timeouts.finalDot, "reply to the final dot")
         _check(final)
         transaction.finishAll(classify(final))

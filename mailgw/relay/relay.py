@@ -1,11 +1,14 @@
 """
 mailgw's L{IRelay}: queued messages in, one L{DeliveryResult} per pending
-recipient out.
+recipient out, each message's results reported as soon as they are known.
 
 Each pending recipient's route is looked up (L{RelayConfig.routeFor}), the
 recipients are grouped by destination (L{groupRecipients}), each group's
-upstream hosts are found (L{resolveDestinations}) and tried in order with
-L{deliverBatch}, under connection limits that every call shares.
+upstream hosts are found (L{resolveDestinations}), and each batch of at most
+C{maxMessagesPerConnection} messages tries those hosts in order with
+L{deliverBatch}, under connection slots that every call shares
+(L{ConnectionSlots}). Batches move on independently: a slow connection
+holds up only its own messages.
 
 Success and permanent results are final. Everything that retrying may fix
 is transient and leaves the recipient queued: no route configured, DNS
@@ -15,23 +18,37 @@ relay password or CA file, and any bug in this module.
 
 from __future__ import annotations
 
+import functools
 import random
-from collections import deque
+import ssl as stdssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.interfaces import IResolver, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IResolver,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw import tls
 from mailgw.config import RelayConfig, Route, TLSMode
-from mailgw.envelope import Address, DeliveryResult, QueuedMessage
+from mailgw.envelope import DeliveryResult, QueuedMessage
 from mailgw.interfaces import IRelay
-from mailgw.relay.client import MessageOpener, RelaySettings, RelayTimeouts, deliverBatch
+from mailgw.relay.client import (
+    Attempt,
+    MessageOpener,
+    RelaySettings,
+    RelayTimeouts,
+    deliverBatch,
+)
+from mailgw.relay.deliverylog import logAttempt, relayName, tlsName
+from mailgw.relay.filecache import FileCache, RunBlocking, threadPoolRunner
+from mailgw.relay.results import INTERNAL, INTERNAL_ERROR, Part, Report, Results, splitParts
 from mailgw.relay.routing import (
     Destination,
     DestinationKey,
@@ -39,8 +56,9 @@ from mailgw.relay.routing import (
     groupRecipients,
     resolveDestinations,
 )
+from mailgw.relay.slots import ConnectionSlots
 
-__all__ = ["EndpointFactory", "Relay"]
+__all__ = ["EndpointFactory", "Relay", "Report"]
 
 log = Logger()
 
@@ -49,95 +67,13 @@ log = Logger()
 EndpointFactory = Callable[[Destination, float], IStreamClientEndpoint]
 
 # RFC 3463 X.3.5 "system incorrectly configured": our setup, not the
-# recipient, is at fault; X.3.0 "other mail system status" for our bugs.
+# recipient, is at fault.
 MISCONFIGURED = "4.3.5"
-INTERNAL = "4.3.0"
-INTERNAL_ERROR = "internal error in the relay; will retry"
 DEFAULT_TIMEOUTS = RelayTimeouts()
 
 
 class _LocalProblem(Exception):
     """Our own configuration keeps a group from being tried (transient)."""
-
-
-@attrs.frozen
-class _Part:
-    """
-    A message restricted to the pending recipients of one group, and the
-    position of each of them among the message's pending recipients.
-    """
-
-    message: QueuedMessage
-    positions: tuple[int, ...]
-
-    def only(self, indices: Sequence[int]) -> _Part:
-        """This part with only its recipients at C{indices}."""
-        states = self.message.recipients
-        return _Part(
-            attrs.evolve(self.message, recipients=tuple(states[i] for i in indices)),
-            tuple(self.positions[i] for i in indices),
-        )
-
-    def all(self, **outcome: Any) -> list[DeliveryResult]:
-        """The same C{outcome} for every recipient of this part."""
-        return [DeliveryResult(s.address, **outcome) for s in self.message.recipients]
-
-    def deferred(self, enhanced: str, text: str, remote: str = "") -> list[DeliveryResult]:
-        """A transient result of our own for every recipient of this part."""
-        return self.all(success=False, enhanced=enhanced, text=text, remote=remote)
-
-
-class _Results:
-    """One slot per pending recipient of every message, each filled once."""
-
-    def __init__(self, messages: Sequence[QueuedMessage]) -> None:
-        self.messages = messages
-        self.slots: dict[str, list[DeliveryResult | None]] = {
-            m.queueId: [None] * len(m.pendingRecipients) for m in messages
-        }
-
-    def put(self, part: _Part, index: int, result: DeliveryResult) -> None:
-        slots = self.slots[part.message.queueId]
-        if slots[part.positions[index]] is None:
-            slots[part.positions[index]] = result
-
-    def putAll(self, part: _Part, results: Sequence[DeliveryResult]) -> None:
-        if len(results) != len(part.positions):
-            raise RuntimeError(f"{len(results)} results for {len(part.positions)} recipients")
-        for index, result in enumerate(results):
-            self.put(part, index, result)
-
-    def final(self) -> dict[str, list[DeliveryResult]]:
-        """Every slot, those left empty (a bug) filled with a transient result."""
-        final: dict[str, list[DeliveryResult]] = {}
-        for message in self.messages:
-            slots = self.slots[message.queueId]
-            final[message.queueId] = [
-                result or DeliveryResult(state.address, False, False, 0, INTERNAL, INTERNAL_ERROR)
-                for state, result in zip(message.pendingRecipients, slots, strict=True)
-            ]
-        return final
-
-
-def _split(
-    messages: Sequence[QueuedMessage],
-    groups: dict[DestinationKey | None, list[tuple[QueuedMessage, tuple[Address, ...]]]],
-) -> dict[DestinationKey | None, list[_Part]]:
-    """Turn L{groupRecipients}' addresses back into recipient positions."""
-    free: dict[str, dict[Address, deque[int]]] = {}
-    for message in messages:
-        table = free[message.queueId] = {}
-        for position, state in enumerate(message.pendingRecipients):
-            table.setdefault(state.address, deque()).append(position)
-    parts: dict[DestinationKey | None, list[_Part]] = {}
-    for key, items in groups.items():
-        for message, addresses in items:
-            # A recipient listed twice takes two positions, in order.
-            positions = tuple(free[message.queueId][a].popleft() for a in addresses)
-            pending = message.pendingRecipients
-            restricted = attrs.evolve(message, recipients=tuple(pending[p] for p in positions))
-            parts.setdefault(key, []).append(_Part(restricted, positions))
-    return parts
 
 
 @implementer(IRelay)
@@ -146,9 +82,16 @@ class Relay:
     Delivers queued messages to the upstreams L{RelayConfig} names.
 
     At most C{maxConcurrency} upstream connections are open at once, and at
-    most C{maxPerHost} to one host, across every call in flight. One
-    connection carries at most C{maxMessagesPerConnection} messages. The
-    route's C{connectTimeout} replaces C{timeouts.connect}.
+    most C{maxPerHost} to one host, across every call in flight; a host's
+    second and later connections leave a quarter of the slots to hosts
+    with none (L{ConnectionSlots}). One connection carries at most
+    C{maxMessagesPerConnection} messages. The route's C{connectTimeout}
+    replaces C{timeouts.connect}.
+
+    Nothing blocking runs on the reactor thread: message files are opened,
+    read and closed, relay passwords read and client TLS contexts built
+    through C{runBlocking}; passwords and TLS contexts are cached until
+    their file changes (L{FileCache}).
 
     @param reactor: its clock times the sessions; the default endpoint
         factory also connects with it.
@@ -158,6 +101,8 @@ class Relay:
     @param rng: shuffles MX hosts of equal preference.
     @param endpointFactory: makes the plain TCP endpoint for a destination;
         by default a L{HostnameEndpoint} to its host and port.
+    @param runBlocking: C{runBlocking(f, *args) -> Deferred}; by default
+        the reactor's thread pool (inline for a reactor without threads).
     """
 
     def __init__(
@@ -174,6 +119,7 @@ class Relay:
         maxMessagesPerConnection: int = 100,
         rng: random.Random | None = None,
         endpointFactory: EndpointFactory | None = None,
+        runBlocking: RunBlocking | None = None,
     ) -> None:
         if min(maxConcurrency, maxPerHost, maxMessagesPerConnection) < 1:
             raise ValueError("connection and batch limits must be at least 1")
@@ -187,8 +133,10 @@ class Relay:
         self.maxMessagesPerConnection = maxMessagesPerConnection
         self.rng = rng
         self.endpointFactory = endpointFactory or self._hostnameEndpoint
-        self._connections = DeferredSemaphore(maxConcurrency)
-        self._perHost: dict[str, DeferredSemaphore] = {}
+        self.runBlocking = runBlocking or threadPoolRunner(reactor)
+        self.slots = ConnectionSlots(maxConcurrency, maxPerHost)
+        self.tlsCreators: FileCache[IOpenSSLClientConnectionCreator] = FileCache(self.runBlocking)
+        self.secrets: FileCache[str | None] = FileCache(self.runBlocking)
 
     def _hostnameEndpoint(self, destination: Destination, timeout: float) -> IStreamClientEndpoint:
         return HostnameEndpoint(self.reactor, destination.host, destination.port, timeout=timeout)
@@ -204,25 +152,36 @@ class Relay:
         return d.addCallback(lambda results: results[message.queueId])
 
     def deliverMany(
-        self, messages: Sequence[QueuedMessage]
+        self, messages: Sequence[QueuedMessage], report: Report | None = None
     ) -> Deferred[dict[str, list[DeliveryResult]]]:
         """
         Try once to deliver C{messages}, sharing connections between them.
 
-        @return: a Deferred that never fails, firing with a dict from queue
-            id to one result per pending recipient of that message, in
-            order (C{[]} for a message with none). A queue id given twice is
-            delivered once.
+        C{report(queueId, results)} is called exactly once per message, from
+        the reactor thread, as soon as every pending recipient of that
+        message has its result (one per pending recipient, in order): for a
+        message split over several routes, when its last route is done; for
+        one with no pending recipient (or no route at all), possibly before
+        C{deliverMany} returns. Even after a bug in the relay (then every
+        unfinished recipient is transient) a message is reported once, never
+        twice. An exception raised by C{report} is logged and ignored.
+
+        @return: a Deferred that never fails, firing once every message is
+            done with a dict from queue id to the same results (C{[]} for a
+            message with none). A queue id given twice is delivered once.
         """
         unique: dict[str, QueuedMessage] = {}
         for message in messages:
             unique.setdefault(message.queueId, message)
-        return Deferred.fromCoroutine(self._deliverMany(list(unique.values())))
+        results = Results(list(unique.values()), report, self.reactor.seconds)
+        return Deferred.fromCoroutine(self._deliverMany(list(unique.values()), results))
 
-    async def _deliverMany(self, messages: list[QueuedMessage]) -> dict[str, list[DeliveryResult]]:
-        results = _Results(messages)
+    async def _deliverMany(
+        self, messages: list[QueuedMessage], results: Results
+    ) -> dict[str, list[DeliveryResult]]:
         try:
-            groups = _split(messages, groupRecipients(messages, self.relayConfig.routeFor))
+            results.start()
+            groups = splitParts(messages, groupRecipients(messages, self.relayConfig.routeFor))
             await gatherResults(
                 [
                     Deferred.fromCoroutine(self._deliverGroup(key, parts, results))
@@ -232,35 +191,42 @@ class Relay:
             )
         except Exception:
             log.failure("relay bug; every unfinished recipient is deferred")
-        final = results.final()
-        for message in messages:
-            for result in final[message.queueId]:
-                _logResult(message.queueId, result)
-        return final
+        return results.final()
 
     async def _deliverGroup(
-        self, key: DestinationKey | None, parts: list[_Part], results: _Results
+        self, key: DestinationKey | None, parts: list[Part], results: Results
     ) -> None:
+        """Never fails: a bug makes what is unfinished in C{parts} transient."""
         try:
             if key is None:
                 # The message waits in the queue; `mailgw queue list` shows why.
                 for part in parts:
-                    for index, state in enumerate(part.message.recipients):
-                        text = f"no relay route configured for {state.address.domain}"
-                        outcome = DeliveryResult(
-                            state.address, False, False, 0, MISCONFIGURED, text
+                    outcome = [
+                        DeliveryResult(
+                            state.address,
+                            False,
+                            False,
+                            0,
+                            MISCONFIGURED,
+                            f"no relay route configured for {state.address.domain}",
                         )
-                        results.put(part, index, outcome)
+                        for state in part.message.recipients
+                    ]
+                    results.local(part, outcome)
             else:
                 await self._deliverRoute(key, parts, results)
         except Exception:
             log.failure("relay bug while delivering to {key}", key=key)
             for part in parts:
-                results.putAll(part, part.deferred(INTERNAL, INTERNAL_ERROR))
+                self._bug(part, results)
 
-    async def _deliverRoute(
-        self, key: DestinationKey, parts: list[_Part], results: _Results
-    ) -> None:
+    def _bug(self, part: Part, results: Results) -> None:
+        left = results.unfilled(part)
+        if left:
+            rest = part.only(left)
+            results.local(rest, rest.deferred(INTERNAL, INTERNAL_ERROR))
+
+    async def _deliverRoute(self, key: DestinationKey, parts: list[Part], results: Results) -> None:
         route = key.route
         try:
             destinations = await resolveDestinations(self.resolver, route, key.domain, rng=self.rng)
@@ -269,63 +235,123 @@ class Relay:
                 outcome = part.all(
                     success=False, permanent=e.permanent, enhanced=e.enhanced, text=str(e)
                 )
-                results.putAll(part, outcome)
+                results.local(part, outcome)
             return
         try:
-            auth = _auth(route)
+            auth = await self._auth(route)
         except _LocalProblem as e:
             log.warn("relay route unusable: {why}", why=str(e))
             for part in parts:
-                results.putAll(part, part.deferred(MISCONFIGURED, str(e)))
+                results.local(part, part.deferred(MISCONFIGURED, str(e)))
             return
-        pending = parts
-        for number, destination in enumerate(destinations):
-            last = number == len(destinations) - 1
-            attempt = await self._attempt(destination, auth, pending)
-            # Success and permanent results are final; what is transient is
-            # tried at the next host (RFC 5321 5.1), or stays after the last.
-            retry: list[_Part] = []
-            for part, partResults in zip(pending, attempt, strict=True):
-                again = []
-                for index, result in enumerate(partResults):
-                    if result.transient and not last:
-                        again.append(index)
-                    else:
-                        results.put(part, index, result)
-                if again:
-                    retry.append(part.only(again))
-            pending = retry
-            if not pending:
-                return
-        for part in pending:  # no destination at all
-            results.putAll(part, part.deferred(INTERNAL, "no upstream host"))
+        if not destinations:
+            for part in parts:
+                results.local(part, part.deferred(INTERNAL, "no upstream host"))
+            return
+        size = self.maxMessagesPerConnection
+        batches = [parts[i : i + size] for i in range(0, len(parts), size)]
+        await gatherResults(
+            [
+                Deferred.fromCoroutine(self._deliverBatch(destinations, auth, batch, results))
+                for batch in batches
+            ],
+            consumeErrors=True,
+        )
+
+    async def _deliverBatch(
+        self,
+        destinations: list[Destination],
+        auth: tuple[str, str, str] | None,
+        batch: list[Part],
+        results: Results,
+    ) -> None:
+        """One batch through the hosts in order, until nothing is left to
+        retry (RFC 5321 5.1). Never fails."""
+        pending = batch
+        try:
+            for number, destination in enumerate(destinations):
+                last = number == len(destinations) - 1
+                pending = await self._attempt(destination, auth, pending, results, last)
+                if not pending:
+                    return
+        except Exception:
+            log.failure(
+                "relay bug while delivering to {remote}", remote=[str(d.host) for d in destinations]
+            )
+            for part in pending:
+                self._bug(part, results)
 
     async def _attempt(
-        self, destination: Destination, auth: tuple[str, str, str] | None, parts: list[_Part]
-    ) -> list[list[DeliveryResult]]:
-        """One result list per part, from C{destination}, over as many
-        connections as C{maxMessagesPerConnection} asks for."""
+        self,
+        destination: Destination,
+        auth: tuple[str, str, str] | None,
+        parts: list[Part],
+        results: Results,
+        last: bool,
+    ) -> list[Part]:
+        """
+        Deliver C{parts} over one connection to C{destination}, putting
+        each final result as soon as the session knows it.
+
+        @return: the parts with results to try at the next host: transient
+            ones, unless C{last}.
+        """
+        retry: dict[int, list[int]] = {}
+
+        def finished(index: int, partResults: list[DeliveryResult], attempt: Attempt) -> None:
+            part = parts[index]
+            now = self.reactor.seconds()
+            relay = relayName(destination.host, attempt.peer, destination.port)
+            tlsText = tlsName(attempt.tlsVersion, attempt.tlsCipher)
+            for position, result in enumerate(partResults):
+                logAttempt(part.message, result, now, relay, tlsText)
+                # Success and permanent results are final; what is transient
+                # is tried at the next host, or stays after the last.
+                if result.transient and not last:
+                    retry.setdefault(index, []).append(position)
+                else:
+                    results.put(part, position, result)
+
         try:
-            settings = self._settings(destination, auth)
+            settings = await self._settings(destination, auth)
         except ValueError as e:  # TLSConfigError is one
             if isinstance(e, tls.TLSConfigError):
                 why = f"relay CA file unusable: {e}"
             else:
                 why = f"cannot set up the connection to {destination.host}: {e}"
             log.warn("relay to {remote}: {why}", remote=destination.host, why=why)
-            return [part.deferred(MISCONFIGURED, why) for part in parts]
-        size = self.maxMessagesPerConnection
-        batches = [parts[i : i + size] for i in range(0, len(parts), size)]
-        perBatch = await gatherResults(
-            [
-                Deferred.fromCoroutine(self._connection(destination, settings, batch))
-                for batch in batches
-            ],
-            consumeErrors=True,
-        )
-        return [results for batchResults in perBatch for results in batchResults]
+            for index, part in enumerate(parts):
+                finished(index, part.deferred(MISCONFIGURED, why), Attempt())
+            return [parts[i].only(retry[i]) for i in sorted(retry)]
+        host = destination.host.lower()
+        await self.slots.acquire(host)
+        seen: set[int] = set()
 
-    def _settings(
+        def once(index: int, partResults: list[DeliveryResult], attempt: Attempt) -> None:
+            seen.add(index)
+            finished(index, partResults, attempt)
+
+        try:
+            endpoint = self.endpointFactory(destination, destination.route.connectTimeout)
+            everything = await deliverBatch(
+                self.reactor,
+                endpoint,
+                settings,
+                [(p.message, self.opener) for p in parts],
+                runBlocking=self.runBlocking,
+                onFinished=once,
+            )
+        except Exception:
+            log.failure("relay bug connecting to {remote}", remote=destination.host)
+            everything = [p.deferred(INTERNAL, INTERNAL_ERROR, settings.hostname) for p in parts]
+        finally:
+            self.slots.release(host)
+        for index, partResults in enumerate(everything):
+            if index not in seen:
+                once(index, partResults, Attempt())
+        return [parts[i].only(retry[i]) for i in sorted(retry)]
+
+    async def _settings(
         self, destination: Destination, auth: tuple[str, str, str] | None
     ) -> RelaySettings:
         """
@@ -334,7 +360,12 @@ class Relay:
         """
         creator = None
         if destination.tls is not TLSMode.NONE:
-            creator = tls.clientCreator(destination.host, destination.route.caFile or None)
+            host, caFile = destination.host, destination.route.caFile or None
+            creator = await self.tlsCreators.get(
+                (host, caFile),
+                caFile or _systemTrustPath(),
+                lambda: tls.clientCreator(host, caFile),
+            )
         return RelaySettings(
             hostname=destination.host,
             ehloHostname=self.ehloHostname,
@@ -344,77 +375,43 @@ class Relay:
             timeouts=attrs.evolve(self.timeouts, connect=destination.route.connectTimeout),
         )
 
-    async def _connection(
-        self, destination: Destination, settings: RelaySettings, batch: list[_Part]
-    ) -> list[list[DeliveryResult]]:
-        """One connection to C{destination} for C{batch}, within the limits."""
-        host = destination.host.lower()
-        perHost = self._perHost.setdefault(host, DeferredSemaphore(self.maxPerHost))
-        # Always the host's slot first, then a global one: a connection
-        # never holds a global slot while it waits for its host.
-        await perHost.acquire()
+    async def _auth(self, route: Route) -> tuple[str, str, str] | None:
+        """
+        The AUTH settings of C{route}, its password read (off the reactor
+        thread) when its file changed since the last read.
+
+        @raise _LocalProblem: the password file cannot be read. The text never
+            holds any part of the password.
+        """
+        if not route.authUser:
+            return None
+        path = route.authPasswordFile
         try:
-            await self._connections.acquire()
-            try:
-                endpoint = self.endpointFactory(destination, destination.route.connectTimeout)
-                return await deliverBatch(
-                    self.reactor, endpoint, settings, [(p.message, self.opener) for p in batch]
-                )
-            finally:
-                self._connections.release()
-        except Exception:
-            log.failure("relay bug connecting to {remote}", remote=destination.host)
-            return [part.deferred(INTERNAL, INTERNAL_ERROR, settings.hostname) for part in batch]
-        finally:
-            perHost.release()
-            if perHost.tokens == perHost.limit and self._perHost.get(host) is perHost:
-                del self._perHost[host]  # idle: do not keep one per host ever seen
+            password = await self.secrets.get(path, path, route.authPassword)
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+            raise _LocalProblem(f"the relay password file {path} cannot be read: {why}") from None
+        except UnicodeError:
+            # The decoder's message quotes the offending byte of the password.
+            raise _LocalProblem(
+                f"the relay password file {path} cannot be read: not UTF-8"
+            ) from None
+        except ValueError:
+            raise _LocalProblem(
+                f"the relay password file {path} cannot be read: its first line is empty"
+            ) from None
+        if password is None:
+            raise _LocalProblem("relay auth_user is set but auth_password_file is not")
+        return (route.authUser, password, route.authMechanism)
 
 
-def _auth(route: Route) -> tuple[str, str, str] | None:
-    """
-    The AUTH settings of C{route}, its password read now.
-
-    @raise _LocalProblem: the password file cannot be read. The text never
-        holds any part of the password.
-    """
-    if not route.authUser:
-        return None
-    path = route.authPasswordFile
-    try:
-        password = route.authPassword()
-    except OSError as e:
-        why = e.strerror or type(e).__name__
-        raise _LocalProblem(f"the relay password file {path} cannot be read: {why}") from None
-    except UnicodeError:
-        # The decoder's message quotes the offending byte of the password.
-        raise _LocalProblem(f"the relay password file {path} cannot be read: not UTF-8") from None
-    except ValueError:
-        raise _LocalProblem(
-            f"the relay password file {path} cannot be read: its first line is empty"
-        ) from None
-    if password is None:
-        raise _LocalProblem("relay auth_user is set but auth_password_file is not")
-    return (route.authUser, password, route.authMechanism)
-
-
-def _logResult(queueId: str, result: DeliveryResult) -> None:
-    """One line per recipient, as Postfix operators know it."""
-    if result.success:
-        status = "sent"
-    elif result.permanent:
-        status = "bounced"
-    else:
-        status = "deferred"
-    detail = " ".join(
-        p for p in (str(result.code) if result.code else "", result.enhanced, result.text) if p
-    )
-    log.info(
-        "{queueId}: to=<{rcpt}>, relay={remote}, status={status} ({detail})",
-        queueId=queueId,
-        rcpt=str(result.recipient),
-        remote=result.remote or "none",
-        status=status,
-        detail=detail,
-        result=result,
-    )
+@functools.cache
+def _systemTrustPath() -> str:
+    """The file (or directory) OpenSSL's default trust store is read from,
+    whose changes rebuild the cached contexts that use it. Looked up once
+    (it stats files): where the store lives does not change while we run."""
+    paths = stdssl.get_default_verify_paths()
+    # cafile and capath as resolved (SSL_CERT_FILE and SSL_CERT_DIR included),
+    # None where nothing exists: then nothing is cached, and every attempt
+    # builds its context.
+    return paths.cafile or paths.capath or ""
