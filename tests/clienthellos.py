@@ -119,7 +119,7 @@ def _chrome() -> tuple[list[int], list[bytes]]:
         _ext(45, b"\x01\x01"),  # psk_key_exchange_modes: psk_dhe_ke
         _versions([_grease(), 0x0304, 0x0303]),
         _ext(27, b"\x02\x00\x02"),  # compress_certificate: brotli
-        _ext(17513, _u16(_u8(b"h2"))),  # application_settings (ALPS)
+        _ext(17613, _u16(_u8(b"h2"))),  # application_settings (ALPS, 0x44cd since Chrome 131)
         # encrypted_client_hello GREASE: outer, HKDF-SHA256/AES-128-GCM, config id,
         # enc (an X25519 share), payload
         _ext(
@@ -225,3 +225,19 @@ def serverAnswer(record: bytes) -> str:
     if len(record) >= 7 and record[0] == 0x15:
         return f"alert {record[6]}"
     return "other"
+
+
+def serverHelloExtensions(record: bytes) -> dict[int, bytes]:
+    """The extensions of the ServerHello that starts C{record}, by type."""
+    body = record[9:]  # record header (5), handshake type and length (4)
+    offset = 2 + 32  # legacy_version, random
+    offset += 1 + body[offset]  # legacy_session_id_echo
+    offset += 2 + 1  # cipher_suite, legacy_compression_method
+    end = offset + 2 + struct.unpack("!H", body[offset : offset + 2])[0]
+    offset += 2
+    extensions = {}
+    while offset < end:
+        kind, length = struct.unpack("!HH", body[offset : offset + 4])
+        extensions[kind] = body[offset + 4 : offset + 4 + length]
+        offset += 4 + length
+    return extensions
