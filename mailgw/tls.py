@@ -251,6 +251,10 @@ class ServerTLSOptions(ssl.CertificateOptions):
         """
         now = self._now()
         if self._current is None or (self.ticketLifetime and now >= self._replaceAt):
+            # Twisted's own (uncached) builder: options, certificate, chain,
+            # ciphers, curves, and its ALPN callback, replaced here before
+            # any connection uses the context. The handshake tests run
+            # through it, so a change in Twisted shows there.
             context = self._makeContext()
             context.set_alpn_select_callback(_ignoreALPN)
             if self.ticketLifetime:
