@@ -21,6 +21,11 @@ from typing import Any
 
 import attrs
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import postfix, procinfo  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 USER = "bench@localhost"
@@ -40,16 +45,35 @@ recipients_per_user = 0
 
 @attrs.define
 class Server:
-    """A server under test: its process and its two ports."""
+    """
+    A server under test: its process and its two ports. A C{tree} server
+    (Postfix) is its process and every process below it: its CPU time and
+    memory are summed over them, and it has no one peak RSS.
+    """
 
     name: str
     process: subprocess.Popen[bytes]
     starttls: int
     implicit: int
+    tree: bool = False
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def cpuSeconds(self) -> float:
+        if self.tree:
+            return procinfo.treeCPUSeconds(self.pid)
+        return procinfo.cpuSeconds(self.pid)
+
+    def memoryKiB(self) -> dict[str, int]:
+        """VmRSS and, for one process, VmHWM (KiB)."""
+        if self.tree:
+            return {"VmRSS": procinfo.treeRSSKiB(self.pid)}
+        return procinfo.memoryKiB(self.pid)
+
+    def resetPeak(self) -> bool:
+        return False if self.tree else procinfo.resetPeak(self.pid)
 
     def port(self, mode: str) -> int:
         return self.implicit if mode == "implicit" else self.starttls
@@ -92,13 +116,16 @@ class Processes:
     # Set-up
 
     def pin(self) -> None:
-        """Servers on the first usable CPU, this driver and its load on the second."""
+        """
+        Servers on the first usable CPU; this driver, the sink and the load
+        generator's processes on all the others.
+        """
         cpus = sorted(os.sched_getaffinity(0))
         self.usableCPUs = len(cpus)
         if self.options.no_pin or len(cpus) < 2:
             self.notes.append("processes not pinned to CPUs")
             return
-        self.serverCPUs, self.clientCPUs = {cpus[0]}, {cpus[1]}
+        self.serverCPUs, self.clientCPUs = {cpus[0]}, set(cpus[1:])
         os.sched_setaffinity(0, self.clientCPUs)
 
     def makeFiles(self) -> None:
@@ -209,6 +236,24 @@ class Processes:
         except RuntimeError as e:
             log = self.gatewayLog.read_text(errors="replace") if self.gatewayLog.exists() else ""
             raise RuntimeError(f"{e}\n--- gateway log (end) ---\n{log[-3000:]}") from None
+        return server
+
+    def startPostfix(self) -> Server:
+        """Postfix on two free ports, relaying to the sink (L{benchmarks.postfix})."""
+        starttls, implicit = freePort(), freePort()
+        directory = self.directory / "postfix"
+        postfix.configure(
+            directory,
+            self.certificate,
+            self.key,
+            self.sinkPort,
+            (starttls, implicit),
+            USER,
+            self.password,
+        )
+        process = self.spawn(postfix.masterCommand(directory), server=True)
+        server = Server("postfix", process, starttls, implicit, tree=True)
+        self.waitListening(server, limit=60)
         return server
 
     def waitListening(self, server: Server, limit: float) -> None:

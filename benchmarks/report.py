@@ -64,8 +64,16 @@ def _line(cells: list[str]) -> str:
     return "  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, COLUMNS, strict=True))
 
 
+def _loadSaturated(row: dict[str, Any]) -> bool:
+    """Whether the load generator's CPUs were busy: the server could do more."""
+    cpus = row.get("client_cpus") or 1
+    return bool(row["wall_seconds"]) and (
+        row["client_cpu_s"] >= SATURATED * row["wall_seconds"] * cpus
+    )
+
+
 def _cells(row: dict[str, Any]) -> list[str]:
-    if row["server"] == "gateway":
+    if row["server"] != "reference":
         delivered = _number(row["delivered"])
         if row["delivered"] is not None and row["delivered"] != row["accepted"]:
             delivered += "!"
@@ -73,7 +81,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         delivered = "-"
     peak = _mib(row["peak_rss_kib"]) + ("*" if row.get("peak_since_start") else "")
     rate = _number(row["msgs_per_s"])
-    if row["wall_seconds"] and row["client_cpu_s"] >= SATURATED * row["wall_seconds"]:
+    if _loadSaturated(row):
         rate += "^"
     return [
         row["scenario"],
@@ -91,9 +99,9 @@ def _cells(row: dict[str, Any]) -> list[str]:
     ]
 
 
-def _ratioCells(gateway: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+def _ratioCells(gateway: dict[str, Any], reference: dict[str, Any], label: str) -> list[str]:
     cells = [""] * len(COLUMNS)
-    cells[1] = "gw/ref"
+    cells[1] = label
     for index, key in (
         (2, "msgs_per_s"),
         (3, "latency_p50_ms"),
@@ -114,16 +122,23 @@ def printTable(rows: list[dict[str, Any]]) -> None:
         runs = {row["server"]: row for row in rows if row["scenario"] == scenario}
         for row in runs.values():
             print(_line(_cells(row)))
-        if "gateway" in runs and "reference" in runs:
-            print(_line(_ratioCells(runs["gateway"], runs["reference"])))
+        for other, label in (("reference", "gw/ref"), ("postfix", "gw/postfix")):
+            if "gateway" in runs and other in runs:
+                print(_line(_ratioCells(runs["gateway"], runs[other], label)))
         for row in runs.values():
+            if row.get("resumed"):
+                print(
+                    f"  {scenario} {row['server']}: {row['resumed']} of {row['tls_sessions']} "
+                    "TLS sessions resumed"
+                )
             if row["error_kinds"]:
                 print(f"  {scenario} {row['server']} errors: {row['error_kinds']}")
     print(
         "delivered: counted by the sink (n/a: nothing arrived, the gateway does not relay); "
         "'!' delivered != accepted;\n'^' the load generator was the bottleneck (its CPU "
-        f"time >= {SATURATED:.0%} of its wall time): compare cpu ms/msg; "
-        "'*' peak since the process started"
+        f"time >= {SATURATED:.0%} of its wall time on each of its CPUs): compare cpu ms/msg; "
+        "'*' peak since the process started;\npostfix: CPU and RSS summed over its processes "
+        "(exited ones' CPU included), no peak"
     )
     print(flush=True)
 

@@ -1,10 +1,11 @@
 """
-The benchmark driver: starts a counting sink, the reference server and the
-gateway (``twistd mailgw`` relaying to the sink), runs the scenarios with the
-load generator against the gateway and then, with the same load, against
-the reference server, and prints one table.
+The benchmark driver: starts a counting sink, the reference server, the
+gateway (``twistd mailgw`` relaying to the sink) and, when it is installed,
+Postfix (relaying to the sink too), runs the scenarios with the load
+generator against the gateway and then, with the same load, against the
+others, and prints one table.
 
-    .venv/bin/python benchmarks/run.py [--scenario A,B,C,M] [--quick]
+    .venv/bin/python benchmarks/run.py [--scenario A,AR,B,C,M] [--quick]
 
 See benchmarks/README.md for the scenarios and what each figure means.
 Everything listens on 127.0.0.1 only; every load generator run ends by
@@ -31,6 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import procinfo  # noqa: E402
+from benchmarks.postfix import unavailable as postfixUnavailable  # noqa: E402
 from benchmarks.processes import (  # noqa: E402
     GATEWAY_CONFIG,
     HERE,
@@ -53,6 +55,7 @@ class Load:
     size: int
     connections: int
     perConnection: int
+    resume: bool = False
 
 
 @attrs.frozen
@@ -67,14 +70,17 @@ class MemoryLoad:
 
 FULL = {
     "A": Load("starttls", 2000, 4096, 20, 1),
+    "AR": Load("starttls", 2000, 4096, 20, 1, resume=True),
     "B": Load("starttls", 2000, 4096, 20, 50),
     "C": Load("implicit", 2000, 4096, 20, 1),
 }
 QUICK = {
     "A": Load("starttls", 12, 4096, 4, 1),
+    "AR": Load("starttls", 12, 4096, 4, 1, resume=True),
     "B": Load("starttls", 20, 4096, 2, 10),
     "C": Load("implicit", 12, 4096, 4, 1),
 }
+SCENARIOS = ("A", "AR", "B", "C", "M")
 FULL_MEMORY = MemoryLoad(20 * MIB, 1000, 1000, 20000)
 QUICK_MEMORY = MemoryLoad(1 * MIB, 20, 20, 60)
 
@@ -108,6 +114,12 @@ class Bench(Processes):
             str(self.runDeadline()),
             *extra,
         ]
+
+    def loadProcesses(self) -> int:
+        """Load generator processes: --processes, or one per load CPU."""
+        if self.options.processes:
+            return int(self.options.processes)
+        return len(self.clientCPUs) if self.clientCPUs else 1
 
     def loadgen(self, server: Server, mode: str, *extra: str) -> dict[str, Any]:
         argv = self.loadgenCommand(server, mode, *extra)
@@ -147,9 +159,11 @@ class Bench(Processes):
 
     def measure(self, server: Server, name: str, load: Load) -> dict[str, Any]:
         """One throughput run against C{server}, with its CPU and memory cost."""
-        peakReset = procinfo.resetPeak(server.pid)
-        cpu = procinfo.cpuSeconds(server.pid)
+        peakReset = server.resetPeak()
+        cpu = server.cpuSeconds()
         sinkBefore = self.sinkCount()
+        processes = self.loadProcesses()
+        extra = ["--resume"] if load.resume else []
         result = self.loadgen(
             server,
             load.mode,
@@ -161,10 +175,13 @@ class Bench(Processes):
             str(load.connections),
             "--per-connection",
             str(load.perConnection),
+            "--processes",
+            str(processes),
+            *extra,
         )
-        cpuAtEnd = procinfo.cpuSeconds(server.pid)
+        cpuAtEnd = server.cpuSeconds()
         delivered: int | None = None
-        if server.name == "gateway":
+        if server.name != "reference":
             delivered = self.waitDelivered(sinkBefore, result["accepted"])
             if delivered is not None and delivered != result["accepted"]:
                 self.notes.append(
@@ -172,9 +189,10 @@ class Bench(Processes):
                 )
         # The relay's work after the load ended counts too: a message costs
         # what it takes to accept it and to pass it on.
-        cpuTotal = procinfo.cpuSeconds(server.pid) - cpu
-        memory = procinfo.memoryKiB(server.pid)
+        cpuTotal = server.cpuSeconds() - cpu
+        memory = server.memoryKiB()
         accepted = result["accepted"]
+        loadCPUs = len(self.clientCPUs) if self.clientCPUs else self.usableCPUs
         return {
             "scenario": name,
             "server": server.name,
@@ -184,7 +202,8 @@ class Bench(Processes):
             "server_cpu_during_load_s": round(cpuAtEnd - cpu, 3),
             "cpu_ms_per_msg": round(cpuTotal * 1000 / accepted, 3) if accepted else None,
             "peak_rss_kib": memory.get("VmHWM"),
-            "peak_since_start": not peakReset,
+            "peak_since_start": not peakReset and not server.tree,
+            "client_cpus": min(processes, loadCPUs),
             "rss_kib": memory.get("VmRSS"),
         }
 
@@ -265,17 +284,33 @@ class Bench(Processes):
     def run(self) -> dict[str, Any]:
         scenarios = self.options.scenario
         loads = QUICK if self.quick else FULL
+        if self.options.messages:
+            loads = {k: attrs.evolve(v, messages=self.options.messages) for k, v in loads.items()}
         machine = procinfo.machine()
         machine["cores"] = f"{os.cpu_count()} (usable: {self.usableCPUs})"
         report: dict[str, Any] = {"machine": machine, "rows": [], "memory": []}
         printMachine(report["machine"], self.serverCPUs, self.clientCPUs, GATEWAY_CONFIG)
         gateway = self.startGateway()
         reference = self.startReference()
+        servers = [gateway, reference]
+        why = "--no-postfix" if self.options.no_postfix else postfixUnavailable()
+        if why is None:
+            try:
+                servers.append(self.startPostfix())
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                self.notes.append(f"postfix did not start: {e}")
+        else:
+            self.notes.append(f"no postfix row: {why}")
         report["gateway_rss_start_kib"] = procinfo.memoryKiB(gateway.pid)["VmRSS"]
         memoryLoad = QUICK_MEMORY if self.quick else FULL_MEMORY
         for name in scenarios:
-            for server in (gateway, reference):
-                if self.remaining() <= 0:
+            for server in servers:
+                if name == "M" and server.tree:
+                    self.notes.append(
+                        f"M {server.name} skipped: a process per session (1000 idle sessions "
+                        "are 1000 processes, past its default process limit of 100)"
+                    )
+                elif self.remaining() <= 0:
                     self.notes.append(f"total deadline passed: {name} {server.name} skipped")
                 elif server.process.poll() is not None:
                     self.notes.append(f"{server.name} has exited: {name} skipped")
@@ -297,17 +332,20 @@ class Bench(Processes):
 def parseArguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run the mailgw benchmark scenarios.")
     add = parser.add_argument
-    add("--scenario", default="A,B,C,M", help="comma-separated: A, B, C, M")
+    add("--scenario", default=",".join(SCENARIOS), help="comma-separated: A, AR, B, C, M")
     add("--quick", action="store_true", help="tiny versions of the scenarios (smoke test, CI)")
     add("--deadline", type=float, default=300, help="seconds for each load generator run")
     add("--total-deadline", type=float, default=3600, help="seconds for the whole run")
     add("--cheap-hash", action="store_true", help="a cheap argon2 hash (not the real cost)")
     add("--no-pin", action="store_true", help="do not pin servers and load to CPUs")
+    add("--messages", type=int, default=0, help="messages of A, AR, B and C (0: as defined)")
+    add("--processes", type=int, default=0, help="load generator processes (0: one per load CPU)")
+    add("--no-postfix", action="store_true", help="no Postfix row even when it is installed")
     add("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     add("--keep", action="store_true", help="keep the temp directory (gateway log, spool)")
     options = parser.parse_args(argv)
     options.scenario = [s.strip().upper() for s in options.scenario.split(",") if s.strip()]
-    unknown = set(options.scenario) - {"A", "B", "C", "M"}
+    unknown = set(options.scenario) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     return options

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+from typing import Any
 
 
 class ProtocolError(Exception):
@@ -44,9 +45,28 @@ def makeMessage(size: int, sender: str, recipient: str) -> tuple[bytes, bytes]:
     return headers, b"\r\n" + line * max(0, whole) + last
 
 
-def clientContext(cafile: str | None) -> ssl.SSLContext:
-    """Verification against C{cafile}, or none at all when it is not given."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+class ResumingContext(ssl.SSLContext):
+    """
+    A client context that offers C{session} (the last one it was given) on
+    every new connection: asyncio's TLS layer takes no session argument,
+    but builds each connection with C{wrap_bio}. One per worker, so each
+    worker resumes its own session, as a client reconnecting would.
+    """
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        if kwargs.get("session") is None and self.session is not None:
+            kwargs["session"] = self.session
+        return super().wrap_bio(*args, **kwargs)
+
+
+def clientContext(cafile: str | None, resuming: bool = False) -> ssl.SSLContext:
+    """
+    Verification against C{cafile}, or none at all when it is not given; a
+    L{ResumingContext} when C{resuming}.
+    """
+    context = (ResumingContext if resuming else ssl.SSLContext)(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cafile:
         context.load_verify_locations(cafile)

@@ -80,6 +80,7 @@ class TLSConfig:
     certificate: str = ""
     key: str = ""
     minVersion: str = "TLSv1.2"
+    ticketLifetime: int = tls.DEFAULT_TICKET_LIFETIME
 
 
 @attrs.frozen
@@ -262,7 +263,7 @@ class Config:
                 raise ConfigError(self.source, key, "must be set: listeners need TLS")
         try:
             contextFactory = tls.serverContextFactory(
-                self.tls.certificate, self.tls.key, self.tls.minVersion
+                self.tls.certificate, self.tls.key, self.tls.minVersion, self.tls.ticketLifetime
             )
         except tls.TLSConfigError as e:
             key = "tls.key" if e.path == self.tls.key else "tls.certificate"
@@ -349,6 +350,7 @@ def _tls(t: _Table) -> TLSConfig:
         certificate=t.get("certificate", _string, ""),
         key=t.get("key", _string, ""),
         minVersion=t.get("min_version", version, "TLSv1.2"),
+        ticketLifetime=t.get("ticket_lifetime", _integer(0), tls.DEFAULT_TICKET_LIFETIME),
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from benchmarks import loadgen, report, smtpclient, smtpserver
+from benchmarks import fanout, loadgen, postfix, procinfo, report, smtpclient, smtpserver
 from mailgw.tls import makeSelfSigned
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +161,51 @@ class LoadGeneratorTests(unittest.SynchronousTestCase):
         self.assertEqual(counters.authFailures, 3)
         self.assertEqual(len(figures["error_kinds"]), 1)
 
+    def test_resume(self) -> None:
+        """
+        --resume: every worker offers its previous session; all but each
+        worker's first session are resumed (the core issues tickets, as the
+        gateway does).
+        """
+        context = smtpserver.serverContext(self.cert, self.key)
+        settings = smtpserver.ServerSettings(tlsContext=context, user=b"u@x", password=b"pw")
+        for mode in ("starttls", "implicit"):
+            argv = ["--mode", mode, "--user", "u@x", "--password", "pw", "--cafile", self.cert,
+                    "--messages", "9", "--connections", "3", "--resume"]  # fmt: skip
+            figures, _ = asyncio.run(
+                _against(settings, argv, context if mode == "implicit" else None)
+            )
+            self.assertEqual((figures["accepted"], figures["errors"]), (9, 0), figures)
+            self.assertEqual((figures["tls_sessions"], figures["resumed"]), (9, 6), mode)
+        argv = ["--user", "u@x", "--password", "pw", "--cafile", self.cert, "--messages", "4"]
+        figures, _ = asyncio.run(_against(settings, argv))
+        self.assertEqual((figures["tls_sessions"], figures["resumed"]), (4, 0))
+
+    def test_processes(self) -> None:
+        """--processes 2: two children share the load; their figures are merged."""
+        settings = smtpserver.ServerSettings()
+
+        async def run() -> tuple[dict[str, Any], smtpserver.Counters]:
+            counters = smtpserver.Counters()
+            server = await smtpserver.listen(settings, counters, 0)
+            argv = ["--port", str(smtpserver.boundPort(server)), "--mode", "plain",
+                    "--auth", "none", "--messages", "25", "--per-connection", "4",
+                    "--connections", "3", "--processes", "2"]  # fmt: skip
+            try:
+                figures = await asyncio.to_thread(
+                    fanout.runProcesses, ROOT / "benchmarks" / "loadgen.py", argv,
+                    loadgen.parseArguments(argv),
+                )  # fmt: skip
+            finally:
+                server.close()
+            return figures, counters
+
+        figures, counters = asyncio.run(run())
+        self.assertEqual((figures["accepted"], figures["errors"]), (25, 0), figures)
+        self.assertEqual((figures["sessions"], figures["processes"]), (7, 2))
+        self.assertEqual(counters.messages, 25)
+        self.assertIsNotNone(figures["latency_p99_ms"])
+
     def test_hold(self) -> None:
         """--hold keeps sessions open until released (here by its timer)."""
         settings = smtpserver.ServerSettings(
@@ -171,6 +216,53 @@ class LoadGeneratorTests(unittest.SynchronousTestCase):
         figures, counters = asyncio.run(_against(settings, argv))
         self.assertEqual((figures["sessions"], figures["session_errors"]), (5, 0))
         self.assertEqual(counters.sessions, 5)
+
+
+class FanoutTests(unittest.SynchronousTestCase):
+    """How the load is divided between processes and their figures merged."""
+
+    def test_childArguments(self) -> None:
+        argv = ["--port", "1", "--messages", "25", "--per-connection", "4", "--connections", "5"]
+        options = loadgen.parseArguments([*argv, "--processes", "3"])
+        children = [loadgen.parseArguments(a) for a in fanout.childArguments(argv, options)]
+        self.assertEqual([c.messages for c in children], [12, 8, 5])
+        self.assertEqual([c.connections for c in children], [2, 2, 1])
+        self.assertTrue(all(c.child and c.processes == 1 for c in children))
+        argv = ["--port", "1", "--per-connection", "0", "--sessions", "7", "--connections", "2"]
+        options = loadgen.parseArguments([*argv, "--processes", "3"])
+        children = [loadgen.parseArguments(a) for a in fanout.childArguments(argv, options)]
+        self.assertEqual([c.sessions for c in children], [3, 2, 2])
+        self.assertEqual([c.connections for c in children], [1, 1, 1])
+
+    def test_merge(self) -> None:
+        options = loadgen.parseArguments(["--port", "1"])
+        part = {"accepted": 2, "rejected": 0, "errors": 1, "unsent": 0, "sessions": 3,
+                "session_errors": 1, "tls_sessions": 3, "resumed": 1, "client_cpu_s": 0.5,
+                "deadline_hit": False, "error_kinds": {"x": 1}}  # fmt: skip
+        first = {**part, "started": 10.0, "ended": 11.0, "latencies_s": [0.001, 0.003]}
+        second = {**part, "started": 10.5, "ended": 12.0, "latencies_s": [0.002, 0.004]}
+        merged = fanout.merge([first, second], options)
+        self.assertEqual((merged["accepted"], merged["resumed"], merged["processes"]), (4, 2, 2))
+        self.assertEqual(merged["wall_seconds"], 2.0)
+        self.assertEqual(merged["msgs_per_s"], 2.0)
+        self.assertEqual(merged["latency_p50_ms"], 2.0)
+        self.assertEqual(merged["client_cpu_s"], 1.0)
+        self.assertEqual(merged["error_kinds"], {"x": 2})
+
+
+class ProcInfoTests(unittest.SynchronousTestCase):
+    def test_tree(self) -> None:
+        """A process tree's CPU counts exited children; its RSS sums the living."""
+        me = os.getpid()
+        before = procinfo.treeCPUSeconds(me)
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time\nsys.stdin.read()"], stdin=subprocess.PIPE
+        )
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        self.assertIn(child.pid, procinfo.descendants(me))
+        self.assertGreater(procinfo.treeRSSKiB(me), procinfo.memoryKiB(me)["VmRSS"])
+        self.assertGreaterEqual(procinfo.treeCPUSeconds(me), before)
 
 
 class SinkTests(unittest.SynchronousTestCase):
@@ -222,6 +314,7 @@ class DriverTests(unittest.SynchronousTestCase):
                 "60",
                 "--total-deadline",
                 "150",
+                "--no-postfix",
             ],  # fmt: skip
             capture_output=True,
             text=True,
@@ -232,8 +325,11 @@ class DriverTests(unittest.SynchronousTestCase):
         figures = json.loads(Path(output).read_text())
         rows = {(r["scenario"], r["server"]): r for r in figures["rows"]}
         self.assertEqual(
-            set(rows), {(s, server) for s in "ABC" for server in ("gateway", "reference")}
+            set(rows),
+            {(s, server) for s in ("A", "AR", "B", "C") for server in ("gateway", "reference")},
         )
+        self.assertGreater(rows["AR", "gateway"]["resumed"], 0)
+        self.assertEqual(rows["A", "gateway"]["resumed"], 0)
         for row in rows.values():
             self.assertGreater(row["accepted"], 0, row)
             self.assertIn("delivered", row)
@@ -242,8 +338,52 @@ class DriverTests(unittest.SynchronousTestCase):
         self.assertIn("gw/ref", done.stdout)
         self.assertIn("python", figures["machine"])
 
+    def test_postfix(self) -> None:
+        """A Postfix row, when Postfix can run here: it accepts and relays."""
+        why = postfix.unavailable()
+        if why is not None:
+            raise unittest.SkipTest(why)
+        output = os.path.abspath(self.mktemp())
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "run.py"),
+                "--quick",
+                "--cheap-hash",
+                "--scenario",
+                "A,AR",
+                "--json",
+                output,
+                "--deadline",
+                "60",
+                "--total-deadline",
+                "150",
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=240,
+            cwd=str(ROOT),
+        )
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        rows = {
+            (r["scenario"], r["server"]): r for r in json.loads(Path(output).read_text())["rows"]
+        }
+        for scenario in ("A", "AR"):
+            row = rows[scenario, "postfix"]
+            self.assertEqual((row["accepted"], row["delivered"]), (12, 12), row)
+            self.assertIsNotNone(row["cpu_ms_per_msg"])
+        self.assertGreater(rows["AR", "postfix"]["resumed"], 0)
+        self.assertIn("gw/postfix", done.stdout)
+
 
 class ReportTests(unittest.SynchronousTestCase):
     def test_ratio(self) -> None:
         self.assertEqual(report._ratio(10.0, 40.0), "0.25x")
         self.assertEqual(report._ratio(None, 40.0), "-")
+
+    def test_saturated(self) -> None:
+        """The '^' mark: the load generator's CPU time against its CPUs."""
+        row = {"wall_seconds": 2.0, "client_cpu_s": 1.9}
+        self.assertTrue(report._loadSaturated(row))
+        self.assertFalse(report._loadSaturated({**row, "client_cpus": 2}))
+        self.assertTrue(report._loadSaturated({**row, "client_cpu_s": 3.7, "client_cpus": 2}))

@@ -67,7 +67,7 @@ SCHEMA = {
         "max_header_size",
         "max_received_headers",
     ],
-    "tls": ["certificate", "key", "min_version"],
+    "tls": ["certificate", "key", "min_version", "ticket_lifetime"],
     "auth": ["backends"],
     "spool": ["directory"],
     "queue": [
@@ -136,6 +136,7 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
         "certificate": [1, ["a"]],
         "key": [1],
         "min_version": ["TLSv1.1", "TLSv1.0", "TLSv1", "SSLv3", "tlsv1.2", 1.2],
+        "ticket_lifetime": [-1, "3600", True, 1.5],
     },
     "auth": {"backends": ["memory:a:b", [1], [""]]},
     "spool": {"directory": ["", 1]},
