@@ -64,13 +64,14 @@ def byInterfaces(interfaces: Iterable[type]) -> tuple[str, ...]:
 
 def checkerMechanisms(checker: object, interface: type | None = None) -> tuple[str, ...]:
     """
-    The mechanisms ``checker`` can serve now (for ``interface`` only, when
-    given): what it says if it provides L{ISASLMechanisms}, else what its
-    ``credentialInterfaces`` allow.
+    The mechanisms ``checker`` can serve now (as the checker registered for
+    ``interface``, when given): what it says if it provides
+    L{ISASLMechanisms}, else what its ``credentialInterfaces`` allow.
     """
-    interfaces = getattr(checker, "credentialInterfaces", ())
-    if interface is not None:
-        interfaces = [i for i in interfaces if i is interface]
+    if interface is None:
+        interfaces = list(getattr(checker, "credentialInterfaces", ()))
+    else:
+        interfaces = [interface]
     allowed = byInterfaces(interfaces)
     if ISASLMechanisms.providedBy(checker):
         said = set(checker.saslMechanisms())  # type: ignore[attr-defined]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import binascii
 import os
 import secrets
+import stat
 import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable
@@ -39,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.auth.cache import VerifiedCache
+from mailgw.auth.mechanisms import ISASLMechanisms, MechanismUnavailable
 
 StrPath = str | os.PathLike[str]
 RunInThread = Callable[..., defer.Deferred[Any]]
@@ -166,13 +168,16 @@ def readUsers(path: StrPath) -> dict[str, UserEntry]:
 def writeUsers(path: StrPath, entries: Iterable[UserEntry]) -> None:
     """
     Replace file C{path} with C{entries}, atomically: a reader sees either
-    the old file or the whole new one, also after a crash. The new file has
-    mode 0600 and, when it replaces one, keeps its owner and group (so that
-    root can edit the file of an unprivileged server).
+    the old file or the whole new one, also after a crash. A new file has
+    mode 0600. One that replaces a file keeps that file's owner, group and
+    permission bits (so that root can edit a C{root:mailgw 0640} file the
+    server reads through its group), except that a file holding CRAM
+    secrets is never left readable or writable by others.
 
     @raise OSError: the file cannot be written; the old one is untouched.
     """
     path = os.fspath(path)
+    entries = list(entries)
     directory = os.path.dirname(os.path.abspath(path))
     text = _HEADER + "".join(entry.toLine() + "\n" for entry in entries)
     try:
@@ -184,9 +189,11 @@ def writeUsers(path: StrPath, entries: Iterable[UserEntry]) -> None:
     fd, tempPath = tempfile.mkstemp(dir=directory, prefix=".mailgw-passwd.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
+            # Owner first: chown may clear set-id bits, and must not widen
+            # access while the file is being written (it is 0600 until then).
             if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
                 os.fchown(f.fileno(), old.st_uid, old.st_gid)
+            os.fchmod(f.fileno(), _modeFor(old, entries))
             f.write(text.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
@@ -203,6 +210,16 @@ def writeUsers(path: StrPath, entries: Iterable[UserEntry]) -> None:
         os.fsync(dirFd)
     finally:
         os.close(dirFd)
+
+
+def _modeFor(old: os.stat_result | None, entries: list[UserEntry]) -> int:
+    """The permission bits of a users file replacing ``old`` (None: a new file)."""
+    if old is None:
+        return 0o600
+    mode = stat.S_IMODE(old.st_mode) & 0o777
+    if any(entry.cramSecret is not None for entry in entries):
+        mode &= 0o770  # password-equivalent secrets: never for others
+    return mode
 
 
 def _readOrEmpty(path: StrPath) -> dict[str, UserEntry]:
@@ -281,7 +298,7 @@ def _fileKey(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, ISASLMechanisms)
 @attrs.define
 class PasswdChecker:
     """
@@ -290,15 +307,18 @@ class PasswdChecker:
     Plain passwords (L{IUsernamePassword}: PLAIN, LOGIN) are verified
     against the argon2id hash by C{runInThread(f, *args) -> Deferred}, off
     the reactor thread. CRAM-MD5 responses (L{IUsernameHashedPassword}) are
-    checked against the stored CRAM secret; users without one cannot use
-    CRAM-MD5.
+    checked against the stored CRAM secret; CRAM-MD5 is offered
+    (L{saslMechanisms}) only while some user has one, and a CRAM-MD5 login
+    of a user without one fails with L{MechanismUnavailable}.
 
     A wrong password, an unknown user and an undecodable username all fail
     with the same L{UnauthorizedLogin} after the same work (an unknown user
     is verified against a dummy hash), so that replies and timing do not
-    tell which logins exist. A file that cannot be read or parsed fails with
-    L{OSError} or L{PasswdFileError} instead: a transient, local problem
-    (454 4.7.0), not a wrong password.
+    tell which logins exist; so do a user without a CRAM secret and an
+    unknown user trying CRAM-MD5 (both L{MechanismUnavailable}). A file
+    that cannot be read or parsed fails with L{OSError} or
+    L{PasswdFileError} instead: a transient, local problem (454 4.7.0), not
+    a wrong password.
 
     @ivar hasher: makes the dummy hash; give it the parameters the file's
         hashes were made with (the default matches C{mailgw passwd}).
@@ -317,6 +337,10 @@ class PasswdChecker:
     _loaded: dict[str, UserEntry] | PasswdFileError = attrs.field(
         init=False, factory=dict, repr=False
     )
+    # The mechanisms of the last file that parsed: a file broken later
+    # changes what EHLO offers no more than it changes who may log in.
+    _mechanisms: tuple[str, ...] = attrs.field(init=False, default=("PLAIN", "LOGIN"))
+    _dummyCram: bytes = attrs.field(init=False, factory=lambda: secrets.token_bytes(16))
     # Verifications under way, by cache key: a burst of logins with the same
     # password (a client opening many connections at once) hashes once.
     _inflight: dict[bytes, list[defer.Deferred[bool]]] = attrs.field(
@@ -343,6 +367,7 @@ class PasswdChecker:
                 data = f.read()
             try:
                 self._loaded = parseUsers(data, self.path)
+                self._mechanisms = _mechanismsOf(self._loaded)
             except PasswdFileError as e:
                 # Logged once per change of the file, not per login.
                 _log.error("Cannot use users file: {problem}", problem=str(e))
@@ -353,6 +378,18 @@ class PasswdChecker:
         if isinstance(self._loaded, PasswdFileError):
             raise PasswdFileError(str(self._loaded))
         return self._loaded
+
+    def saslMechanisms(self) -> tuple[str, ...]:
+        """
+        PLAIN and LOGIN, and CRAM-MD5 while at least one user of the file
+        holds a CRAM secret; re-read when the file changed (a stat per
+        call). A file that cannot be read or parsed leaves the last answer.
+        """
+        try:
+            self._users()
+        except Exception:
+            pass  # logged by _users, and answered 454 at the next login
+        return self._mechanisms
 
     def _verify(self, passwordHash: str, password: bytes) -> bool:
         """
@@ -419,12 +456,25 @@ class PasswdChecker:
             return d.addCallback(verified)
 
         # CRAM-MD5. HMAC-MD5 is cheap: no thread. Each attempt has a fresh
-        # challenge, so the comparison's timing reveals nothing useful.
-        if entry is None or entry.cramSecret is None:
-            return defer.fail(UnauthorizedLogin())
-        if credentials.checkPassword(entry.cramSecret):
+        # challenge, so the comparison's timing reveals nothing useful. A
+        # user without a secret (or unknown) costs one HMAC too, against a
+        # random secret, and is told apart from a wrong response only by
+        # the exception type, which the client never sees: it gets 535
+        # either way, but the throttle does not count a mechanism the user
+        # cannot use.
+        secret = entry.cramSecret if entry is not None else None
+        matched = credentials.checkPassword(secret if secret is not None else self._dummyCram)
+        if entry is None or secret is None:
+            return defer.fail(MechanismUnavailable())
+        if matched:
             return defer.succeed(entry.login.encode("utf-8"))
         return defer.fail(UnauthorizedLogin())
+
+
+def _mechanismsOf(users: dict[str, UserEntry]) -> tuple[str, ...]:
+    if any(entry.cramSecret is not None for entry in users.values()):
+        return ("PLAIN", "LOGIN", "CRAM-MD5")
+    return ("PLAIN", "LOGIN")
 
 
 def _lookup(users: dict[str, UserEntry], username: bytes | str) -> UserEntry | None:
