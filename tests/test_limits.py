@@ -13,7 +13,7 @@ from typing import Any, cast
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import ILogObserver, Logger, formatEvent, formatEventAsClassicLogText
@@ -564,18 +564,8 @@ class Session:
         d.addBoth(self._answered)
 
     def _answered(self, outcome: Any) -> None:
-        if not isinstance(outcome, Failure):
-            self.attempt.succeeded()
-            self.code = 235
-        elif outcome.check(MechanismUnavailable):
-            self.attempt.notApplicable()
-            self.code = 535
-        elif outcome.check(UnauthorizedLogin):
-            self.attempt.failed()
-            self.code = 535
-        else:
-            self.attempt.unavailable()
-            self.code = 454
+        settled = self.attempt.settle(outcome)
+        self.code = {"succeeded": 235, "unavailable": 454}.get(settled, 535)
 
 
 class AuthAttemptTests(SynchronousTestCase):
@@ -640,6 +630,21 @@ class AuthAttemptTests(SynchronousTestCase):
             self.assertEqual(attempt.outcome, outcome)
             self.assertEqual(self.counts(throttle, address, outcome), (kept,) * 3, outcome)
             self.assertEqual(throttle.inFlight, 0)
+
+    def test_settle(self) -> None:
+        """settle() turns what Portal.login gave into the outcome."""
+        throttle = self.throttle()
+        for result, expected, counts in [
+            (Failure(MechanismUnavailable()), "notApplicable", (0, 0, 0)),
+            (Failure(UnauthorizedLogin()), "failed", (1, 1, 1)),
+            (Failure(UnhandledCredentials()), "failed", (2, 2, 2)),
+            (Failure(OSError("users file gone")), "unavailable", (2, 2, 2)),
+            ((object(), object(), None), "succeeded", (0, 0, 0)),
+        ]:
+            attempt = self.begun(throttle, "192.0.2.1", "bob")
+            self.assertEqual(attempt.settle(result), expected)
+            self.assertEqual(attempt.outcome, expected)
+            self.assertEqual(self.counts(throttle, "192.0.2.1", "bob"), counts)
 
     def test_firstOutcomeWins(self) -> None:
         throttle = self.throttle()

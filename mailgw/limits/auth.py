@@ -17,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 import attrs
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from mailgw.auth.mechanisms import MechanismUnavailable
 from mailgw.config import LimitsConfig
 from mailgw.limits._counters import (
     DEFAULT_MAX_KEYS,
@@ -157,6 +160,27 @@ class AuthAttempt:
         verification ran, or would have), so hanging up buys nothing.
         """
         self._end("abandoned")
+
+    def settle(self, result: object) -> str:
+        """
+        Report the outcome that ``result`` of C{Portal.login} shows, and
+        return its name: a L{Failure} of L{MechanismUnavailable} is
+        C{notApplicable}; of L{UnauthorizedLogin} or L{UnhandledCredentials},
+        C{failed}; of anything else (a backend error), C{unavailable}; any
+        other result, C{succeeded}. The one place where a login's result
+        becomes an outcome.
+        """
+        if not isinstance(result, Failure):
+            self.succeeded()
+            return "succeeded"
+        if result.check(MechanismUnavailable):
+            self.notApplicable()
+            return "notApplicable"
+        if result.check(UnauthorizedLogin, UnhandledCredentials):
+            self.failed()
+            return "failed"
+        self.unavailable()
+        return "unavailable"
 
 
 class AuthThrottle:
