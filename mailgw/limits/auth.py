@@ -286,15 +286,15 @@ class AuthThrottle:
         if subject.trusted:
             return None
         s = self._settings
-        busy: list[tuple[int, int, str]] = [
-            (self._busyTotal, s.authConcurrentTotal, "total-concurrency")
-        ]
+        # The narrowest cause first: it is the one worth logging.
+        busy: list[tuple[int, int, str]] = []
         if not subject.exempt:
             inFlight = self._busyAddresses.get(subject.who.key, 0)
             busy.append((inFlight, s.authConcurrentPerAddress, "address-concurrency"))
         if subject.account is not None:
             inFlight = self._busyAccounts.get(subject.account, 0)
             busy.append((inFlight, s.authConcurrentPerAccount, "account-concurrency"))
+        busy.append((self._busyTotal, s.authConcurrentTotal, "total-concurrency"))
         for inFlight, cap, reason in busy:
             if inFlight >= cap:
                 return AuthDecision(delay, True, False, AUTH_BUSY, reason, inFlight)

@@ -18,6 +18,17 @@ from twisted.cred.portal import Portal
 
 from mailgw.auth.mechanisms import MECHANISMS, byInterfaces, checkerMechanisms, ordered
 
+__all__ = [
+    "MECHANISMS",
+    "Challenge",
+    "Done",
+    "Exchange",
+    "SASLFailure",
+    "availableMechanisms",
+    "makeExchange",
+    "portalMechanisms",
+]
+
 
 class SASLFailure(Exception):
     """
@@ -127,9 +138,6 @@ class CramMD5Exchange:
         self._credentials.username = username  # type: ignore[assignment]
         self._credentials.response = digest.lower()
         return Done(self._credentials)
-
-
-__all__ = ["MECHANISMS", "availableMechanisms", "makeExchange", "portalMechanisms"]
 
 
 def availableMechanisms(credentialInterfaces: list[type]) -> tuple[str, ...]:
