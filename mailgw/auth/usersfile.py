@@ -1,5 +1,5 @@
 """
-The mailgw users file: its format, and the functions that read and edit it.
+The mailgw users file: its format, and reading and (atomically) writing it.
 
 One user a line, C{#} comments and blank lines ignored::
 
@@ -25,7 +25,6 @@ from collections.abc import Iterable
 
 import argon2
 import attrs
-from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError
 
 StrPath = str | os.PathLike[str]
@@ -59,18 +58,6 @@ def checkLogin(login: str) -> str:
                 f"login {login!r} must not contain ':', whitespace or control characters"
             )
     return login
-
-
-def hashPassword(password: str, hasher: PasswordHasher | None = None) -> str:
-    """
-    An argon2id hash of C{password}, made with C{hasher} (by default a
-    L{PasswordHasher} with argon2-cffi's default parameters).
-
-    @raise ValueError: the password is empty.
-    """
-    if not password:
-        raise ValueError("password must not be empty")
-    return (hasher if hasher is not None else PasswordHasher()).hash(password)
 
 
 @attrs.frozen
@@ -203,75 +190,3 @@ def _modeFor(old: os.stat_result | None, entries: list[UserEntry]) -> int:
     if any(entry.cramSecret is not None for entry in entries):
         mode &= 0o770  # password-equivalent secrets: never for others
     return mode
-
-
-def _readOrEmpty(path: StrPath) -> dict[str, UserEntry]:
-    try:
-        return readUsers(path)
-    except FileNotFoundError:
-        return {}
-
-
-def addUser(
-    path: StrPath,
-    login: str,
-    password: str,
-    cram: bool = False,
-    hasher: PasswordHasher | None = None,
-) -> None:
-    """
-    Add a user to file C{path}, creating the file if missing. With C{cram},
-    also store the CRAM-MD5 secret (password-equivalent).
-
-    @raise ValueError: bad login or empty password, or the user exists (also
-        under another case: sender ownership compares addresses regardless
-        of case, so two such logins would own the same address).
-    @raise OSError, PasswdFileError: as L{readUsers} and L{writeUsers}.
-    """
-    checkLogin(login)
-    users = _readOrEmpty(path)
-    if login in users:
-        raise ValueError(f"user {login!r} already exists")
-    for existing in users:
-        if existing.casefold() == login.casefold():
-            raise ValueError(f"user {existing!r} already exists (logins differ only in case)")
-    users[login] = UserEntry(
-        login, hashPassword(password, hasher), password.encode("utf-8") if cram else None
-    )
-    writeUsers(path, users.values())
-
-
-def setPassword(
-    path: StrPath,
-    login: str,
-    password: str,
-    cram: bool | None = None,
-    hasher: PasswordHasher | None = None,
-) -> None:
-    """
-    Change the password of user C{login}. C{cram} says whether to store a
-    CRAM-MD5 secret; C{None} keeps storing one if, and only if, one was.
-
-    @raise KeyError: no such user.
-    @raise ValueError: empty password.
-    @raise OSError, PasswdFileError: as L{readUsers} and L{writeUsers}.
-    """
-    users = readUsers(path)
-    old = users[login]
-    keepCram = old.cramSecret is not None if cram is None else cram
-    users[login] = UserEntry(
-        login, hashPassword(password, hasher), password.encode("utf-8") if keepCram else None
-    )
-    writeUsers(path, users.values())
-
-
-def removeUser(path: StrPath, login: str) -> None:
-    """
-    Remove user C{login} from file C{path}.
-
-    @raise KeyError: no such user.
-    @raise OSError, PasswdFileError: as L{readUsers} and L{writeUsers}.
-    """
-    users = readUsers(path)
-    del users[login]
-    writeUsers(path, users.values())
