@@ -767,6 +767,38 @@ class AuthAttemptTests(SynchronousTestCase):
         self.begun(throttle, "192.0.2.55", "bob")
         self.begun(throttle, "10.99.0.1", "alice")
 
+    def test_trustedBurst(self) -> None:
+        """
+        A relay client that logged in before opens 20 sessions at once while
+        its password is being verified: none is delayed or refused for the
+        others in flight, and once they succeed nothing is counted. Were
+        they wrong, their failures would count once answered.
+        """
+        throttle = self.throttle()
+        loggedIn(throttle, "192.0.2.25", "relay")
+        decisions = [throttle.begin("192.0.2.25", "relay", "PLAIN") for _ in range(20)]
+        self.assertEqual(decisions, [AuthDecision()] * 20)
+        self.assertEqual(self.counts(throttle, "192.0.2.25", "relay"), (20, 0, 0))
+        for decision in decisions:
+            assert decision.attempt is not None
+            decision.attempt.succeeded()
+        self.assertEqual(self.counts(throttle, "192.0.2.25", "relay"), (0, 0, 0))
+        self.assertEqual(throttle._busyTrusted, {})
+        attempts = [self.begun(throttle, "192.0.2.25", "relay") for _ in range(12)]
+        for attempt in attempts:
+            attempt.failed()
+        self.assertTrue(peek(throttle, "192.0.2.25", "relay").disconnect)
+
+    def test_untrustedBurstCounted(self) -> None:
+        """
+        Attempts in flight of a login not trusted there count against each
+        other: the fourth is delayed, the ninth refused.
+        """
+        throttle = self.throttle()
+        delays = [throttle.begin("192.0.2.26", "relay", "PLAIN").delay for _ in range(8)]
+        self.assertEqual(delays, [0, 0, 0, 1, 2, 4, 8, 16])
+        self.assertEqual(throttle.begin("192.0.2.26", "relay", "PLAIN").reply, AUTH_BUSY)
+
     def test_concurrencyTotal(self) -> None:
         """
         At most auth_concurrent_total attempts are under way in all; trusted

@@ -198,8 +198,9 @@ class AuthThrottle:
     from an address is trusted there for ``settings.authTrustPeriod``:
     attempts for it from that address are exempt from the network and
     account budgets and from the concurrency caps (its failures there count
-    against its address only), so spraying an account from elsewhere cannot
-    lock its user out. The address budget applies to every attempt.
+    against its address only, and its attempts in flight do not count
+    against itself until they fail), so spraying an account from elsewhere
+    cannot lock its user out. The address budget applies to every attempt.
     Addresses in ``settings.exempt`` (a webmail front end) are exempt from
     the address and network budgets and the per-address cap; the account
     budget and the delays it causes still apply to them, and their failures
@@ -240,6 +241,8 @@ class AuthThrottle:
         # ones) keys in each table.
         self._busyAddresses: dict[Hashable, int] = {}
         self._busyAccounts: dict[Hashable, int] = {}
+        # Attempts begun by trusted (address, account) pairs.
+        self._busyTrusted: dict[Hashable, int] = {}
         self._busyTotal = 0
         self._log = log if log is not None else Logger(namespace=__name__)
 
@@ -264,6 +267,13 @@ class AuthThrottle:
         who, account = subject.who, subject.account
         exempt, trusted = subject.exempt, subject.trusted
         byAddress = 0 if exempt else self._addresses.count(who.key)
+        if trusted:
+            # A known user's own attempts in flight (a relay client's burst
+            # of sessions while its password is being verified) do not
+            # count against it: they are likely right, and are counted once
+            # they have failed. The connection limits bound how many there
+            # can be.
+            byAddress = max(0, byAddress - self._busyTrusted.get(subject.pair, 0))
         byNetwork = 0 if exempt or trusted else self._networks.count(who.networkKey)
         byAccount = 0 if account is None or trusted else self._accounts.count(account)
         failures = max(byAddress, byAccount)
@@ -391,12 +401,16 @@ class AuthThrottle:
         self._busyAddresses[key] = self._busyAddresses.get(key, 0) + 1
         if subject.account is not None:
             self._busyAccounts[subject.account] = self._busyAccounts.get(subject.account, 0) + 1
+        if subject.trusted:
+            self._busyTrusted[subject.pair] = self._busyTrusted.get(subject.pair, 0) + 1
 
     def _release(self, subject: _Subject) -> None:
         self._busyTotal = max(0, self._busyTotal - 1)
         _decrement(self._busyAddresses, subject.who.key)
         if subject.account is not None:
             _decrement(self._busyAccounts, subject.account)
+        if subject.trusted:
+            _decrement(self._busyTrusted, subject.pair)
 
     @property
     def inFlight(self) -> int:
