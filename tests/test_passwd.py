@@ -249,17 +249,21 @@ class FileTests(SynchronousTestCase):
         writeUsers(self.path, [])
         st = os.stat(self.path)
         self.assertEqual((st.st_uid, st.st_gid), (4321, 8765))
-        # root:mailgw 0640, edited by root: add, change and remove keep it.
-        os.chown(self.path, 0, 8765)
-        os.chmod(self.path, 0o640)
-        for edit in [
-            lambda: addUser(self.path, "alice", "a", hasher=CHEAP),
-            lambda: setPassword(self.path, "alice", "b", hasher=CHEAP),
-            lambda: removeUser(self.path, "alice"),
-        ]:
-            edit()
-            st = os.stat(self.path)
-            self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (0, 8765, 0o640))
+        # root:mailgw 0640 (and another owner's file), edited by root: add,
+        # change and remove keep owner, group and mode.
+        for uid, gid in [(0, 8765), (4321, 8765)]:
+            os.chown(self.path, uid, gid)
+            os.chmod(self.path, 0o640)
+            for edit in [
+                lambda: addUser(self.path, "alice", "a", hasher=CHEAP),
+                lambda: setPassword(self.path, "alice", "b", hasher=CHEAP),
+                lambda: removeUser(self.path, "alice"),
+            ]:
+                edit()
+                st = os.stat(self.path)
+                self.assertEqual(
+                    (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (uid, gid, 0o640)
+                )
 
     def test_addUser(self) -> None:
         """
