@@ -126,6 +126,9 @@ class LimitsConfig:
     authDelay: float = 1.0
     authDelayMax: float = 16.0
     authTrustPeriod: float = 604800
+    authConcurrentPerAddress: int = 8
+    authConcurrentPerAccount: int = 8
+    authConcurrentTotal: int = 64
     messagesPerUser: int = 1000
     recipientsPerUser: int = 5000
     quotaWindow: float = 3600
@@ -396,6 +399,13 @@ def _limits(t: _Table) -> LimitsConfig:
         authDelay=t.get("auth_delay", _duration(allowZero=True), d.authDelay),
         authDelayMax=t.get("auth_delay_max", _duration(allowZero=True), d.authDelayMax),
         authTrustPeriod=t.get("auth_trust_period", _duration(allowZero=True), d.authTrustPeriod),
+        authConcurrentPerAddress=t.get(
+            "auth_concurrent_per_address", _integer(1), d.authConcurrentPerAddress
+        ),
+        authConcurrentPerAccount=t.get(
+            "auth_concurrent_per_account", _integer(1), d.authConcurrentPerAccount
+        ),
+        authConcurrentTotal=t.get("auth_concurrent_total", _integer(1), d.authConcurrentTotal),
         messagesPerUser=t.get("messages_per_user", _integer(0), d.messagesPerUser),
         recipientsPerUser=t.get("recipients_per_user", _integer(0), d.recipientsPerUser),
         quotaWindow=t.get("quota_window", _duration(), d.quotaWindow),

@@ -11,17 +11,28 @@ import re
 from typing import Any, cast
 
 import attrs
-from twisted.internet.task import Clock
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import ILogObserver, Logger, formatEvent, formatEventAsClassicLogText
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
+from mailgw.auth import MechanismUnavailable
+from mailgw.auth.realm import makePortal
 from mailgw.config import LimitsConfig
+from mailgw.interfaces import ISubmitter
 from mailgw.limits import (
+    AUTH_BUSY,
     AUTH_THROTTLED,
     AUTH_THROTTLED_CLOSE,
     DEFAULT_MAX_KEYS,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_FROM_ADDRESS,
+    AuthAttempt,
     AuthDecision,
     AuthThrottle,
     ConnectionLimiter,
@@ -48,6 +59,29 @@ def settings(**changes: Any) -> LimitsConfig:
 
 def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text)
+
+
+def peek(throttle: AuthThrottle, address: str, login: str | None) -> AuthDecision:
+    """The decision for an attempt, which is then refunded (as if not applicable)."""
+    decision = throttle.begin(address, login, "PLAIN")
+    if decision.attempt is not None:
+        decision.attempt.notApplicable()
+    return decision
+
+
+def loggedIn(throttle: AuthThrottle, address: str, login: str | None) -> None:
+    """A successful login, which the throttle lets through."""
+    decision = throttle.begin(address, login, "PLAIN")
+    assert decision.attempt is not None, decision
+    decision.attempt.succeeded()
+
+
+def failOnce(throttle: AuthThrottle, address: str, login: str | None) -> AuthDecision:
+    """A failed attempt, which the throttle lets through."""
+    decision = throttle.begin(address, login, "PLAIN")
+    assert decision.attempt is not None, decision
+    decision.attempt.failed()
+    return decision
 
 
 class ClientTests(SynchronousTestCase):
@@ -103,9 +137,10 @@ class AuthThrottleTests(SynchronousTestCase):
 
     def attempt(self, throttle: AuthThrottle, address: str, login: str | None) -> AuthDecision:
         """One attempt that the server lets through and that fails."""
-        decision = throttle.check(address, login)
+        decision = throttle.begin(address, login, "PLAIN")
         self.assertFalse(decision.refuse, (address, login, decision))
-        throttle.failed(address, login)
+        assert decision.attempt is not None
+        decision.attempt.failed()
         return decision
 
     def test_delaysGrowThenDisconnect(self) -> None:
@@ -116,7 +151,7 @@ class AuthThrottleTests(SynchronousTestCase):
         throttle = self.throttle()
         delays = [self.attempt(throttle, "203.0.113.7", "bob").delay for _ in range(10)]
         self.assertEqual(delays, [0, 0, 0, 1, 2, 4, 8, 16, 16, 16])
-        decision = throttle.check("203.0.113.7", "bob")
+        decision = peek(throttle, "203.0.113.7", "bob")
         self.assertEqual(
             attrs.evolve(decision, logLine=""),
             AuthDecision(0.0, True, True, AUTH_THROTTLED_CLOSE, "address-budget", 10),
@@ -126,10 +161,10 @@ class AuthThrottleTests(SynchronousTestCase):
             b"421 4.7.0 Too many authentication failures; closing connection\r\n",
         )
         # Any login, and no login at all, from that address.
-        self.assertTrue(throttle.check("203.0.113.7", "alice").disconnect)
-        self.assertTrue(throttle.check("203.0.113.7", None).disconnect)
+        self.assertTrue(peek(throttle, "203.0.113.7", "alice").disconnect)
+        self.assertTrue(peek(throttle, "203.0.113.7", None).disconnect)
         # Another address of the same network is not affected.
-        self.assertEqual(throttle.check("203.0.113.8", "carol"), AuthDecision())
+        self.assertEqual(peek(throttle, "203.0.113.8", "carol"), AuthDecision())
 
     def test_refuseThenDisconnect(self) -> None:
         """
@@ -139,7 +174,7 @@ class AuthThrottleTests(SynchronousTestCase):
         throttle = self.throttle(authFailuresPerAccount=5)
         for _ in range(5):
             self.attempt(throttle, "203.0.113.7", "bob")
-        refused = throttle.check("203.0.113.7", "BOB")
+        refused = peek(throttle, "203.0.113.7", "BOB")
         self.assertTrue(refused.refuse)
         self.assertFalse(refused.disconnect)
         self.assertEqual(refused.reply, AUTH_THROTTLED)
@@ -150,15 +185,15 @@ class AuthThrottleTests(SynchronousTestCase):
         )
         for i in range(5):
             self.attempt(throttle, "203.0.113.7", f"user{i}")
-        self.assertEqual(throttle.check("203.0.113.7", "user9").reason, "address-budget")
-        self.assertTrue(throttle.check("203.0.113.7", "user9").disconnect)
+        self.assertEqual(peek(throttle, "203.0.113.7", "user9").reason, "address-budget")
+        self.assertTrue(peek(throttle, "203.0.113.7", "user9").disconnect)
 
     def test_unknownUsersCostTheSame(self) -> None:
         """Every login, existing or not, spends the address budget alike."""
         throttle = self.throttle()
         for i in range(10):
             self.attempt(throttle, "198.51.100.1", f"nosuchuser{i}")
-        self.assertTrue(throttle.check("198.51.100.1", "bob").disconnect)
+        self.assertTrue(peek(throttle, "198.51.100.1", "bob").disconnect)
 
     def test_sprayingOneNetwork(self) -> None:
         """
@@ -167,19 +202,19 @@ class AuthThrottleTests(SynchronousTestCase):
         network and from inside the sprayed one.
         """
         throttle = self.throttle()
-        throttle.succeeded("198.51.100.20", "bob")
-        throttle.succeeded("203.0.113.200", "Carol")
+        loggedIn(throttle, "198.51.100.20", "bob")
+        loggedIn(throttle, "203.0.113.200", "Carol")
         for i in range(30):
             self.attempt(throttle, f"203.0.113.{i + 1}", ["bob", "carol", "dave"][i % 3])
-        decision = throttle.check("203.0.113.99", "erin")
+        decision = peek(throttle, "203.0.113.99", "erin")
         self.assertEqual((decision.refuse, decision.disconnect), (True, False))
         self.assertEqual((decision.reason, decision.failures), ("network-budget", 30))
         self.assertEqual(decision.reply, AUTH_THROTTLED)
-        self.assertTrue(throttle.check("203.0.113.200", "bob").refuse)
-        self.assertEqual(throttle.check("203.0.113.200", "carol"), AuthDecision())
-        self.assertEqual(throttle.check("198.51.100.20", "bob"), AuthDecision())
+        self.assertTrue(peek(throttle, "203.0.113.200", "bob").refuse)
+        self.assertEqual(peek(throttle, "203.0.113.200", "carol"), AuthDecision())
+        self.assertEqual(peek(throttle, "198.51.100.20", "bob"), AuthDecision())
         # Elsewhere, bob's 10 failures slow attempts at "bob" down.
-        elsewhere = throttle.check("198.51.100.21", "bob")
+        elsewhere = peek(throttle, "198.51.100.21", "bob")
         self.assertEqual((elsewhere.refuse, elsewhere.reason), (False, "account-failures"))
         self.assertEqual(elsewhere.delay, 16)
 
@@ -190,51 +225,52 @@ class AuthThrottleTests(SynchronousTestCase):
         address budget still applies.
         """
         throttle = self.throttle()
-        throttle.succeeded("192.0.2.55", "bob")
+        loggedIn(throttle, "192.0.2.55", "bob")
         for i in range(20):
             self.attempt(throttle, f"10.{i}.0.1", "bob")
         for address, login in [("10.99.0.1", "bob"), ("10.0.0.1", "Bob"), ("192.0.2.56", "BOB")]:
-            decision = throttle.check(address, login)
+            decision = peek(throttle, address, login)
             self.assertEqual((decision.refuse, decision.reason), (True, "account-budget"))
             self.assertEqual(decision.delay, 16)  # 20 account failures: the longest delay
-        self.assertEqual(throttle.check("10.99.0.1", "alice"), AuthDecision())
-        self.assertEqual(throttle.check("192.0.2.55", "bob"), AuthDecision())
-        self.assertEqual(throttle.check("192.0.2.55", "BoB"), AuthDecision())
+        self.assertEqual(peek(throttle, "10.99.0.1", "alice"), AuthDecision())
+        self.assertEqual(peek(throttle, "192.0.2.55", "bob"), AuthDecision())
+        self.assertEqual(peek(throttle, "192.0.2.55", "BoB"), AuthDecision())
         # Bob's stale password at his trusted address: counted against the
         # address only, never against the account or the network.
         for _ in range(10):
             self.attempt(throttle, "192.0.2.55", "bob")
-        self.assertTrue(throttle.check("192.0.2.55", "bob").disconnect)
-        self.assertEqual(throttle.check("192.0.2.99", "carol"), AuthDecision())
+        self.assertTrue(peek(throttle, "192.0.2.55", "bob").disconnect)
+        self.assertEqual(peek(throttle, "192.0.2.99", "carol"), AuthDecision())
         self.clock.advance(3600)
-        self.assertEqual(throttle.check("10.99.0.1", "bob"), AuthDecision())
+        self.assertEqual(peek(throttle, "10.99.0.1", "bob"), AuthDecision())
 
     def test_trustExpires(self) -> None:
         throttle = self.throttle(authTrustPeriod=100)
-        throttle.succeeded("192.0.2.55", "bob")
+        loggedIn(throttle, "192.0.2.55", "bob")
         for i in range(20):
             self.attempt(throttle, f"10.{i}.0.1", "bob")
         self.clock.advance(99)
-        self.assertFalse(throttle.check("192.0.2.55", "bob").refuse)
+        self.assertFalse(peek(throttle, "192.0.2.55", "bob").refuse)
         self.clock.advance(1)
-        self.assertEqual(throttle.check("192.0.2.55", "bob").reason, "account-budget")
+        self.assertEqual(peek(throttle, "192.0.2.55", "bob").reason, "account-budget")
 
     def test_noTrust(self) -> None:
         throttle = self.throttle(authTrustPeriod=0)
-        throttle.succeeded("192.0.2.55", "bob")
+        loggedIn(throttle, "192.0.2.55", "bob")
         for i in range(20):
             self.attempt(throttle, f"10.{i}.0.1", "bob")
-        self.assertTrue(throttle.check("192.0.2.55", "bob").refuse)
-        self.assertEqual(throttle.trackedKeys(), 20 + 20 + 1)
+        self.assertTrue(peek(throttle, "192.0.2.55", "bob").refuse)
+        # addresses, networks, the account, and the 20 (address, account) pairs
+        self.assertEqual(throttle.trackedKeys(), 20 + 20 + 1 + 20)
 
     def test_successKeepsCounts(self) -> None:
         """Logging in with one account does not buy more guesses at others."""
         throttle = self.throttle()
         for i in range(9):
             self.attempt(throttle, "203.0.113.7", f"victim{i}")
-        throttle.succeeded("203.0.113.7", "mallory")
+        loggedIn(throttle, "203.0.113.7", "mallory")
         self.attempt(throttle, "203.0.113.7", "victim9")
-        self.assertTrue(throttle.check("203.0.113.7", "victim10").disconnect)
+        self.assertTrue(peek(throttle, "203.0.113.7", "victim10").disconnect)
 
     def test_windowRestoresBudgets(self) -> None:
         """
@@ -247,19 +283,19 @@ class AuthThrottleTests(SynchronousTestCase):
             self.attempt(throttle, "203.0.113.7", "bob")
         for i in range(20):
             self.attempt(throttle, f"203.0.113.{i + 100}", f"u{i}")  # the network's 30
-        self.assertEqual(throttle.check("203.0.113.50", "bob").reason, "network-budget")
+        self.assertEqual(peek(throttle, "203.0.113.50", "bob").reason, "network-budget")
         self.clock.advance(119)
-        self.assertTrue(throttle.check("203.0.113.50", "bob").refuse)
+        self.assertTrue(peek(throttle, "203.0.113.50", "bob").refuse)
         self.clock.advance(1)  # 3600 / 30: one failure of the network's leaked away
-        self.assertFalse(throttle.check("203.0.113.50", "bob").refuse)
+        self.assertFalse(peek(throttle, "203.0.113.50", "bob").refuse)
         self.clock.advance(239)
-        self.assertTrue(throttle.check("203.0.113.7", "x").disconnect)
+        self.assertTrue(peek(throttle, "203.0.113.7", "x").disconnect)
         self.clock.advance(1)  # 3600 / 10: one failure of the address's leaked away
-        decision = throttle.check("203.0.113.7", None)
+        decision = peek(throttle, "203.0.113.7", None)
         self.assertEqual((decision.refuse, decision.failures, decision.delay), (False, 9, 16))
         self.clock.advance(3600 - 360)
-        self.assertEqual(throttle.check("203.0.113.7", "bob"), AuthDecision())
-        self.assertEqual(throttle.check("203.0.113.50", "bob"), AuthDecision())
+        self.assertEqual(peek(throttle, "203.0.113.7", "bob"), AuthDecision())
+        self.assertEqual(peek(throttle, "203.0.113.50", "bob"), AuthDecision())
 
     def test_ipv6Grouping(self) -> None:
         """
@@ -269,15 +305,15 @@ class AuthThrottleTests(SynchronousTestCase):
         throttle = self.throttle()
         for i in range(10):
             self.attempt(throttle, f"2001:db8:0:1::{i + 1}", f"u{i}")
-        self.assertTrue(throttle.check("2001:db8:0:1:ffff::9", "x").disconnect)
+        self.assertTrue(peek(throttle, "2001:db8:0:1:ffff::9", "x").disconnect)
         for i in range(20):
             self.attempt(throttle, f"2001:db8:0:{i + 2:x}::1", f"v{i}")
-        decision = throttle.check("2001:db8:0:ff:1::1", "y")
+        decision = peek(throttle, "2001:db8:0:ff:1::1", "y")
         self.assertEqual((decision.reason, decision.failures), ("network-budget", 30))
-        self.assertEqual(throttle.check("2001:db8:0:100::1", "y"), AuthDecision())
+        self.assertEqual(peek(throttle, "2001:db8:0:100::1", "y"), AuthDecision())
         for _ in range(10):
             self.attempt(throttle, "::ffff:192.0.2.1", "z")
-        self.assertTrue(throttle.check("192.0.2.1", "z").disconnect)
+        self.assertTrue(peek(throttle, "192.0.2.1", "z").disconnect)
 
     def test_exempt(self) -> None:
         """
@@ -287,11 +323,11 @@ class AuthThrottleTests(SynchronousTestCase):
         throttle = self.throttle(exempt=(net("192.0.2.10/32"),))
         for i in range(100):
             self.attempt(throttle, "192.0.2.10", f"user{i}")
-        self.assertEqual(throttle.check("192.0.2.10", "alice"), AuthDecision())
-        self.assertEqual(throttle.check("192.0.2.11", "alice"), AuthDecision())
+        self.assertEqual(peek(throttle, "192.0.2.10", "alice"), AuthDecision())
+        self.assertEqual(peek(throttle, "192.0.2.11", "alice"), AuthDecision())
         for _ in range(20):
             self.attempt(throttle, "192.0.2.10", "bob")
-        self.assertEqual(throttle.check("192.0.2.10", "bob").reason, "account-budget")
+        self.assertEqual(peek(throttle, "192.0.2.10", "bob").reason, "account-budget")
 
     def test_delayFor(self) -> None:
         throttle = self.throttle(authFreeFailures=0, authDelay=0.5, authDelayMax=3)
@@ -304,10 +340,10 @@ class AuthThrottleTests(SynchronousTestCase):
         throttle = self.throttle()
         for _ in range(10):
             self.attempt(throttle, "203.0.113.7", None)
-        self.assertTrue(throttle.check("203.0.113.7", None).disconnect)
+        self.assertTrue(peek(throttle, "203.0.113.7", None).disconnect)
         self.assertEqual(throttle.trackedKeys(), 2)
-        throttle.succeeded("203.0.113.7", None)
-        self.assertEqual(throttle.trackedKeys(), 2)
+        failOnce(throttle, "203.0.113.8", None)  # nothing to trust or forgive without a login
+        self.assertEqual(throttle.trackedKeys(), 3)
 
     def test_memoryBounded(self) -> None:
         """
@@ -317,12 +353,11 @@ class AuthThrottleTests(SynchronousTestCase):
         """
         throttle = self.throttle()
         for i in range(200_000):
-            # check() only reads; failed() is what adds keys.
-            throttle.failed(f"2001:db8:{i >> 8:x}:{(i & 0xFF) << 8:x}::1", f"user{i}")
-        self.assertEqual(throttle.trackedKeys(), 3 * DEFAULT_MAX_KEYS)
+            failOnce(throttle, f"2001:db8:{i >> 8:x}:{(i & 0xFF) << 8:x}::1", f"user{i}")
+        self.assertEqual(throttle.trackedKeys(), 4 * DEFAULT_MAX_KEYS)
         # The newest are remembered, the oldest forgotten.
         last = "2001:db8:30d:3f00::1"  # 199,999 = 0x30d3f
-        self.assertEqual(throttle.check(last, "user199999").failures, 0)  # no delay yet
+        self.assertEqual(peek(throttle, last, "user199999").failures, 0)  # no delay yet
         self.assertEqual(throttle._addresses.count(client(last).key), 1)
         self.assertEqual(throttle._networks.count(client(last).networkKey), 1)
         self.assertEqual(throttle._addresses.count(client("2001:db8::1").key), 0)
@@ -330,20 +365,29 @@ class AuthThrottleTests(SynchronousTestCase):
     def test_smallCap(self) -> None:
         throttle = AuthThrottle(self.clock, DEFAULTS, maxKeys=100)
         for i in range(1000):
-            throttle.failed(f"10.{i // 256}.{i % 256}.1", f"user{i}")
-            throttle.succeeded(f"10.{i // 256}.{i % 256}.1", f"user{i}")
-        self.assertEqual(throttle.trackedKeys(), 400)
+            failOnce(throttle, f"10.{i // 256}.{i % 256}.1", f"user{i}")
+            loggedIn(throttle, f"10.{i // 256}.{i % 256}.1", f"other{i}")
+        sizes = [
+            len(throttle._addresses),
+            len(throttle._networks),
+            len(throttle._accounts),
+            len(throttle._pairs),
+            len(throttle._trusted),
+        ]
+        # The last refund of a key the cap made room for leaves 99 in two tables.
+        self.assertEqual(sizes, [100, 100, 99, 99, 100])
 
     def test_expiredKeysForgotten(self) -> None:
         """Once their failures leaked away, keys are dropped as others change."""
         throttle = self.throttle()
         for i in range(100):
-            throttle.failed(f"10.0.{i}.1", f"user{i}")
-        self.assertEqual(throttle.trackedKeys(), 300)
+            failOnce(throttle, f"10.0.{i}.1", f"user{i}")
+        self.assertEqual(throttle.trackedKeys(), 400)
         self.clock.advance(3600)
-        for _ in range(100):
-            throttle.failed("192.0.2.1", "bob")
-        self.assertEqual(throttle.trackedKeys(), 3)
+        for i in range(60):
+            failOnce(throttle, f"192.0.{2 + i % 2}.{i % 8 + 1}", f"bob{i % 4}")
+        # 8 addresses, 2 networks, 4 accounts, 8 pairs
+        self.assertEqual(throttle.trackedKeys(), 8 + 2 + 4 + 8)
 
     def test_logLine(self) -> None:
         """Each decision that delays, refuses or disconnects logs one fixed line."""
@@ -354,7 +398,7 @@ class AuthThrottleTests(SynchronousTestCase):
         self.attempt(throttle, "203.0.113.7", "bob")
         for i in range(6):
             self.attempt(throttle, "203.0.113.7", f"u{i}")
-        decision = throttle.check("203.0.113.7", "bob")
+        decision = peek(throttle, "203.0.113.7", "bob")
         expected = (
             "mailgw auth-throttle: client=203.0.113.7 network=203.0.113.0/24 failures=10 "
             'action=disconnect delay=0.0 reason=address-budget login="bob"'
@@ -373,7 +417,7 @@ class AuthThrottleTests(SynchronousTestCase):
         throttle = self.throttle()
         for i in range(20):
             self.attempt(throttle, f"10.{i}.0.1", "bob")
-        decision = throttle.check("::ffff:10.99.0.1", "Bob")
+        decision = peek(throttle, "::ffff:10.99.0.1", "Bob")
         self.assertEqual(
             decision.logLine,
             "mailgw auth-throttle: client=10.99.0.1 network=10.99.0.0/24 failures=20 "
@@ -440,10 +484,9 @@ class Fail2banTests(SynchronousTestCase):
 
     def test_matchesDisconnect(self) -> None:
         for _ in range(10):
-            self.throttle.check("203.0.113.7", "bob")
-            self.throttle.failed("203.0.113.7", "bob")
+            failOnce(self.throttle, "203.0.113.7", "bob")
         self.assertEqual(self.banned(), [])  # delays only
-        self.throttle.check("203.0.113.7", "bob")
+        peek(self.throttle, "203.0.113.7", "bob")
         self.assertEqual(self.banned(), ["203.0.113.7"] * 2)
 
     def test_loginInjection(self) -> None:
@@ -451,10 +494,412 @@ class Fail2banTests(SynchronousTestCase):
         fake = "] mailgw auth-throttle: client=192.0.2.99 network=x failures=1 action=disconnect"
         for login in [fake, "x\n" + fake, f'"{fake}', "\r[a#warn] " + fake + " delay=0"]:
             for _ in range(11):
-                self.throttle.check("203.0.113.7", login)
-                self.throttle.failed("203.0.113.7", login)
+                decision = self.throttle.begin("203.0.113.7", login, "PLAIN")
+                if decision.attempt is not None:
+                    decision.attempt.failed()
         self.assertNotIn("192.0.2.99", self.banned())
         self.assertIn("203.0.113.7", self.banned())
+
+
+@implementer(ICredentialsChecker)
+class HandChecker:
+    """
+    A checker of plain passwords whose answers the test gives by hand:
+    each verification waits in ``pending`` until L{answer} fires it.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, passwords: dict[bytes, bytes]) -> None:
+        self.passwords = passwords
+        self.pending: list[tuple[Any, Deferred[Any]]] = []
+        self.verifications = 0
+        self.peak = 0
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        d: Deferred[bytes | tuple[()]] = Deferred()
+        self.pending.append((credentials, d))
+        self.verifications += 1
+        self.peak = max(self.peak, len(self.pending))
+        return d
+
+    def answer(self) -> None:
+        """Answer every verification under way: right, or UnauthorizedLogin."""
+        pending, self.pending = self.pending, []
+        for credentials, d in pending:
+            if self.passwords.get(credentials.username) == credentials.password:
+                d.callback(credentials.username)
+            else:
+                d.errback(UnauthorizedLogin())
+
+
+class Session:
+    """
+    One AUTH as the server handles it with the throttle: begin, wait the
+    delay, ask the portal, report the outcome. ``code`` is the reply sent
+    (None while under way).
+    """
+
+    def __init__(
+        self,
+        throttle: AuthThrottle,
+        clock: Clock,
+        portal: Any,
+        address: str,
+        login: str,
+        password: bytes,
+        mechanism: str = "PLAIN",
+    ) -> None:
+        self.code: int | None = None
+        self.decision = throttle.begin(address, login, mechanism)
+        if self.decision.refuse:
+            assert self.decision.reply is not None
+            self.code = self.decision.reply.code
+            return
+        attempt = self.decision.attempt
+        assert attempt is not None
+        self.attempt = attempt
+        credentials = UsernamePassword(login.encode(), password)
+        d = deferLater(clock, self.decision.delay, portal.login, credentials, None, ISubmitter)
+        d.addBoth(self._answered)
+
+    def _answered(self, outcome: Any) -> None:
+        settled = self.attempt.settle(outcome)
+        self.code = {"succeeded": 235, "unavailable": 454}.get(settled, 535)
+
+
+class AuthAttemptTests(SynchronousTestCase):
+    """L{AuthThrottle.begin} and the outcomes of an L{AuthAttempt}."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events: list[dict[str, Any]] = []
+
+    def throttle(self, **changes: Any) -> AuthThrottle:
+        return AuthThrottle(
+            self.clock,
+            settings(**changes),
+            log=Logger(observer=cast(ILogObserver, self.events.append)),
+        )
+
+    def begun(self, throttle: AuthThrottle, address: str, login: str | None) -> AuthAttempt:
+        decision = throttle.begin(address, login, "PLAIN")
+        assert decision.attempt is not None, decision
+        return decision.attempt
+
+    def counts(self, throttle: AuthThrottle, address: str, login: str) -> tuple[int, int, int]:
+        who = client(address)
+        return (
+            throttle._addresses.count(who.key),
+            throttle._networks.count(who.networkKey),
+            throttle._accounts.count(login.casefold()),
+        )
+
+    def test_countedWhenBegun(self) -> None:
+        """
+        An attempt counts as a failure as soon as it begins: ten attempts
+        under way from one address spend its budget before any is answered.
+        """
+        throttle = self.throttle(authConcurrentPerAddress=50, authConcurrentPerAccount=50)
+        attempts = [self.begun(throttle, "203.0.113.7", "bob") for _ in range(10)]
+        self.assertEqual(self.counts(throttle, "203.0.113.7", "bob"), (10, 10, 10))
+        self.assertEqual(throttle.inFlight, 10)
+        decision = throttle.begin("203.0.113.7", "bob", "PLAIN")
+        self.assertEqual((decision.disconnect, decision.reason), (True, "address-budget"))
+        self.assertIsNone(decision.attempt)
+        self.assertEqual(throttle.inFlight, 10)
+        for attempt in attempts:
+            attempt.abandoned()  # hanging up keeps the count
+        self.assertEqual(throttle.inFlight, 0)
+        self.assertTrue(peek(throttle, "203.0.113.7", "alice").disconnect)
+
+    def test_outcomes(self) -> None:
+        """failed and abandoned keep the count; notApplicable and unavailable refund it."""
+        throttle = self.throttle()
+        for outcome, kept in [
+            ("failed", 1),
+            ("abandoned", 1),
+            ("notApplicable", 0),
+            ("unavailable", 0),
+        ]:
+            address = f"10.{kept}.{len(outcome)}.1"
+            attempt = self.begun(throttle, address, outcome)
+            self.assertEqual(attempt.mechanism, "PLAIN")
+            self.assertEqual(self.counts(throttle, address, outcome), (1, 1, 1))
+            getattr(attempt, outcome)()
+            self.assertEqual(attempt.outcome, outcome)
+            self.assertEqual(self.counts(throttle, address, outcome), (kept,) * 3, outcome)
+            self.assertEqual(throttle.inFlight, 0)
+
+    def test_settle(self) -> None:
+        """settle() turns what Portal.login gave into the outcome."""
+        throttle = self.throttle()
+        for result, expected, counts in [
+            (Failure(MechanismUnavailable()), "notApplicable", (0, 0, 0)),
+            (Failure(UnauthorizedLogin()), "failed", (1, 1, 1)),
+            (Failure(UnhandledCredentials()), "failed", (2, 2, 2)),
+            (Failure(OSError("users file gone")), "unavailable", (2, 2, 2)),
+            ((object(), object(), None), "succeeded", (0, 0, 0)),
+        ]:
+            attempt = self.begun(throttle, "192.0.2.1", "bob")
+            self.assertEqual(attempt.settle(result), expected)
+            self.assertEqual(attempt.outcome, expected)
+            self.assertEqual(self.counts(throttle, "192.0.2.1", "bob"), counts)
+
+    def test_firstOutcomeWins(self) -> None:
+        throttle = self.throttle()
+        attempt = self.begun(throttle, "192.0.2.1", "bob")
+        attempt.failed()
+        attempt.succeeded()
+        attempt.notApplicable()
+        attempt.abandoned()
+        self.assertEqual(attempt.outcome, "failed")
+        self.assertEqual(self.counts(throttle, "192.0.2.1", "bob"), (1, 1, 1))
+        other = self.begun(throttle, "198.51.100.2", "carol")
+        other.succeeded()
+        other.failed()
+        other.abandoned()
+        self.assertEqual(self.counts(throttle, "198.51.100.2", "carol"), (0, 0, 0))
+        self.assertEqual(throttle.inFlight, 0)
+        self.assertEqual(throttle._busyAddresses, {})
+        self.assertEqual(throttle._busyAccounts, {})
+
+    def test_successForgivesThisLoginHere(self) -> None:
+        """
+        A success takes back this login's failures from this address, from
+        the address's, network's and account's counts, and nothing else:
+        failures of other logins here, and of this login elsewhere, stay.
+        """
+        throttle = self.throttle()
+        for _ in range(3):
+            failOnce(throttle, "192.0.2.7", "bob")
+        for _ in range(2):
+            failOnce(throttle, "192.0.2.7", "mallory")
+        for i in range(4):
+            failOnce(throttle, f"10.{i}.0.1", "bob")
+        failOnce(throttle, "192.0.2.8", "carol")
+        self.assertEqual(self.counts(throttle, "192.0.2.7", "bob"), (5, 6, 7))
+        loggedIn(throttle, "192.0.2.7", "BOB")
+        self.assertEqual(self.counts(throttle, "192.0.2.7", "bob"), (2, 3, 4))
+        self.assertEqual(self.counts(throttle, "192.0.2.7", "mallory"), (2, 3, 2))
+
+    def test_fallbackNeverSlowed(self) -> None:
+        """
+        Issue 15: a client that tries CRAM-MD5 first and then PLAIN with
+        the right password, twelve times in a row, is never delayed or
+        refused, whether its backend calls the CRAM-MD5 attempt not
+        applicable or a plain failure; another user at the same address is
+        not affected either.
+        """
+        for cramOutcome in ("notApplicable", "failed"):
+            throttle = self.throttle()
+            for _ in range(12):
+                cram = throttle.begin("198.51.100.4", "alice", "CRAM-MD5")
+                assert cram.attempt is not None
+                getattr(cram.attempt, cramOutcome)()
+                plain = throttle.begin("198.51.100.4", "alice", "PLAIN")
+                assert plain.attempt is not None
+                plain.attempt.succeeded()
+                self.assertEqual((cram.delay, plain.delay), (0, 0), cramOutcome)
+            self.assertEqual(peek(throttle, "198.51.100.4", "bob"), AuthDecision())
+            self.assertEqual(self.counts(throttle, "198.51.100.4", "alice"), (0, 0, 0))
+        self.assertEqual(self.events, [])
+
+    def test_sprayStillThrottled(self) -> None:
+        """
+        A spray of many accounts from one network is refused as before,
+        even when the sprayer logs in with an account of its own between
+        guesses.
+        """
+        throttle = self.throttle()
+        for i in range(30):
+            address = f"203.0.113.{i // 5 + 1}"
+            failOnce(throttle, address, f"victim{i}")
+            loggedIn(throttle, address, "mallory")
+        decision = peek(throttle, "203.0.113.50", "victim99")
+        self.assertEqual((decision.refuse, decision.reason), (True, "network-budget"))
+        for _ in range(4):
+            failOnce(throttle, "198.51.100.1", f"v{_}")
+            loggedIn(throttle, "198.51.100.1", "mallory")
+        for i in range(6):
+            failOnce(throttle, "198.51.100.1", f"w{i}")
+        self.assertTrue(peek(throttle, "198.51.100.1", "w9").disconnect)
+
+    def test_concurrencyPerAddress(self) -> None:
+        """
+        At most auth_concurrent_per_address attempts from one address are
+        under way; the next gets 454 4.7.0 without being counted, and a
+        slot comes back as soon as an attempt ends.
+        """
+        throttle = self.throttle(authFreeFailures=20, authFailuresPerAddress=50)
+        attempts = [self.begun(throttle, "192.0.2.9", f"user{i}") for i in range(8)]
+        decision = throttle.begin("192.0.2.9", "user8", "PLAIN")
+        self.assertEqual(
+            attrs.evolve(decision, logLine=""),
+            AuthDecision(0.0, True, False, AUTH_BUSY, "address-concurrency", 8),
+        )
+        self.assertEqual(
+            AUTH_BUSY.toBytes(),
+            b"454 4.7.0 Too many authentication attempts in progress; try again later\r\n",
+        )
+        self.assertEqual(
+            decision.logLine,
+            "mailgw auth-throttle: client=192.0.2.9 network=192.0.2.0/24 failures=8 "
+            'action=refuse delay=0.0 reason=address-concurrency login="user8"',
+        )
+        self.assertEqual(formatEvent(self.events[-1]), decision.logLine)
+        self.assertEqual(self.counts(throttle, "192.0.2.9", "user8"), (8, 8, 0))
+        self.assertFalse(throttle.begin("192.0.2.10", "user8", "PLAIN").refuse)
+        attempts[0].failed()
+        self.begun(throttle, "192.0.2.9", "user8")
+
+    def test_concurrencyPerAccount(self) -> None:
+        """
+        At most auth_concurrent_per_account attempts at one login are under
+        way, from anywhere; its user's trusted address is exempt.
+        """
+        throttle = self.throttle()
+        loggedIn(throttle, "192.0.2.55", "bob")
+        for i in range(8):
+            self.begun(throttle, f"10.{i}.0.1", "bob")
+        decision = throttle.begin("10.99.0.1", "Bob", "PLAIN")
+        self.assertEqual((decision.reply, decision.reason), (AUTH_BUSY, "account-concurrency"))
+        self.begun(throttle, "192.0.2.55", "bob")
+        self.begun(throttle, "10.99.0.1", "alice")
+
+    def test_trustedBurst(self) -> None:
+        """
+        A relay client that logged in before opens 20 sessions at once while
+        its password is being verified: none is delayed or refused for the
+        others in flight, and once they succeed nothing is counted. Were
+        they wrong, their failures would count once answered.
+        """
+        throttle = self.throttle()
+        loggedIn(throttle, "192.0.2.25", "relay")
+        decisions = [throttle.begin("192.0.2.25", "relay", "PLAIN") for _ in range(20)]
+        self.assertEqual(decisions, [AuthDecision()] * 20)
+        self.assertEqual(self.counts(throttle, "192.0.2.25", "relay"), (20, 0, 0))
+        for decision in decisions:
+            assert decision.attempt is not None
+            decision.attempt.succeeded()
+        self.assertEqual(self.counts(throttle, "192.0.2.25", "relay"), (0, 0, 0))
+        self.assertEqual(throttle._busyTrusted, {})
+        attempts = [self.begun(throttle, "192.0.2.25", "relay") for _ in range(12)]
+        for attempt in attempts:
+            attempt.failed()
+        self.assertTrue(peek(throttle, "192.0.2.25", "relay").disconnect)
+
+    def test_untrustedBurstCounted(self) -> None:
+        """
+        Attempts in flight of a login not trusted there count against each
+        other: the fourth is delayed, the ninth refused.
+        """
+        throttle = self.throttle()
+        delays = [throttle.begin("192.0.2.26", "relay", "PLAIN").delay for _ in range(8)]
+        self.assertEqual(delays, [0, 0, 0, 1, 2, 4, 8, 16])
+        self.assertEqual(throttle.begin("192.0.2.26", "relay", "PLAIN").reply, AUTH_BUSY)
+
+    def test_concurrencyTotal(self) -> None:
+        """
+        At most auth_concurrent_total attempts are under way in all; trusted
+        logins still go ahead, and exempt addresses have no per-address cap.
+        """
+        throttle = self.throttle(authConcurrentTotal=10, exempt=(net("192.0.2.10/32"),))
+        loggedIn(throttle, "198.51.100.1", "bob")
+        for i in range(10):
+            self.begun(throttle, "192.0.2.10", f"user{i}")
+        decision = throttle.begin("203.0.113.1", "carol", "LOGIN")
+        self.assertEqual((decision.reply, decision.reason), (AUTH_BUSY, "total-concurrency"))
+        self.assertEqual(decision.failures, 10)
+        self.begun(throttle, "198.51.100.1", "bob")
+        self.assertEqual(throttle.inFlight, 11)
+
+    def portal(self, checker: HandChecker) -> Any:
+        return makePortal([checker])
+
+    def settle(self, checker: HandChecker) -> None:
+        """Answer every verification and run every delay, until nothing is left."""
+        while checker.pending or self.clock.getDelayedCalls():
+            checker.answer()
+            calls = self.clock.getDelayedCalls()
+            if calls:
+                self.clock.advance(min(c.getTime() for c in calls) - self.clock.seconds())
+
+    def test_parallelBurst(self) -> None:
+        """
+        Defect 11 of issue 13: 200 sessions from one address each send one
+        guess for one account at the same moment (the right password is
+        number 150). At most auth_failures_per_address guesses are
+        verified, never more than auth_concurrent_per_address at once, the
+        right password is not let through, and afterwards another user from
+        another address, and the account's user from the address where he
+        logged in before, log in at once.
+        """
+        throttle = self.throttle()
+        checker = HandChecker({b"bob": b"right", b"carol": b"hers"})
+        portal = self.portal(checker)
+        bobAtHome = Session(throttle, self.clock, portal, "192.0.2.55", "bob", b"right")
+        self.settle(checker)
+        self.assertEqual(bobAtHome.code, 235)
+        checker.verifications = 0
+        sessions = [
+            Session(
+                throttle,
+                self.clock,
+                portal,
+                "203.0.113.66",
+                "bob",
+                b"right" if i == 150 else f"guess{i}".encode(),
+            )
+            for i in range(200)
+        ]
+        self.clock.advance(0)
+        self.assertEqual(len(checker.pending), 3)  # the free failures; the rest wait a delay
+        self.settle(checker)
+        codes = [s.code for s in sessions]
+        # Eight went ahead (three at once, five after growing delays), the
+        # other 192 were refused at once without a verification.
+        self.assertEqual((checker.verifications, checker.peak), (8, 3))
+        self.assertEqual((codes.count(535), codes.count(454)), (8, 192))
+        self.assertNotIn(235, codes)
+        self.assertEqual(throttle.inFlight, 0)
+        reasons = {s.decision.reason for s in sessions if s.decision.refuse}
+        self.assertEqual(reasons, {"address-concurrency"})
+        # Another user from another address, and bob from home: no delay.
+        carol = Session(throttle, self.clock, portal, "198.51.100.7", "carol", b"hers")
+        bob = Session(throttle, self.clock, portal, "192.0.2.55", "bob", b"right")
+        self.assertEqual((carol.decision.delay, bob.decision.delay), (0, 0))
+        self.settle(checker)
+        self.assertEqual((carol.code, bob.code), (235, 235))
+        # The attacking address has two guesses left, each after 16 s.
+        self.assertEqual(peek(throttle, "203.0.113.66", "bob").delay, 16)
+
+    def test_parallelBurstWithoutDelays(self) -> None:
+        """
+        The same burst with no delays: the cap holds the verifications in
+        flight, and the address budget, counted as attempts begin, stops
+        the rest.
+        """
+        throttle = self.throttle(authDelay=0, authDelayMax=0)
+        checker = HandChecker({b"bob": b"right"})
+        portal = self.portal(checker)
+        sessions = [
+            Session(throttle, self.clock, portal, "203.0.113.66", "bob", f"g{i}".encode())
+            for i in range(200)
+        ]
+        self.clock.advance(0)
+        self.assertEqual(len(checker.pending), 8)
+        self.settle(checker)
+        later = [
+            Session(throttle, self.clock, portal, "203.0.113.66", "bob", f"h{i}".encode())
+            for i in range(5)
+        ]
+        self.settle(checker)
+        self.assertEqual((checker.verifications, checker.peak), (10, 8))
+        self.assertEqual(
+            {s.decision.reason for s in sessions if s.code == 454}, {"address-concurrency"}
+        )
+        self.assertEqual([s.code for s in later], [535, 535, 421, 421, 421])
 
 
 class ConnectionLimiterTests(SynchronousTestCase):
@@ -541,6 +986,41 @@ class ConnectionLimiterTests(SynchronousTestCase):
         limiter.close("192.0.2.2")
         self.assertEqual(limiter.openConnections, 0)
         self.assertEqual(limiter._open, {})
+
+    def test_relayClientBurst(self) -> None:
+        """
+        Issue 15: a relay client that opens a new session for each message
+        and logs in, 100 in a burst (up to 20 at once), is never refused
+        with the defaults; the rate still refuses unauthenticated floods.
+        """
+        limiter = ConnectionLimiter(self.clock, DEFAULTS)
+        refused = 0
+        for _wave in range(5):
+            for _ in range(20):
+                refused += limiter.open("192.0.2.25") is not None
+            for _ in range(20):
+                limiter.authenticated("192.0.2.25")
+                limiter.close("192.0.2.25")
+        self.assertEqual(refused, 0)
+        self.assertEqual(limiter.trackedKeys(), 0)
+        for _ in range(60):
+            self.assertIsNone(limiter.open("192.0.2.26"))
+            limiter.close("192.0.2.26")
+        self.assertEqual(limiter.open("192.0.2.26"), TOO_MANY_FROM_ADDRESS)
+        # A session that logs in gives back its own connection only.
+        self.assertIsNone(limiter.open("192.0.2.25"))
+        limiter.authenticated("192.0.2.25")
+        self.assertEqual(limiter.open("192.0.2.26"), TOO_MANY_FROM_ADDRESS)
+
+    def test_authenticatedWithoutCount(self) -> None:
+        """authenticated() never takes the rate below zero, and ignores exempt addresses."""
+        limiter = ConnectionLimiter(self.clock, attrs.evolve(DEFAULTS, exempt=(net("::1/128"),)))
+        limiter.authenticated("192.0.2.1")
+        limiter.authenticated("::1")
+        for _ in range(60):
+            self.assertIsNone(limiter.open("192.0.2.1"))
+            limiter.close("192.0.2.1")
+        self.assertEqual(limiter.open("192.0.2.1"), TOO_MANY_FROM_ADDRESS)
 
     def test_rateMemoryBounded(self) -> None:
         limiter = ConnectionLimiter(self.clock, DEFAULTS, maxKeys=1000)

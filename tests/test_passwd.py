@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from mailgw.auth import passwd
+from mailgw.auth import ISASLMechanisms, MechanismUnavailable, passwd
 from mailgw.auth.cache import VerifiedCache
 from mailgw.auth.passwd import (
     PasswdChecker,
@@ -165,19 +165,40 @@ class FileTests(SynchronousTestCase):
         self.assertNotIn("c2VjcmV0", repr(UserEntry("bob", h, b"secret")))
         self.assertNotIn("secret", repr(UserEntry("bob", h, b"secret")))
 
-    def test_mode0600(self) -> None:
-        """
-        The file is written mode 0600, also when it replaces a more open
-        one and whatever the umask.
-        """
-        write(self.path, "")
-        os.chmod(self.path, 0o644)
+    def test_newFileMode0600(self) -> None:
+        """A new file is written mode 0600, whatever the umask."""
         old = os.umask(0)
         try:
             writeUsers(self.path, [UserEntry("alice", cheapHash("a"))])
+            addUser(os.path.join(self.dir, "other"), "bob", "b", hasher=CHEAP)
         finally:
             os.umask(old)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dir, "other")).st_mode), 0o600)
+
+    def test_keepsMode(self) -> None:
+        """
+        Issue 14: add, change and remove keep the mode of the file they
+        replace (a root:mailgw 0640 file stays readable by the service's
+        group), whatever the umask; only CRAM secrets are kept from others.
+        """
+        writeUsers(self.path, [UserEntry("alice", cheapHash("a"))])
+        os.chmod(self.path, 0o640)
+        old = os.umask(0o077)
+        try:
+            addUser(self.path, "bob", "b", hasher=CHEAP)
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+            setPassword(self.path, "bob", "c", hasher=CHEAP)
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+            removeUser(self.path, "alice")
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+            os.chmod(self.path, 0o644)
+            addUser(self.path, "carol", "c", hasher=CHEAP)
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o644)
+            setPassword(self.path, "carol", "d", cram=True, hasher=CHEAP)
+            self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+        finally:
+            os.umask(old)
 
     def test_atomicReplace(self) -> None:
         """
@@ -228,6 +249,21 @@ class FileTests(SynchronousTestCase):
         writeUsers(self.path, [])
         st = os.stat(self.path)
         self.assertEqual((st.st_uid, st.st_gid), (4321, 8765))
+        # root:mailgw 0640 (and another owner's file), edited by root: add,
+        # change and remove keep owner, group and mode.
+        for uid, gid in [(0, 8765), (4321, 8765)]:
+            os.chown(self.path, uid, gid)
+            os.chmod(self.path, 0o640)
+            for edit in [
+                lambda: addUser(self.path, "alice", "a", hasher=CHEAP),
+                lambda: setPassword(self.path, "alice", "b", hasher=CHEAP),
+                lambda: removeUser(self.path, "alice"),
+            ]:
+                edit()
+                st = os.stat(self.path)
+                self.assertEqual(
+                    (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (uid, gid, 0o640)
+                )
 
     def test_addUser(self) -> None:
         """
@@ -399,11 +435,70 @@ class CheckerTests(SynchronousTestCase):
     def test_cramNoSecret(self) -> None:
         """
         A user without a CRAM secret cannot use CRAM-MD5, even with the
-        right password; nor can unknown or undecodable users.
+        right password; nor can unknown or undecodable users. All three
+        fail alike with MechanismUnavailable (an UnauthorizedLogin: 535 on
+        the wire, but not counted as a guess) after one HMAC each, as a
+        user with a secret does; a wrong response of a user with a secret
+        is a plain UnauthorizedLogin.
         """
-        self.failureResultOf(self.login(cram(b"alice", b"sesame")), UnauthorizedLogin)
-        self.failureResultOf(self.login(cram(b"mallory", b"x")), UnauthorizedLogin)
-        self.failureResultOf(self.login(cram(b"\xff", b"x")), UnauthorizedLogin)
+        checked: list[bytes] = []
+
+        def recording(credentials: Any) -> Any:
+            real = credentials.checkPassword
+
+            def checkPassword(secret: bytes) -> bool:
+                checked.append(secret)
+                return bool(real(secret))
+
+            credentials.checkPassword = checkPassword
+            return credentials
+
+        failures = [
+            self.failureResultOf(self.login(recording(cram(login, password))), UnauthorizedLogin)
+            for login, password in [(b"alice", b"sesame"), (b"mallory", b"x"), (b"\xff", b"x")]
+        ]
+        self.assertEqual({f.type for f in failures}, {MechanismUnavailable})
+        self.assertEqual(len(checked), 3)
+        self.assertNotIn(b"sesame", checked)
+        wrong = self.failureResultOf(self.login(recording(cram("rené".encode(), b"x"))))
+        self.assertIs(wrong.type, UnauthorizedLogin)
+        self.assertEqual(checked[-1], "pässwörd".encode())
+
+    def test_mechanisms(self) -> None:
+        """
+        CRAM-MD5 is offered while at least one user holds a CRAM secret,
+        as the file says now; a file broken later keeps the last offer.
+        """
+        verifyObject(ISASLMechanisms, self.checker)
+        self.assertEqual(self.checker.saslMechanisms(), ("PLAIN", "LOGIN", "CRAM-MD5"))
+        setPassword(self.path, "rené", "new", cram=False, hasher=CHEAP)
+        self.assertEqual(self.checker.saslMechanisms(), ("PLAIN", "LOGIN"))
+        addUser(self.path, "carol", "c", cram=True, hasher=CHEAP)
+        self.assertEqual(self.checker.saslMechanisms(), ("PLAIN", "LOGIN", "CRAM-MD5"))
+        with open(self.path) as f:
+            good = f.read()
+        with capturedLogs():
+            write(self.path, good + "broken\n")
+            self.assertEqual(self.checker.saslMechanisms(), ("PLAIN", "LOGIN", "CRAM-MD5"))
+            os.unlink(self.path)
+            self.assertEqual(self.checker.saslMechanisms(), ("PLAIN", "LOGIN", "CRAM-MD5"))
+        addUser(self.path, "dave", "d", hasher=CHEAP)  # a new file, without secrets
+        self.assertEqual(self.checker.saslMechanisms(), ("PLAIN", "LOGIN"))
+
+    def test_mechanismsCached(self) -> None:
+        """Asking for the mechanisms reads the file only when it changed."""
+        self.checker.saslMechanisms()
+        parsed: list[bytes] = []
+        realParse = passwd.parseUsers
+
+        def recordingParse(data: bytes, path: Any) -> Any:
+            parsed.append(data)
+            return realParse(data, path)
+
+        self.patch(passwd, "parseUsers", recordingParse)
+        for _ in range(3):
+            self.checker.saslMechanisms()
+        self.assertEqual(parsed, [])
 
     def test_otherCredentials(self) -> None:
         f = self.failureResultOf(self.login(Anonymous()), UnhandledCredentials)

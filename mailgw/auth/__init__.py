@@ -9,6 +9,15 @@ C{--auth TYPE:ARGS}), and L{mailgw.auth.realm.SubmitterRealm} turns the
 avatar id into an L{mailgw.interfaces.ISubmitter}.
 
   - L{mailgw.auth.realm}: the avatar, the realm and L{makePortal}.
-  - L{mailgw.auth.passwd}: the users file (argon2id hashes, optional CRAM-MD5
-    secrets), its editing functions and its checker, L{PasswdChecker}.
+  - L{mailgw.auth.usersfile}: the users file's format (argon2id hashes,
+    optional CRAM-MD5 secrets), read and written atomically;
+  - L{mailgw.auth.passwd}: the C{passwd:} backend: editing the file
+    (C{mailgw passwd}) and its checker, L{PasswdChecker}.
+  - L{mailgw.auth.mechanisms}: which SASL mechanisms a checker can serve
+    (L{ISASLMechanisms}), and L{MechanismUnavailable}, the failure of a login
+    the backend cannot check with the mechanism chosen.
 """
+
+from mailgw.auth.mechanisms import ISASLMechanisms, MechanismUnavailable
+
+__all__ = ["ISASLMechanisms", "MechanismUnavailable"]

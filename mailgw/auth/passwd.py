@@ -1,16 +1,8 @@
 """
-The mailgw users file and its checker.
-
-One user a line, C{#} comments and blank lines ignored::
-
-    login:ARGON2ID-HASH
-    login:ARGON2ID-HASH:CRAMSECRET
-
-The hash is made by argon2-cffi's L{PasswordHasher} (its default
-parameters). CRAMSECRET, present only for users added with C{--cram}, is the
-base64 of the UTF-8 password itself: CRAM-MD5 (RFC 2195) needs the password
-on the server, so the secret is password-equivalent and the file must be
-readable by the server's user only (mode 0600; L{writeUsers} makes it so).
+The C{passwd:} backend: editing the mailgw users file (L{addUser},
+L{setPassword}, L{removeUser}; the file format is in
+L{mailgw.auth.usersfile}, whose names this module re-exports) and its
+checker, L{PasswdChecker}.
 
 L{PasswdChecker} re-reads the file whenever it changes, so edits made with
 C{mailgw passwd} apply without a restart.
@@ -18,18 +10,14 @@ C{mailgw passwd} apply without a restart.
 
 from __future__ import annotations
 
-import binascii
 import os
 import secrets
-import tempfile
-import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
-import argon2
 import attrs
 from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerifyMismatchError
+from argon2.exceptions import VerifyMismatchError
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -39,41 +27,34 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.auth.cache import VerifiedCache
+from mailgw.auth.mechanisms import ISASLMechanisms, MechanismUnavailable
+from mailgw.auth.usersfile import (
+    PasswdFileError,
+    StrPath,
+    UserEntry,
+    checkLogin,
+    parseUsers,
+    readUsers,
+    writeUsers,
+)
 
-StrPath = str | os.PathLike[str]
+__all__ = [
+    "PasswdChecker",
+    "PasswdFileError",
+    "UserEntry",
+    "addUser",
+    "checkLogin",
+    "hashPassword",
+    "parseUsers",
+    "readUsers",
+    "removeUser",
+    "setPassword",
+    "writeUsers",
+]
+
 RunInThread = Callable[..., defer.Deferred[Any]]
 
 _log = Logger()
-
-_HEADER = (
-    "# mailgw users: login:ARGON2ID-HASH[:CRAM-MD5-SECRET]. Edit with `mailgw passwd`.\n"
-    "# A CRAM-MD5 secret is the password itself (base64): keep this file mode 0600.\n"
-)
-
-
-class PasswdFileError(ValueError):
-    """
-    The users file cannot be parsed; the message names the file and line
-    (and never quotes a hash or a secret).
-    """
-
-
-def checkLogin(login: str) -> str:
-    """
-    @return: C{login}, if it can stand in the users file.
-    @raise ValueError: C{login} is empty, starts with C{#}, or holds C{:},
-        whitespace or a control character.
-    """
-    if not login:
-        raise ValueError("login must not be empty")
-    if login.startswith("#"):
-        raise ValueError(f"login {login!r} must not start with '#'")
-    for c in login:
-        if c == ":" or c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp"):
-            raise ValueError(
-                f"login {login!r} must not contain ':', whitespace or control characters"
-            )
-    return login
 
 
 def hashPassword(password: str, hasher: PasswordHasher | None = None) -> str:
@@ -86,123 +67,6 @@ def hashPassword(password: str, hasher: PasswordHasher | None = None) -> str:
     if not password:
         raise ValueError("password must not be empty")
     return (hasher if hasher is not None else PasswordHasher()).hash(password)
-
-
-@attrs.frozen
-class UserEntry:
-    """
-    One user of the file. ``cramSecret`` is the UTF-8 password (for
-    CRAM-MD5) or ``None`` when the user may not use CRAM-MD5. The secret is
-    left out of C{repr}, so that it never reaches a log by accident.
-    """
-
-    login: str
-    passwordHash: str = attrs.field(repr=False)
-    cramSecret: bytes | None = attrs.field(default=None, repr=False)
-
-    def toLine(self) -> str:
-        fields = [checkLogin(self.login), self.passwordHash]
-        if self.cramSecret is not None:
-            fields.append(binascii.b2a_base64(self.cramSecret, newline=False).decode("ascii"))
-        return ":".join(fields)
-
-
-def _parseLine(line: str) -> UserEntry:
-    fields = line.split(":")
-    if len(fields) not in (2, 3):
-        raise ValueError("expected login:HASH or login:HASH:CRAMSECRET")
-    login, passwordHash = fields[0], fields[1]
-    checkLogin(login)
-    try:
-        params = argon2.extract_parameters(passwordHash)
-    except InvalidHashError:
-        raise ValueError(f"user {login!r}: the hash is not an argon2 hash") from None
-    if params.type is not argon2.Type.ID:
-        raise ValueError(f"user {login!r}: the hash is not an argon2id hash")
-    cramSecret = None
-    if len(fields) == 3:
-        try:
-            cramSecret = binascii.a2b_base64(fields[2], strict_mode=True)
-        except binascii.Error:
-            raise ValueError(f"user {login!r}: the CRAM-MD5 secret is not base64") from None
-        if not cramSecret:
-            raise ValueError(f"user {login!r}: the CRAM-MD5 secret is empty")
-    return UserEntry(login, passwordHash, cramSecret)
-
-
-def parseUsers(data: bytes, path: StrPath = "<users>") -> dict[str, UserEntry]:
-    """
-    Parse the bytes of a users file; C{path} only names it in errors.
-
-    @raise PasswdFileError: a line is malformed or a login repeated.
-    """
-    users: dict[str, UserEntry] = {}
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8").strip()
-            if not line or line.startswith("#"):
-                continue
-            entry = _parseLine(line)
-            if entry.login in users:
-                raise ValueError(f"user {entry.login!r} appears twice")
-        except (UnicodeDecodeError, ValueError) as e:
-            problem = "not UTF-8" if isinstance(e, UnicodeDecodeError) else str(e)
-            raise PasswdFileError(f"{os.fspath(path)}, line {number}: {problem}") from None
-        users[entry.login] = entry
-    return users
-
-
-def readUsers(path: StrPath) -> dict[str, UserEntry]:
-    """
-    The users of file C{path}, in file order, by login.
-
-    @raise OSError: the file cannot be read (e.g. L{FileNotFoundError}).
-    @raise PasswdFileError: the file is malformed.
-    """
-    with open(path, "rb") as f:
-        return parseUsers(f.read(), path)
-
-
-def writeUsers(path: StrPath, entries: Iterable[UserEntry]) -> None:
-    """
-    Replace file C{path} with C{entries}, atomically: a reader sees either
-    the old file or the whole new one, also after a crash. The new file has
-    mode 0600 and, when it replaces one, keeps its owner and group (so that
-    root can edit the file of an unprivileged server).
-
-    @raise OSError: the file cannot be written; the old one is untouched.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    text = _HEADER + "".join(entry.toLine() + "\n" for entry in entries)
-    try:
-        old = os.stat(path)
-    except FileNotFoundError:
-        old = None
-    # mkstemp creates the file mode 0600 in the same directory (so rename
-    # is atomic), under an unpredictable name.
-    fd, tempPath = tempfile.mkstemp(dir=directory, prefix=".mailgw-passwd.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
-                os.fchown(f.fileno(), old.st_uid, old.st_gid)
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tempPath, path)
-    except BaseException:
-        try:
-            os.unlink(tempPath)
-        except FileNotFoundError:
-            pass
-        raise
-    # The rename is durable only once the directory is on disk.
-    dirFd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirFd)
-    finally:
-        os.close(dirFd)
 
 
 def _readOrEmpty(path: StrPath) -> dict[str, UserEntry]:
@@ -281,7 +145,7 @@ def _fileKey(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, ISASLMechanisms)
 @attrs.define
 class PasswdChecker:
     """
@@ -290,15 +154,18 @@ class PasswdChecker:
     Plain passwords (L{IUsernamePassword}: PLAIN, LOGIN) are verified
     against the argon2id hash by C{runInThread(f, *args) -> Deferred}, off
     the reactor thread. CRAM-MD5 responses (L{IUsernameHashedPassword}) are
-    checked against the stored CRAM secret; users without one cannot use
-    CRAM-MD5.
+    checked against the stored CRAM secret; CRAM-MD5 is offered
+    (L{saslMechanisms}) only while some user has one, and a CRAM-MD5 login
+    of a user without one fails with L{MechanismUnavailable}.
 
     A wrong password, an unknown user and an undecodable username all fail
     with the same L{UnauthorizedLogin} after the same work (an unknown user
     is verified against a dummy hash), so that replies and timing do not
-    tell which logins exist. A file that cannot be read or parsed fails with
-    L{OSError} or L{PasswdFileError} instead: a transient, local problem
-    (454 4.7.0), not a wrong password.
+    tell which logins exist; so do a user without a CRAM secret and an
+    unknown user trying CRAM-MD5 (both L{MechanismUnavailable}). A file
+    that cannot be read or parsed fails with L{OSError} or
+    L{PasswdFileError} instead: a transient, local problem (454 4.7.0), not
+    a wrong password.
 
     @ivar hasher: makes the dummy hash; give it the parameters the file's
         hashes were made with (the default matches C{mailgw passwd}).
@@ -317,6 +184,10 @@ class PasswdChecker:
     _loaded: dict[str, UserEntry] | PasswdFileError = attrs.field(
         init=False, factory=dict, repr=False
     )
+    # The mechanisms of the last file that parsed: a file broken later
+    # changes what EHLO offers no more than it changes who may log in.
+    _mechanisms: tuple[str, ...] = attrs.field(init=False, default=("PLAIN", "LOGIN"))
+    _dummyCram: bytes = attrs.field(init=False, factory=lambda: secrets.token_bytes(16))
     # Verifications under way, by cache key: a burst of logins with the same
     # password (a client opening many connections at once) hashes once.
     _inflight: dict[bytes, list[defer.Deferred[bool]]] = attrs.field(
@@ -343,6 +214,7 @@ class PasswdChecker:
                 data = f.read()
             try:
                 self._loaded = parseUsers(data, self.path)
+                self._mechanisms = _mechanismsOf(self._loaded)
             except PasswdFileError as e:
                 # Logged once per change of the file, not per login.
                 _log.error("Cannot use users file: {problem}", problem=str(e))
@@ -353,6 +225,18 @@ class PasswdChecker:
         if isinstance(self._loaded, PasswdFileError):
             raise PasswdFileError(str(self._loaded))
         return self._loaded
+
+    def saslMechanisms(self) -> tuple[str, ...]:
+        """
+        PLAIN and LOGIN, and CRAM-MD5 while at least one user of the file
+        holds a CRAM secret; re-read when the file changed (a stat per
+        call). A file that cannot be read or parsed leaves the last answer.
+        """
+        try:
+            self._users()
+        except Exception:
+            pass  # logged by _users, and answered 454 at the next login
+        return self._mechanisms
 
     def _verify(self, passwordHash: str, password: bytes) -> bool:
         """
@@ -419,12 +303,25 @@ class PasswdChecker:
             return d.addCallback(verified)
 
         # CRAM-MD5. HMAC-MD5 is cheap: no thread. Each attempt has a fresh
-        # challenge, so the comparison's timing reveals nothing useful.
-        if entry is None or entry.cramSecret is None:
-            return defer.fail(UnauthorizedLogin())
-        if credentials.checkPassword(entry.cramSecret):
+        # challenge, so the comparison's timing reveals nothing useful. A
+        # user without a secret (or unknown) costs one HMAC too, against a
+        # random secret, and is told apart from a wrong response only by
+        # the exception type, which the client never sees: it gets 535
+        # either way, but the throttle does not count a mechanism the user
+        # cannot use.
+        secret = entry.cramSecret if entry is not None else None
+        matched = credentials.checkPassword(secret if secret is not None else self._dummyCram)
+        if entry is None or secret is None:
+            return defer.fail(MechanismUnavailable())
+        if matched:
             return defer.succeed(entry.login.encode("utf-8"))
         return defer.fail(UnauthorizedLogin())
+
+
+def _mechanismsOf(users: dict[str, UserEntry]) -> tuple[str, ...]:
+    if any(entry.cramSecret is not None for entry in users.values()):
+        return ("PLAIN", "LOGIN", "CRAM-MD5")
+    return ("PLAIN", "LOGIN")
 
 
 def _lookup(users: dict[str, UserEntry], username: bytes | str) -> UserEntry | None:

@@ -8,13 +8,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
-from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw.auth.mechanisms import ISASLMechanisms, MechanismUnavailable, checkerMechanisms
 from mailgw.interfaces import ISubmitter
 
 
@@ -66,18 +67,25 @@ class SubmitterRealm:
         return ISubmitter, Submitter(login), _logout
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, ISASLMechanisms)
 class ChainedChecker:
     """
     Several checkers for one kind of credentials, asked in order: the first
     that accepts wins. When none accepts, the answer is UnauthorizedLogin,
     unless one of them failed otherwise (a backend down): then that failure,
-    so the client hears 454 4.7.0 and tries again rather than 535.
+    so the client hears 454 4.7.0 and tries again rather than 535; and
+    unless none of them could check this login with this mechanism: then
+    L{MechanismUnavailable}. It serves the mechanisms any of its checkers
+    serves.
     """
 
     def __init__(self, interface: type, checkers: list[ICredentialsChecker]) -> None:
         self.credentialInterfaces = (interface,)
         self.checkers = checkers
+
+    def saslMechanisms(self) -> tuple[str, ...]:
+        interface = self.credentialInterfaces[0]
+        return tuple({m: None for c in self.checkers for m in checkerMechanisms(c, interface)})
 
     def requestAvatarId(self, credentials: object) -> Deferred[Any]:
         failures: list[Failure] = []
@@ -87,6 +95,10 @@ class ChainedChecker:
                 for failure in failures:
                     if not failure.check(UnauthorizedLogin, UnhandledCredentials):
                         return fail(failure)
+                if any(f.check(MechanismUnavailable) for f in failures) and all(
+                    f.check(MechanismUnavailable, UnhandledCredentials) for f in failures
+                ):
+                    return fail(MechanismUnavailable())
                 return fail(UnauthorizedLogin())
             d = maybeDeferred(self.checkers[index].requestAvatarId, credentials)
 
@@ -99,16 +111,35 @@ class ChainedChecker:
         return tryNext(0)
 
 
+def _utf8(value: bytes | str) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def bytesUsers(checker: ICredentialsChecker) -> ICredentialsChecker:
+    """
+    C{checker}, ready for the credentials mailgw's SASL layer builds (user
+    name and password as UTF-8 L{bytes}). Twisted's C{memory:} plugin fills
+    an L{InMemoryUsernamePasswordDatabaseDontUse} with L{str} user names and
+    passwords from its argument string, which no bytes credentials match:
+    they are encoded to UTF-8 here, in place (the checker documents bytes).
+    Other checkers are returned as they are.
+    """
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {_utf8(user): _utf8(password) for user, password in checker.users.items()}
+    return checker
+
+
 def makePortal(checkers: Iterable[ICredentialsChecker], realm: IRealm | None = None) -> Portal:
     """
     A L{Portal} on C{realm} (a new L{SubmitterRealm} by default) with every
     checker in C{checkers} registered for the credential interfaces it
     declares; where several declare the same interface, they are asked in
-    the order given (L{ChainedChecker}).
+    the order given (L{ChainedChecker}). Checkers of Twisted's own that
+    hold text are adapted to bytes credentials (L{bytesUsers}).
     """
     portal = Portal(realm if realm is not None else SubmitterRealm())
     byInterface: dict[type, list[ICredentialsChecker]] = {}
-    for checker in checkers:
+    for checker in map(bytesUsers, checkers):
         for interface in checker.credentialInterfaces:
             byInterface.setdefault(interface, []).append(checker)
     for interface, found in byInterface.items():

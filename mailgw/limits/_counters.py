@@ -92,6 +92,85 @@ class LeakyCounts:
         while len(self._entries) > self.maxKeys:
             self._entries.popitem(last=False)
 
+    def remove(self, key: Hashable, amount: float) -> None:
+        """
+        Take ``amount`` events back from ``key`` (a refund), never below
+        zero; a key left at zero is forgotten.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        now = self.clock.seconds()
+        level = self._leaked(*entry, now) - amount
+        if level <= _EPSILON:
+            del self._entries[key]
+        else:
+            self._entries[key] = (level, now)  # keeps its place: a refund is no activity
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@attrs.define
+class Contributions:
+    """
+    What each key (an address and account pair) added to a few
+    L{LeakyCounts} tables, each part leaking at its table's rate, so that
+    it can be taken back from those tables later (a refund). A part leaks
+    as if it were alone in its table, so a refund never takes back more
+    than the key added. At most ``maxKeys`` keys are kept, as in
+    L{LeakyCounts}.
+    """
+
+    clock: IReactorTime
+    tables: tuple[LeakyCounts, ...]
+    maxKeys: int = DEFAULT_MAX_KEYS
+    _entries: OrderedDict[Hashable, tuple[tuple[float, ...], float]] = attrs.field(
+        init=False, factory=OrderedDict
+    )
+
+    def _levels(self, key: Hashable, now: float) -> tuple[float, ...]:
+        entry = self._entries.get(key)
+        if entry is None:
+            return (0.0,) * len(self.tables)
+        levels, stamp = entry
+        return tuple(
+            t._leaked(level, stamp, now) for t, level in zip(self.tables, levels, strict=True)
+        )
+
+    def add(self, key: Hashable, amounts: tuple[float, ...]) -> None:
+        """Record that ``key`` added ``amounts`` (one per table)."""
+        now = self.clock.seconds()
+        levels = self._levels(key, now)
+        self._entries[key] = (tuple(a + b for a, b in zip(levels, amounts, strict=True)), now)
+        self._entries.move_to_end(key)
+        for _ in range(_PURGE_PER_CHANGE):
+            oldest = next(iter(self._entries))
+            if oldest == key or any(level > _EPSILON for level in self._levels(oldest, now)):
+                break
+            del self._entries[oldest]
+        while len(self._entries) > self.maxKeys:
+            self._entries.popitem(last=False)
+
+    def subtract(self, key: Hashable, amounts: tuple[float, ...]) -> None:
+        """Forget ``amounts`` of what ``key`` added (its attempt was refunded)."""
+        if key not in self._entries:
+            return
+        now = self.clock.seconds()
+        levels = tuple(
+            max(0.0, a - b) for a, b in zip(self._levels(key, now), amounts, strict=True)
+        )
+        if all(level <= _EPSILON for level in levels):
+            del self._entries[key]
+        else:
+            self._entries[key] = (levels, now)
+
+    def take(self, key: Hashable) -> tuple[float, ...]:
+        """What ``key`` added and has not leaked away yet; the key is forgotten."""
+        levels = self._levels(key, self.clock.seconds())
+        self._entries.pop(key, None)
+        return levels
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -29,7 +29,8 @@ class ConnectionLimiter:
     listed.
 
     Call L{open} when a connection arrives and, for each one it accepted,
-    L{close} exactly once when it ends.
+    L{close} exactly once when it ends, and L{authenticated} once if it
+    logs in.
     """
 
     def __init__(
@@ -60,6 +61,20 @@ class ConnectionLimiter:
             self._open[who.key] = self._open.get(who.key, 0) + 1
         self._total += 1
         return None
+
+    def authenticated(self, address: str) -> None:
+        """
+        A connection from ``address`` that L{open} accepted has just
+        authenticated: take it back from the address's rate of new
+        connections. A relay client that opens a new session for every
+        message (Postfix does) is then limited by
+        ``max_connections_per_address`` and its user's quotas, not by the
+        rate meant for unauthenticated floods. Call it at most once per
+        connection.
+        """
+        who = client(address)
+        if not who.within(self._settings.exempt):
+            self._opened.remove(who.key, 1.0)
 
     def close(self, address: str) -> None:
         """Forget a connection from ``address`` that L{open} accepted."""

