@@ -20,6 +20,7 @@ from collections.abc import Callable
 from getpass import getpass
 from typing import Any
 
+from mailgw import __version__
 from mailgw.auth import passwd
 
 DEFAULT_PASSWD_FILE = "/etc/mailgw/passwd"
@@ -57,6 +58,7 @@ def makeParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailgw", description="Administer a mailgw submission gateway."
     )
+    parser.add_argument("--version", action="version", version=f"mailgw {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for adder in _parserAdders():
         adder(subparsers)

@@ -37,8 +37,15 @@ def twistdCommand(*args: str) -> list[str]:
 
 
 def environment(*paths: str) -> dict[str, str]:
+    """
+    The environment of a twistd child: mailgw is found where it is
+    installed (the dev venv's editable install), never through PYTHONPATH;
+    ``paths`` are extra directories such as a third-party plugin's.
+    """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT)])
+    env.pop("PYTHONPATH", None)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
