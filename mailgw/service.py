@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailgw.auth.realm import makePortal
+from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
@@ -32,8 +33,10 @@ from mailgw.proxy import ProxyFactory
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool
 from mailgw.relay.relay import Relay
+from mailgw.reloading import SwappableContextFactory, restartOnly
 from mailgw.senders import SenderLoginPolicy
 from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
+from mailgw.server.sasl import availableMechanisms
 
 
 def threadRunner(reactor: Any) -> Callable[..., Deferred[Any]]:
@@ -151,7 +154,8 @@ class GatewayService(MultiService):
         self.config = config
         self.reactor = reactor
         self.exitOnListenFailure = exitOnListenFailure
-        self.tlsContext = config.check(requireAuth=checkers is None)
+        self._ownCheckers, self._ownPolicy = checkers is None, policy is None
+        self.tlsContext = SwappableContextFactory(self._checkTLS(config))
         self.checkers = list(checkers) if checkers is not None else makeCheckers(config)
         if not self.checkers:
             raise ConfigError(
@@ -183,6 +187,63 @@ class GatewayService(MultiService):
             self._addListener(description, implicitTLS=True)
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
+
+    def _checkTLS(self, config: Config) -> Any:
+        """
+        ``config.check()``, then the certificate checks: expired raises
+        ConfigError, expiring soon or not valid for the host name is logged.
+        """
+        contextFactory = config.check(requireAuth=self._ownCheckers)
+        report = configuredCertificateReport(config, contextFactory)
+        if report.errors:
+            raise ConfigError(config.source, "tls.certificate", report.errors[0])
+        for warning in report.warnings:
+            self.log.warn("{warning}", warning=warning)
+        return contextFactory
+
+    def reload(self, config: Config | None = None) -> bool:
+        """
+        Apply ``config`` (default: the running one, its files read again):
+        certificate and key, auth backends (users files), sender maps, relay
+        routes (their password and CA files are read at each connection).
+        New sessions get the new certificate, sessions already under TLS
+        keep theirs; logins and MAIL from then on use the new backends and
+        maps. Listeners, spool, limits, queue and proxy settings need a
+        restart: a change to them is logged and left for then.
+
+        Everything is built and checked before anything is swapped: a bad
+        new configuration or certificate is refused with one log line and
+        the running one stays in force.
+
+        @return: True when applied, False when refused.
+        """
+        new = config if config is not None else self.config
+        try:
+            contextFactory = self._checkTLS(new)
+            checkers = makeCheckers(new) if self._ownCheckers else self.checkers
+            if not checkers:
+                raise ConfigError(new.source, "auth.backends", "no auth backend")
+            policy = makePolicy(new, self.reactor) if self._ownPolicy else self.policy
+        except ConfigError as e:
+            self.log.error(
+                "Reload refused, the running configuration stays in force: {error}", error=e
+            )
+            return False
+        for key in restartOnly(self.config, new):
+            self.log.warn("Reload: {key} changed; it takes effect at the next restart", key=key)
+        self.tlsContext.swap(contextFactory)
+        self.checkers, self.policy = checkers, policy
+        self.portal = makePortal(checkers)
+        mechanisms = availableMechanisms(list(self.portal.listCredentialsInterfaces()))
+        self.settings = serverSettings(new)
+        for factory in self.factories:
+            factory.portal, factory.mechanisms = self.portal, mechanisms
+            factory.policy, factory.settings = policy, self.settings
+        if isinstance(self.relay, Relay):
+            self.relay.relayConfig = new.relay
+        self.config = new
+        self.log.info("Reloaded the configuration from {source}", source=new.source)
+        return True
 
     def _makeRelay(self, resolver: Any) -> IRelay:
         if resolver is None:
