@@ -46,11 +46,13 @@ def _parserAdders() -> list[ParserAdder]:
     #     from mailgw.queue.cli import addQueueParser
     from mailgw.checkcli import addCheckConfigParser
     from mailgw.queuecli import addQueueParser
+    from mailgw.showconfig import addShowConfigParser
 
     return [
         addPasswdParser,
         addQueueParser,
         addCheckConfigParser,
+        addShowConfigParser,
     ]
 
 

@@ -31,7 +31,7 @@ from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 from mailgw.proxy import ProxyFactory
 from mailgw.queue.runner import QueueRunner
-from mailgw.queue.spool import Spool
+from mailgw.queue.spool import Spool, SpoolError
 from mailgw.relay.relay import Relay
 from mailgw.reloading import SwappableContextFactory, restartOnly
 from mailgw.senders import SenderLoginPolicy
@@ -162,11 +162,13 @@ class GatewayService(MultiService):
                 config.source, "auth.backends", "no auth backend: nobody could log in"
             )
         self.portal = makePortal(self.checkers)
-        self.spool: ISpool = (
-            spool
-            if spool is not None
-            else Spool(config.spool.directory, reactor, threadRunner(reactor))
-        )
+        if spool is None:
+            try:
+                spool = Spool(config.spool.directory, reactor, threadRunner(reactor))
+            except SpoolError as e:
+                # One line for the operator, not a traceback.
+                raise ConfigError(config.source, "spool.directory", str(e)) from None
+        self.spool: ISpool = spool
         self.settings = serverSettings(config)
         self.policy = policy if policy is not None else makePolicy(config, reactor)
         self.guards = guards if guards is not None else makeGuards(config, reactor)

@@ -16,7 +16,7 @@ from twisted.application.service import IService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailgw import demo
+from mailgw import demo, fdlimit
 from mailgw.config import Config, ConfigError, configFromDict, mergeOverrides, readConfigFile
 
 
@@ -159,6 +159,21 @@ class ReloadOnHangup(Service):
         return bool(self.gateway.reload(config))
 
 
+def _raiseFileLimit(config: Config) -> None:
+    """Every connection needs a descriptor: take all the process may have."""
+    before, now = fdlimit.raiseSoftLimit()
+    if now != before:
+        _log.info(
+            "file descriptors: soft limit raised from {before} to {now}", before=before, now=now
+        )
+    problem = fdlimit.fitProblem(config)
+    if problem:
+        _log.warn("{problem}", problem=problem)
+
+
+_log = Logger()
+
+
 def makeService(options: Options) -> IService:
     """Build the gateway, or exit with a one-line error naming what is wrong."""
     from twisted.internet import reactor
@@ -167,6 +182,7 @@ def makeService(options: Options) -> IService:
 
     try:
         config, password = buildConfig(options)
+        _raiseFileLimit(config)
         service = GatewayService(config, reactor, exitOnListenFailure=True)
         ReloadOnHangup(service, options, reactor).setServiceParent(service)
         if password is not None:

@@ -6,6 +6,7 @@ plugin installed as a separate package, and configuration errors.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import smtplib
 import subprocess
@@ -16,9 +17,18 @@ from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.integration.support import ROOT, clientContext, freePort, run, waitForPort
+from mailgw.auth.passwd import addUser
+from mailgw.tls import makeSelfSigned
+from tests.integration.support import (
+    ROOT,
+    clientContext,
+    freePort,
+    run,
+    shortDirectory,
+    waitForPort,
+)
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -189,3 +199,72 @@ class TwistdTests(TestCase):
         result = yield run(*twistdCommand("--config", str(config)), env=environment())
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("server.submission: no listener", result.stderr + result.stdout)
+
+    def writeConfig(self, spool: str, port: int) -> Path:
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        makeSelfSigned(str(base / "cert.pem"), str(base / "key.pem"), "localhost")
+        addUser(str(base / "passwd"), "a@b.c", "pw")
+        config = base / "mailgw.toml"
+        config.write_text(
+            f"""
+[server]
+hostname = "localhost"
+submission = ["tcp:port={port}:interface=127.0.0.1"]
+[tls]
+certificate = "{base}/cert.pem"
+key = "{base}/key.pem"
+[auth]
+backends = ["passwd:{base}/passwd"]
+[spool]
+directory = "{spool}"
+"""
+        )
+        return config
+
+    @inlineCallbacks
+    def test_unwritableSpoolIsOneLine(self) -> Any:
+        """A spool that cannot be created ends start-up with one line, no traceback."""
+        if not os.path.isdir("/proc/self"):
+            raise SkipTest("no /proc here")
+        config = self.writeConfig("/proc/mailgw-spool", freePort())
+        result = yield run(*twistdCommand("--config", str(config)), env=environment())
+        output = result.stderr + result.stdout
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(
+            [line for line in output.splitlines() if "spool.directory" in line],
+            [
+                f"mailgw: {config}: spool.directory: cannot open spool /proc/mailgw-spool: "
+                "[Errno 2] No such file or directory: '/proc/mailgw-spool'"
+            ],
+        )
+
+    @inlineCallbacks
+    def test_raisesFileLimit(self) -> Any:
+        """Started with a soft limit of 256 open files, twistd mailgw raises it to the hard one."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard <= 256:
+            raise SkipTest(f"the hard limit is {hard}")
+        port = freePort()
+        config = self.writeConfig(str(shortDirectory(self) / "spool"), port)
+
+        def lowered() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+        log = open(self.mktemp(), "wb")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            twistdCommand("--config", str(config)),
+            env=environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lowered,
+        )
+        self.addCleanup(lambda: (process.terminate(), process.wait(20)))
+        yield deferToThread(waitForPort, port, process, log.name)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        expected = str(1 << 20) if hard == resource.RLIM_INFINITY else str(hard)
+        self.assertEqual(line.split()[3], expected)  # Max open files SOFT HARD files
+        self.assertIn("soft limit raised from 256", Path(log.name).read_text())
