@@ -16,7 +16,7 @@ from twisted.application.service import IService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailgw import demo, fdlimit
+from mailgw import demo, fdlimit, logs
 from mailgw.config import Config, ConfigError, configFromDict, mergeOverrides, readConfigFile
 
 
@@ -43,6 +43,7 @@ class Options(usage.Options):
         ["relay-ca", None, None, "PEM file of CA certificates to verify the relay with."],
         ["relay-auth", None, None, "USER:PASSWORDFILE to log in to the relay with."],
         ["demo-dir", None, "demo", "Directory the demo keeps its files in."],
+        ["log-format", None, "text", "Log format: text or json (one JSON object per line)."],
     ]
 
     def __init__(self) -> None:
@@ -67,6 +68,10 @@ class Options(usage.Options):
     def opt_relay(self, hostport: str) -> None:
         """Smarthost HOST:PORT for the default route, tried in order (repeatable)."""
         self["relay"].append(hostport)
+
+    def postOptions(self) -> None:
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError("--log-format takes text or json")
 
     def overrides(self) -> dict[str, Any]:
         """The options given, as dotted configuration keys."""
@@ -174,6 +179,24 @@ def _raiseFileLimit(config: Config) -> None:
 _log = Logger()
 
 
+def _loggingRoot(options: Options, reactor: Any) -> logs.LoggingRoot:
+    """
+    The service tree's root, with the log observer for twistd's --logfile
+    in the format of --log-format; twistd's own when --logger or --syslog
+    is given.
+    """
+    parent: Any = getattr(options, "parent", None)
+    if parent is None or parent.get("logger") or parent.get("syslog"):
+        return logs.LoggingRoot(reactor)
+    logfile = parent.get("logfile")
+    out: Any
+    if logfile == "-" or (parent.get("nodaemon") and not logfile):
+        out = sys.stdout
+    else:
+        out = logs.ReopeningFile(logfile or "twistd.log")
+    return logs.LoggingRoot(reactor, logs.makeObserver(options["log-format"], out), out)
+
+
 def makeService(options: Options) -> IService:
     """Build the gateway, or exit with a one-line error naming what is wrong."""
     from twisted.internet import reactor
@@ -184,10 +207,12 @@ def makeService(options: Options) -> IService:
         config, password = buildConfig(options)
         _raiseFileLimit(config)
         service = GatewayService(config, reactor, exitOnListenFailure=True)
-        ReloadOnHangup(service, options, reactor).setServiceParent(service)
+        root = _loggingRoot(options, reactor)
+        service.setServiceParent(root)
+        ReloadOnHangup(service, options, reactor).setServiceParent(root)
         if password is not None:
             demo.banner(config, password)
-        return service
+        return root
     except ConfigError as e:
         sys.stderr.write(f"mailgw: {e}\n")
         raise SystemExit(1) from None

@@ -116,6 +116,7 @@ class WheelInstallTests(TestCase):
     def checkContents(self, wheel: Path, sdist: Path) -> None:
         with zipfile.ZipFile(wheel) as z:
             names = set(z.namelist())
+        version = wheel.name.split("-")[1]
         missing = sourcePackages() - names
         self.assertEqual(missing, set(), "packages missing from the wheel")
         self.assertIn("twisted/plugins/mailgw_tap.py", names)
@@ -123,11 +124,12 @@ class WheelInstallTests(TestCase):
         # Twisted's own plugin package must not be shadowed by ours.
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertTrue([n for n in names if n.endswith(".dist-info/licenses/LICENSE")], names)
-        for example in ("mailgw.toml", "mailgw.service"):
-            self.assertTrue([n for n in names if n.endswith(f".data/data/share/mailgw/{example}")])
+        shipped = [p.relative_to(ROOT / "etc").as_posix() for p in (ROOT / "etc").rglob("*")]
+        for example in [p for p in shipped if (ROOT / "etc" / p).is_file()]:
+            self.assertIn(f"mailgw-{version}.data/data/share/mailgw/{example}", names)
         with tarfile.open(sdist) as t:
             members = {m.split("/", 1)[1] for m in t.getnames() if "/" in m}
-        for path in ("LICENSE", "etc/mailgw.toml", "etc/mailgw.service", "CHANGELOG.md"):
+        for path in ("LICENSE", "etc/mailgw.toml", "etc/fail2ban/mailgw.conf", "CHANGELOG.md"):
             self.assertIn(path, members)
 
     @inlineCallbacks

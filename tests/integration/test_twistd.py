@@ -5,6 +5,7 @@ plugin installed as a separate package, and configuration errors.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -268,3 +269,32 @@ directory = "{spool}"
         expected = str(1 << 20) if hard == resource.RLIM_INFINITY else str(hard)
         self.assertEqual(line.split()[3], expected)  # Max open files SOFT HARD files
         self.assertIn("soft limit raised from 256", Path(log.name).read_text())
+
+    @inlineCallbacks
+    def test_jsonLog(self) -> Any:
+        """--log-format json: every log line is one JSON object, the story included."""
+        demo = self.shortTemp()
+        submission, _ = yield deferToThread(
+            self.start, "--demo", "--demo-dir", str(demo), "--log-format", "json"
+        )
+        password = (demo / "demo-password").read_text().strip()
+
+        def submit() -> None:
+            with smtplib.SMTP("localhost", submission, timeout=30) as smtp:
+                smtp.starttls(context=clientContext(str(demo / "cert.pem")))
+                smtp.login("demo@localhost", password)
+                smtp.sendmail("demo@localhost", ["bob@example.org"], b"Subject: j\r\n\r\nhi\r\n")
+
+        yield deferToThread(submit)
+        self.process.terminate()
+        self.process.wait(20)
+        lines = self.log().splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        # The rest is the demo's banner (on stderr), never a text log line.
+        self.assertFalse([line for line in lines if line[:4].isdigit()], self.log())
+        self.assertTrue(any("queued" in r["text"] for r in records), self.log())
+        for record in records:
+            self.assertEqual(
+                sorted(set(record) & {"time", "level", "namespace", "system", "text"}),
+                ["level", "namespace", "system", "text", "time"],
+            )
