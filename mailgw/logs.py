@@ -33,7 +33,7 @@ class ReopeningFile:
     """An append-mode log file that L{reopen} opens again by name."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path = os.path.abspath(path)  # twistd may chdir (--rundir) later
         self._file: IO[str] = self._open()
 
     def _open(self) -> IO[str]:
