@@ -9,10 +9,12 @@ import json
 import os
 import resource
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +300,35 @@ directory = "{spool}"
                 sorted(set(record) & {"time", "level", "namespace", "system", "text"}),
                 ["level", "namespace", "system", "text", "time"],
             )
+
+    @inlineCallbacks
+    def test_logFileReopenedOnSIGUSR1(self) -> Any:
+        """
+        As logrotate does: rename the log file, send SIGUSR1; the next lines
+        go to a new file by the old name.
+        """
+        port = freePort()
+        config = self.writeConfig(str(shortDirectory(self) / "spool"), port)
+        logPath = Path(self.mktemp()).absolute()
+        command = twistdCommand("--config", str(config))
+        command[command.index("--logfile=-")] = f"--logfile={logPath}"
+        process = subprocess.Popen(command, env=environment())
+        self.addCleanup(lambda: (process.terminate(), process.wait(20)))
+        yield deferToThread(waitForPort, port, process, str(logPath))
+        rotated = Path(str(logPath) + ".1")
+        logPath.rename(rotated)
+        process.send_signal(signal.SIGUSR1)
+
+        def waitFor(path: Path, text: str) -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and process.poll() is None:
+                if path.exists() and text in path.read_text():
+                    return
+                # SIGHUP makes the gateway log a line ("Reloaded ...").
+                process.send_signal(signal.SIGHUP)
+                time.sleep(0.2)
+            self.fail(f"no {text!r} in {path}: {process.poll()}")
+
+        yield deferToThread(waitFor, logPath, "Reloaded the configuration")
+        self.assertIn("listening on", rotated.read_text())
+        self.assertNotIn("listening on", logPath.read_text())
