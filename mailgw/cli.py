@@ -20,6 +20,7 @@ from collections.abc import Callable
 from getpass import getpass
 from typing import Any
 
+from mailgw import __version__
 from mailgw.auth import passwd
 
 DEFAULT_PASSWD_FILE = "/etc/mailgw/passwd"
@@ -45,11 +46,13 @@ def _parserAdders() -> list[ParserAdder]:
     #     from mailgw.queue.cli import addQueueParser
     from mailgw.checkcli import addCheckConfigParser
     from mailgw.queuecli import addQueueParser
+    from mailgw.showconfig import addShowConfigParser
 
     return [
         addPasswdParser,
         addQueueParser,
         addCheckConfigParser,
+        addShowConfigParser,
     ]
 
 
@@ -57,6 +60,7 @@ def makeParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mailgw", description="Administer a mailgw submission gateway."
     )
+    parser.add_argument("--version", action="version", version=f"mailgw {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for adder in _parserAdders():
         adder(subparsers)

@@ -25,14 +25,16 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mailgw.auth.realm import makePortal
+from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 from mailgw.proxy import ProxyFactory
 from mailgw.queue.runner import QueueRunner
-from mailgw.queue.spool import Spool
+from mailgw.queue.spool import Spool, SpoolError
 from mailgw.relay.relay import Relay
+from mailgw.reloading import SwappableContextFactory, restartOnly
 from mailgw.senders import SenderLoginPolicy
 from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
 
@@ -158,7 +160,8 @@ class GatewayService(MultiService):
         self.config = config
         self.reactor = reactor
         self.exitOnListenFailure = exitOnListenFailure
-        self.tlsContext = config.check(requireAuth=checkers is None)
+        self._ownCheckers, self._ownPolicy = checkers is None, policy is None
+        self.tlsContext = SwappableContextFactory(self._checkTLS(config))
         self.checkers = list(checkers) if checkers is not None else makeCheckers(config)
         if not self.checkers:
             raise ConfigError(
@@ -168,9 +171,13 @@ class GatewayService(MultiService):
         self._spoolThreads: ThreadPool | None = None
         if spool is None:
             self._spoolThreads = ThreadPool(0, SPOOL_THREADS, name="mailgw-spool")
-            spool = Spool(
-                config.spool.directory, reactor, threadRunner(reactor, self._spoolThreads)
-            )
+            try:
+                spool = Spool(
+                    config.spool.directory, reactor, threadRunner(reactor, self._spoolThreads)
+                )
+            except SpoolError as e:
+                # One line for the operator, not a traceback.
+                raise ConfigError(config.source, "spool.directory", str(e)) from None
         self.spool: ISpool = spool
         self.settings = serverSettings(config)
         self.policy = policy if policy is not None else makePolicy(config, reactor)
@@ -194,6 +201,63 @@ class GatewayService(MultiService):
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
 
+    def _checkTLS(self, config: Config) -> Any:
+        """
+        ``config.check()``, then the certificate checks: expired raises
+        ConfigError, expiring soon or not valid for the host name is logged.
+        """
+        contextFactory = config.check(requireAuth=self._ownCheckers)
+        report = configuredCertificateReport(config, contextFactory)
+        if report.errors:
+            raise ConfigError(config.source, "tls.certificate", report.errors[0])
+        for warning in report.warnings:
+            self.log.warn("{warning}", warning=warning)
+        return contextFactory
+
+    def reload(self, config: Config | None = None) -> bool:
+        """
+        Apply ``config`` (default: the running one, its files read again):
+        certificate and key, auth backends (users files), sender maps, relay
+        routes (their password and CA files are read at each connection).
+        New sessions get the new certificate, sessions already under TLS
+        keep theirs; logins and MAIL from then on use the new backends and
+        maps. Listeners, spool, limits, queue and proxy settings need a
+        restart: a change to them is logged and left for then.
+
+        Everything is built and checked before anything is swapped: a bad
+        new configuration or certificate is refused with one log line and
+        the running one stays in force.
+
+        @return: True when applied, False when refused.
+        """
+        new = config if config is not None else self.config
+        try:
+            contextFactory = self._checkTLS(new)
+            checkers = makeCheckers(new) if self._ownCheckers else self.checkers
+            if not checkers:
+                raise ConfigError(new.source, "auth.backends", "no auth backend")
+            policy = makePolicy(new, self.reactor) if self._ownPolicy else self.policy
+        except ConfigError as e:
+            self.log.error(
+                "Reload refused, the running configuration stays in force: {error}", error=e
+            )
+            return False
+        for key in restartOnly(self.config, new):
+            self.log.warn("Reload: {key} changed; it takes effect at the next restart", key=key)
+        self.tlsContext.swap(contextFactory)
+        self.checkers, self.policy = checkers, policy
+        self.portal = makePortal(checkers)
+        self.settings = serverSettings(new)
+        for factory in self.factories:
+            # The mechanisms offered follow the portal's checkers.
+            factory.portal = self.portal
+            factory.policy, factory.settings = policy, self.settings
+        if isinstance(self.relay, Relay):
+            self.relay.relayConfig = new.relay
+        self.config = new
+        self.log.info("Reloaded the configuration from {source}", source=new.source)
+        return True
+
     def _makeRelay(self, resolver: Any) -> IRelay:
         if resolver is None:
             resolver = _SystemResolver()
@@ -206,7 +270,15 @@ class GatewayService(MultiService):
             self.spool.openMessage,
             maxConcurrency=queue.maxConcurrency,
             maxPerHost=queue.maxPerHost,
+            **self._relayThreads(),
         )
+
+    def _relayThreads(self) -> dict[str, Any]:
+        # Message bodies are read where the spool's files are written, not
+        # in the pool where passwords are hashed.
+        if self._spoolThreads is None:
+            return {}
+        return {"runBlocking": threadRunner(self.reactor, self._spoolThreads)}
 
     def _addListener(self, description: str, implicitTLS: bool) -> None:
         factory = SubmissionFactory(

@@ -8,14 +8,16 @@ replace the file's list when given at all.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
-from twisted.application.service import IService
+from twisted.application.service import IService, Service
+from twisted.logger import Logger
 from twisted.python import usage
 
-from mailgw import demo
-from mailgw.config import ConfigError, configFromDict, mergeOverrides, readConfigFile
+from mailgw import demo, fdlimit, logs
+from mailgw.config import Config, ConfigError, configFromDict, mergeOverrides, readConfigFile
 
 
 class Options(usage.Options):
@@ -41,6 +43,7 @@ class Options(usage.Options):
         ["relay-ca", None, None, "PEM file of CA certificates to verify the relay with."],
         ["relay-auth", None, None, "USER:PASSWORDFILE to log in to the relay with."],
         ["demo-dir", None, "demo", "Directory the demo keeps its files in."],
+        ["log-format", None, "text", "Log format: text or json (one JSON object per line)."],
     ]
 
     def __init__(self) -> None:
@@ -65,6 +68,10 @@ class Options(usage.Options):
     def opt_relay(self, hostport: str) -> None:
         """Smarthost HOST:PORT for the default route, tried in order (repeatable)."""
         self["relay"].append(hostport)
+
+    def postOptions(self) -> None:
+        if self["log-format"] not in logs.FORMATS:
+            raise usage.UsageError("--log-format takes text or json")
 
     def overrides(self) -> dict[str, Any]:
         """The options given, as dotted configuration keys."""
@@ -96,6 +103,100 @@ class Options(usage.Options):
         return values
 
 
+def buildConfig(options: Options) -> tuple[Config, str | None]:
+    """
+    The configuration the options describe: the file (read now), then the
+    demo's defaults, then the options themselves; and the demo password.
+
+    @raise ConfigError: the file or an option is wrong.
+    """
+    data: dict[str, Any] = {}
+    source = "command line"
+    if options["config"]:
+        source = options["config"]
+        data = readConfigFile(source)
+    overrides = options.overrides()
+    password = None
+    if options["demo"]:
+        demoOverrides, password = demo.prepareDemo(options["demo-dir"])
+        overrides = {**demoOverrides, **overrides}
+    return configFromDict(mergeOverrides(data, overrides), source=source), password
+
+
+class ReloadOnHangup(Service):
+    """
+    SIGHUP reloads the gateway (``systemctl reload``, ``kill -HUP``): the
+    configuration file is read again with the same command-line options on
+    top, then L{GatewayService.reload} applies it, or refuses it with one
+    log line and keeps the running one. Installed by ``twistd mailgw`` only:
+    an embedding application decides for itself what its signals do.
+    """
+
+    log = Logger()
+
+    def __init__(self, gateway: Any, options: Options, reactor: Any) -> None:
+        self.gateway, self.options, self.reactor = gateway, options, reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._signalled)
+
+    def stopService(self) -> Any:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
+
+    def _signalled(self, signum: int, frame: Any) -> None:
+        # In a signal handler: do the work in the reactor's next turn.
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> bool:
+        self.log.info("SIGHUP: reloading")
+        try:
+            config, _ = buildConfig(self.options)
+        except ConfigError as e:
+            self.log.error(
+                "Reload refused, the running configuration stays in force: {error}", error=e
+            )
+            return False
+        return bool(self.gateway.reload(config))
+
+
+def _raiseFileLimit(config: Config) -> None:
+    """Every connection needs a descriptor: take all the process may have."""
+    before, now = fdlimit.raiseSoftLimit()
+    if now != before:
+        _log.info(
+            "file descriptors: soft limit raised from {before} to {now}", before=before, now=now
+        )
+    problem = fdlimit.fitProblem(config)
+    if problem:
+        _log.warn("{problem}", problem=problem)
+
+
+_log = Logger()
+
+
+def _loggingRoot(options: Options, reactor: Any) -> logs.LoggingRoot:
+    """
+    The service tree's root, with the log observer for twistd's --logfile
+    in the format of --log-format; twistd's own when --logger or --syslog
+    is given.
+    """
+    parent: Any = getattr(options, "parent", None)
+    if parent is None or parent.get("logger") or parent.get("syslog"):
+        return logs.LoggingRoot(reactor)
+    logfile = parent.get("logfile")
+    out: Any
+    if logfile == "-" or (parent.get("nodaemon") and not logfile):
+        out = sys.stdout
+    else:
+        out = logs.ReopeningFile(logfile or "twistd.log")
+    return logs.LoggingRoot(reactor, logs.makeObserver(options["log-format"], out), out)
+
+
 def makeService(options: Options) -> IService:
     """Build the gateway, or exit with a one-line error naming what is wrong."""
     from twisted.internet import reactor
@@ -103,20 +204,15 @@ def makeService(options: Options) -> IService:
     from mailgw.service import GatewayService
 
     try:
-        data: dict[str, Any] = {}
-        source = "command line"
-        if options["config"]:
-            source = options["config"]
-            data = readConfigFile(source)
-        overrides = options.overrides()
-        if options["demo"]:
-            demoOverrides, password = demo.prepareDemo(options["demo-dir"])
-            overrides = {**demoOverrides, **overrides}
-        config = configFromDict(mergeOverrides(data, overrides), source=source)
+        config, password = buildConfig(options)
+        _raiseFileLimit(config)
         service = GatewayService(config, reactor, exitOnListenFailure=True)
-        if options["demo"]:
+        root = _loggingRoot(options, reactor)
+        service.setServiceParent(root)
+        ReloadOnHangup(service, options, reactor).setServiceParent(root)
+        if password is not None:
             demo.banner(config, password)
-        return service
+        return root
     except ConfigError as e:
         sys.stderr.write(f"mailgw: {e}\n")
         raise SystemExit(1) from None

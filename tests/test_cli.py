@@ -261,3 +261,15 @@ class MainTests(CLITestCase):
         self.assertEqual(self.mailgw("frob", "--fail"), 1)
         self.assertError("/var/spool/mailgw: broken")
         self.assertEqual(len(seen), 2)
+
+
+class VersionTests(CLITestCase):
+    def test_version(self) -> None:
+        """
+        ``mailgw --version`` prints the installed distribution's version,
+        which setup.cfg reads from mailgw.__version__.
+        """
+        from importlib.metadata import version
+
+        self.assertEqual(self.mailgw("--version"), 0)
+        self.assertEqual(self.stdout.getvalue(), f"mailgw {version('mailgw')}\n")

@@ -22,7 +22,6 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-import mailgw
 from mailgw.envelope import (
     Address,
     BodyType,
@@ -641,8 +640,7 @@ class KillTests(SpoolTestMixin, SynchronousTestCase):
         spool holding every acknowledged message, complete, and nothing else.
         """
         self.spool.close()
-        root = os.path.dirname(os.path.dirname(os.path.abspath(mailgw.__file__)))
-        env = dict(os.environ, PYTHONPATH=root)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mailgw as installed
         child = subprocess.Popen(
             [sys.executable, "-c", KILLED_CHILD, self.directory],
             stdout=subprocess.PIPE,

@@ -25,7 +25,6 @@ from twisted.trial.unittest import TestCase
 from mailgw.queue.spool import SpoolReader
 from tests.integration.support import (
     PASSWORD,
-    ROOT,
     USER,
     GatewayTestCase,
     clientContext,
@@ -49,7 +48,7 @@ def stripTrace(data: bytes) -> bytes:
 
 
 def cli(*args: str) -> Any:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mailgw as installed
     return run(
         sys.executable,
         "-c",
@@ -239,7 +238,7 @@ tls = "none"
                     "--config",
                     str(config),
                 ],
-                env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
             )
             self.addCleanup(lambda: process.poll() is None and process.kill())
             waitForPort(submission, process)

@@ -5,20 +5,33 @@ plugin installed as a separate package, and configuration errors.
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.integration.support import ROOT, clientContext, freePort, run, waitForPort
+from mailgw.auth.passwd import addUser
+from mailgw.tls import makeSelfSigned
+from tests.integration.support import (
+    ROOT,
+    clientContext,
+    freePort,
+    run,
+    shortDirectory,
+    waitForPort,
+)
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -37,8 +50,15 @@ def twistdCommand(*args: str) -> list[str]:
 
 
 def environment(*paths: str) -> dict[str, str]:
+    """
+    The environment of a twistd child: mailgw is found where it is
+    installed (the dev venv's editable install), never through PYTHONPATH;
+    ``paths`` are extra directories such as a third-party plugin's.
+    """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([*paths, str(ROOT)])
+    env.pop("PYTHONPATH", None)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
@@ -182,3 +202,133 @@ class TwistdTests(TestCase):
         result = yield run(*twistdCommand("--config", str(config)), env=environment())
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("server.submission: no listener", result.stderr + result.stdout)
+
+    def writeConfig(self, spool: str, port: int) -> Path:
+        base = Path(self.mktemp()).absolute()
+        base.mkdir()
+        makeSelfSigned(str(base / "cert.pem"), str(base / "key.pem"), "localhost")
+        addUser(str(base / "passwd"), "a@b.c", "pw")
+        config = base / "mailgw.toml"
+        config.write_text(
+            f"""
+[server]
+hostname = "localhost"
+submission = ["tcp:port={port}:interface=127.0.0.1"]
+[tls]
+certificate = "{base}/cert.pem"
+key = "{base}/key.pem"
+[auth]
+backends = ["passwd:{base}/passwd"]
+[spool]
+directory = "{spool}"
+"""
+        )
+        return config
+
+    @inlineCallbacks
+    def test_unwritableSpoolIsOneLine(self) -> Any:
+        """A spool that cannot be created ends start-up with one line, no traceback."""
+        if not os.path.isdir("/proc/self"):
+            raise SkipTest("no /proc here")
+        config = self.writeConfig("/proc/mailgw-spool", freePort())
+        result = yield run(*twistdCommand("--config", str(config)), env=environment())
+        output = result.stderr + result.stdout
+        self.assertNotEqual(result.returncode, 0, output)
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(
+            [line for line in output.splitlines() if "spool.directory" in line],
+            [
+                f"mailgw: {config}: spool.directory: cannot open spool /proc/mailgw-spool: "
+                "[Errno 2] No such file or directory: '/proc/mailgw-spool'"
+            ],
+        )
+
+    @inlineCallbacks
+    def test_raisesFileLimit(self) -> Any:
+        """Started with a soft limit of 256 open files, twistd mailgw raises it to the hard one."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard <= 256:
+            raise SkipTest(f"the hard limit is {hard}")
+        port = freePort()
+        config = self.writeConfig(str(shortDirectory(self) / "spool"), port)
+
+        def lowered() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+        log = open(self.mktemp(), "wb")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            twistdCommand("--config", str(config)),
+            env=environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lowered,
+        )
+        self.addCleanup(lambda: (process.terminate(), process.wait(20)))
+        yield deferToThread(waitForPort, port, process, log.name)
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        [line] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        expected = str(1 << 20) if hard == resource.RLIM_INFINITY else str(hard)
+        self.assertEqual(line.split()[3], expected)  # Max open files SOFT HARD files
+        self.assertIn("soft limit raised from 256", Path(log.name).read_text())
+
+    @inlineCallbacks
+    def test_jsonLog(self) -> Any:
+        """--log-format json: every log line is one JSON object, the story included."""
+        demo = self.shortTemp()
+        submission, _ = yield deferToThread(
+            self.start, "--demo", "--demo-dir", str(demo), "--log-format", "json"
+        )
+        password = (demo / "demo-password").read_text().strip()
+
+        def submit() -> None:
+            with smtplib.SMTP("localhost", submission, timeout=30) as smtp:
+                smtp.starttls(context=clientContext(str(demo / "cert.pem")))
+                smtp.login("demo@localhost", password)
+                smtp.sendmail("demo@localhost", ["bob@example.org"], b"Subject: j\r\n\r\nhi\r\n")
+
+        yield deferToThread(submit)
+        self.process.terminate()
+        self.process.wait(20)
+        lines = self.log().splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        # The rest is the demo's banner (on stderr), never a text log line.
+        self.assertFalse([line for line in lines if line[:4].isdigit()], self.log())
+        self.assertTrue(any("queued" in r["text"] for r in records), self.log())
+        for record in records:
+            self.assertEqual(
+                sorted(set(record) & {"time", "level", "namespace", "system", "text"}),
+                ["level", "namespace", "system", "text", "time"],
+            )
+
+    @inlineCallbacks
+    def test_logFileReopenedOnSIGUSR1(self) -> Any:
+        """
+        As logrotate does: rename the log file, send SIGUSR1; the next lines
+        go to a new file by the old name.
+        """
+        port = freePort()
+        config = self.writeConfig(str(shortDirectory(self) / "spool"), port)
+        logPath = Path(self.mktemp()).absolute()
+        command = twistdCommand("--config", str(config))
+        command[command.index("--logfile=-")] = f"--logfile={logPath}"
+        process = subprocess.Popen(command, env=environment())
+        self.addCleanup(lambda: (process.terminate(), process.wait(20)))
+        yield deferToThread(waitForPort, port, process, str(logPath))
+        rotated = Path(str(logPath) + ".1")
+        logPath.rename(rotated)
+        process.send_signal(signal.SIGUSR1)
+
+        def waitFor(path: Path, text: str) -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and process.poll() is None:
+                if path.exists() and text in path.read_text():
+                    return
+                # SIGHUP makes the gateway log a line ("Reloaded ...").
+                process.send_signal(signal.SIGHUP)
+                time.sleep(0.2)
+            self.fail(f"no {text!r} in {path}: {process.poll()}")
+
+        yield deferToThread(waitFor, logPath, "Reloaded the configuration")
+        self.assertIn("listening on", rotated.read_text())
+        self.assertNotIn("listening on", logPath.read_text())
