@@ -29,7 +29,14 @@ from mailgw.envelope import (
 from mailgw.interfaces import IMessageWriter, IQueue, IQueueControl, IRelay
 from mailgw.queue.runner import RECORD_RETRY, STOP_TIMEOUT, QueueRunner, backoff
 from mailgw.queue.spool import Spool, SpoolError, SpoolReader
-from mailgw.testing import FakeRelay, MemoryMessageWriter, MemorySpool, permanent, transient
+from mailgw.testing import (
+    FakeRelay,
+    MemoryMessageWriter,
+    MemorySpool,
+    permanent,
+    success,
+    transient,
+)
 
 SENDER = Address("alice", "example.org")
 BOB = Address("bob", "example.com")
@@ -553,6 +560,34 @@ class ControlTests(RunnerTestCase):
         for call in (runner.hold, runner.release, runner.delete):
             self.failureResultOf(call(UNKNOWN), KeyError)
         self.failureResultOf(runner.flush([UNKNOWN]), KeyError)
+
+    def test_flushInFlight(self) -> None:
+        """
+        A flush during an attempt (or while its results are written) makes
+        the message due as soon as that is done, not after its backoff.
+        """
+        queueId = self.submit(BOB)
+        self.relay.script[str(BOB)] = [transient(), success()]
+        self.relay.holdResults = True
+        runner = self.start()
+        self.assertEqual(self.successResultOf(runner.flush([queueId])), 1)
+        self.relay.holdResults = False
+        self.relay.releaseAll()
+        self.assertEqual([c.queueIds for c in self.relay.calls], [[queueId], [queueId]])
+        self.assertNotIn(queueId, self.spool.committed)
+
+    def test_releaseInFlight(self) -> None:
+        """A release during the attempt that followed a hold: tried again at once."""
+        queueId = self.submit(BOB)
+        self.relay.script[str(BOB)] = [transient(), success()]
+        self.relay.holdResults = True
+        runner = self.start()
+        self.successResultOf(runner.hold(queueId))
+        self.successResultOf(runner.release(queueId))
+        self.relay.holdResults = False
+        self.relay.releaseAll()
+        self.assertEqual(len(self.relay.calls), 2)
+        self.assertNotIn(queueId, self.spool.committed)
 
     def test_holdRelease(self) -> None:
         runner, queueId = self.deferred()

@@ -31,6 +31,7 @@ class OperatorControl:
     _messages: dict[str, QueuedMessage]
     _busy: set[str]
     _deleting: set[str]
+    _flushed: set[str]
     _schedule: Schedule
     _clock: IReactorTime
     _spool: ISpool
@@ -74,10 +75,17 @@ class OperatorControl:
         for message in messages:
             if not message.held:
                 count += 1
-                if message.queueId not in self._busy:
-                    self._schedule.put(message.queueId, now)
+                self._dueNow(message.queueId, now)
         self._pump()
         return succeed(count)
+
+    def _dueNow(self, queueId: str, now: float) -> None:
+        if queueId in self._busy:
+            # In flight, or its results being recorded: once that is done,
+            # it is due now rather than after its backoff.
+            self._flushed.add(queueId)
+        else:
+            self._schedule.put(queueId, now)
 
     def hold(self, queueId: str) -> Deferred[None]:
         """
@@ -102,8 +110,8 @@ class OperatorControl:
             what="held" if held else "released",
         )
         d = maybeDeferred(self._spool.update, self._durable(self._messages[queueId]))
-        if not held and queueId not in self._busy:
-            self._schedule.put(queueId, self._clock.seconds())
+        if not held:
+            self._dueNow(queueId, self._clock.seconds())
         self._pump()
         return d.addCallback(lambda _: None)
 

@@ -116,6 +116,7 @@ class QueueRunner(OperatorControl, Service):
         self._unsettled: set[str] = set()  # learnt more than the spool knows yet
         self._owed: dict[str, set[Address]] = {}  # bounced, but no bounce committed yet
         self._deleting: set[str] = set()  # deleted while busy
+        self._flushed: set[str] = set()  # flushed or released while busy
         self._sent = 0  # messages handed to the relay, not reported yet
         self._calls = 0  # relay calls in flight
         self._timer: IDelayedCall | None = None
@@ -395,7 +396,11 @@ class QueueRunner(OperatorControl, Service):
             self._forget(queueId)
             return
         self._unsettled.discard(queueId)
-        self._schedule.put(queueId, message.nextAttempt)
+        when = message.nextAttempt
+        if queueId in self._flushed and not message.held:
+            when = self._clock.seconds()
+        self._flushed.discard(queueId)
+        self._schedule.put(queueId, when)
 
     def _wantsWarning(self, message: QueuedMessage) -> bool:
         delay = self._config.delayWarning
@@ -496,3 +501,4 @@ class QueueRunner(OperatorControl, Service):
         self._owed.pop(queueId, None)
         self._schedule.discard(queueId)
         self._unsettled.discard(queueId)
+        self._flushed.discard(queueId)
