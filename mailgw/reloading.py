@@ -13,17 +13,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from mailgw.config import Config
 
 
-@implementer(IOpenSSLContextFactory)
+@implementer(IOpenSSLContextFactory, IOpenSSLServerConnectionCreator)
 class SwappableContextFactory:
     """
     A server context factory (``getContext()``, as Twisted's
-    ``CertificateOptions``) that forwards to the one swapped in last.
+    ``CertificateOptions``) that forwards to the one swapped in last,
+    connections included: the current one makes each server connection
+    (L{mailgw.tls.ServerTLSOptions} makes connections that log a failed
+    handshake).
     """
 
     def __init__(self, current: Any) -> None:
@@ -35,6 +38,14 @@ class SwappableContextFactory:
 
     def getContext(self) -> Any:
         return self.current.getContext()
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:
+        make = getattr(self.current, "serverConnectionForTLS", None)
+        if make is not None:
+            return make(protocol)
+        from OpenSSL.SSL import Connection
+
+        return Connection(self.current.getContext(), None)
 
 
 #: Dotted keys of the settings a running gateway keeps until restarted:
