@@ -1,5 +1,5 @@
 """
-Tests for ``mailgw check-config`` (mailgw.checkcli).
+Tests for ``mailgw check-config`` (mailgw.cli.check).
 """
 
 from __future__ import annotations

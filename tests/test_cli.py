@@ -1,5 +1,5 @@
 """
-Tests for L{mailgw.cli}, driving L{main} with replaced standard streams.
+Tests for L{mailgw.cli.app}, driving L{main} with replaced standard streams.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 from argon2 import PasswordHasher
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailgw import cli
 from mailgw.auth import passwd
 from mailgw.auth.passwd import readUsers
+from mailgw.cli import app as cli
 
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 

@@ -1,5 +1,5 @@
 """
-Tests for L{mailgw.queuecli}: C{mailgw queue ...} driven through
+Tests for L{mailgw.cli.queue}: C{mailgw queue ...} driven through
 L{mailgw.cli.main} over a real spool, with and without a gateway listening
 on the control socket.
 """
@@ -21,7 +21,8 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailgw import cli, control, queuecli
+from mailgw import cli, control
+from mailgw.cli import queue as queuecli
 from mailgw.control import ControlService, defaultSocketPath
 from mailgw.envelope import BodyType, DeliveryResult, Envelope, QueuedMessage, Session
 from mailgw.envelope import splitAddress as address

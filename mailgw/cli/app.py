@@ -5,8 +5,8 @@ Each subcommand is added by a function C{add<Name>Parser(subparsers)} that
 calls C{subparsers.add_parser(...)} and sets C{func} on it with
 C{set_defaults(func=handler)}, where C{handler(args) -> int} writes its
 output to C{sys.stdout} and raises L{CommandError} for an operational error.
-To add a subcommand, write such a function in your own module and add one
-line to L{_parserAdders}.
+To add a subcommand, write such a function in a module of this package and
+add one line to L{_parserAdders}.
 
 Exit codes: 0 success, 1 operational error (one line on stderr,
 C{mailgw: FILE: problem}), 2 usage error.
@@ -18,36 +18,21 @@ import argparse
 import sys
 from collections.abc import Callable
 from getpass import getpass
-from typing import Any
 
 from mailgw import __version__
 from mailgw.auth import passwd
+from mailgw.cli.check import addCheckConfigParser
+from mailgw.cli.errors import CommandError, Subparsers
+from mailgw.cli.queue import addQueueParser
+from mailgw.cli.show import addShowConfigParser
 
 DEFAULT_PASSWD_FILE = "/etc/mailgw/passwd"
 
-Subparsers = Any  # argparse's _SubParsersAction, which is private
 ParserAdder = Callable[[Subparsers], None]
 
 
-class CommandError(Exception):
-    """
-    An operational error: L{main} prints C{mailgw: MESSAGE} on stderr and
-    exits 1. Start the message with the file concerned, if there is one.
-    """
-
-
 def _parserAdders() -> list[ParserAdder]:
-    """
-    Every subcommand's adder, in the order of C{mailgw --help}. Adders from
-    other modules are imported here, not at the top, so that those modules
-    can import L{CommandError} from this one.
-    """
-    # To add a subcommand: import its adder here and list it, e.g.
-    #     from mailgw.queue.cli import addQueueParser
-    from mailgw.checkcli import addCheckConfigParser
-    from mailgw.queuecli import addQueueParser
-    from mailgw.showconfig import addShowConfigParser
-
+    """Every subcommand's adder, in the order of C{mailgw --help}."""
     return [
         addPasswdParser,
         addQueueParser,

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from mailgw.cli import CommandError
+from mailgw.cli.errors import CommandError
 
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from mailgw.cli import CommandError
+from mailgw.cli.errors import CommandError
 
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 

@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from mailgw.cli import CommandError, Subparsers
+from mailgw.cli.errors import CommandError, Subparsers
 from mailgw.config import ConfigError, configFromDict, readConfigFile
 from mailgw.control import (
     MAX_IDS,
