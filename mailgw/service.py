@@ -30,12 +30,12 @@ from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
+from mailgw.policy.senders import SenderLoginPolicy
 from mailgw.proxy import ProxyFactory
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, SpoolError
 from mailgw.relay.relay import Relay
 from mailgw.reloading import SwappableContextFactory, restartOnly
-from mailgw.senders import SenderLoginPolicy
 from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
 
 

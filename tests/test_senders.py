@@ -1,5 +1,5 @@
 """
-Tests for mailgw.senders: who may send as whom.
+Tests for mailgw.policy.senders: who may send as whom.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from mailgw import senders
 from mailgw.address import AddressError, parsePath
 from mailgw.envelope import Address, Envelope, Session, splitAddress
 from mailgw.interfaces import ISubmissionPolicy
-from mailgw.senders import (
+from mailgw.policy import senders
+from mailgw.policy.senders import (
     Grant,
     SenderLoginPolicy,
     canonicalAddress,

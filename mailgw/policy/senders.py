@@ -29,7 +29,7 @@ from mailgw.address import AddressError, parseMailbox
 from mailgw.config import normalizeDomain
 from mailgw.envelope import Address, Envelope, Session
 from mailgw.interfaces import ISubmissionPolicy
-from mailgw.policy import AcceptAll
+from mailgw.policy.accept import AcceptAll
 from mailgw.server.replies import SMTPReply
 
 # RFC 5322 3.2.3 dot-atom, with any non-ASCII character as atext (RFC 6532 3.2).
