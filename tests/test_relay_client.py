@@ -498,24 +498,24 @@ class DialogTests(SynchronousTestCase):
 
     def test_bodyStreamedInChunks(self) -> None:
         """
-        The file is opened, read 64 KiB at a time and closed through
-        runBlocking (off the reactor thread); one read at a time, none while
-        the transport is paused, so a message is never in memory whole.
+        The file is opened (with its first chunk read in the same trip),
+        read 64 KiB at a time and closed through runBlocking (off the
+        reactor thread); one read at a time, none while the transport is
+        paused, so a message is never in memory whole.
         """
         body = b"x" * (3 * clientprotocol.BODY_CHUNK + 5)
         blocking = Blocking()
         d = Dialog(self, settingsFor(), [makeMessage()], {"Q1": body}, runBlocking=blocking)
         d.hello(["PIPELINING"])
         self.assertEqual(d.client(), b"")  # MAIL waits for the file to open
-        self.assertEqual(blocking.names(), ["<lambda>"])  # the opener
+        self.assertEqual(blocking.names(), ["_openBody"])
         blocking.runNext()
         self.assertTrue(d.client().startswith(b"MAIL FROM:"))
         d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
         producer: Any = d.transport.producer
         self.assertTrue(d.transport.streaming)
         verifyObject(IPushProducer, producer)
-        self.assertEqual((blocking.names(), d.client()), (["read"], b""))
-        blocking.runNext()
+        # The first chunk came with the opening: written at once.
         self.assertEqual(len(d.client()), clientprotocol.BODY_CHUNK)
         self.assertEqual(blocking.names(), ["read"])  # the next chunk, one at a time
         producer.pauseProducing()
@@ -530,6 +530,25 @@ class DialogTests(SynchronousTestCase):
         d.server(b"250 ok\r\n")
         self.assertEqual(blocking.names(), ["close"])
         blocking.runNext()
+        [[result]] = d.quit()
+        self.assertTrue(result.success)
+
+    def test_smallBodyOneTrip(self) -> None:
+        """
+        A message shorter than a chunk costs one trip to a thread: opened,
+        read and closed there at once; nothing is left to close.
+        """
+        blocking = Blocking()
+        d = Dialog(self, settingsFor(), [makeMessage()], {"Q1": b"small\r\n"}, runBlocking=blocking)
+        d.hello(["PIPELINING"])
+        self.assertEqual(blocking.names(), ["_openBody"])
+        blocking.runNext()
+        d.client()
+        d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(d.client(), b"small\r\n.\r\n")
+        self.assertEqual(blocking.calls, [])
+        d.server(b"250 ok\r\n")
+        self.assertEqual(blocking.calls, [])  # no close: closed in the first trip
         [[result]] = d.quit()
         self.assertTrue(result.success)
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -107,6 +108,52 @@ class FileSystem:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class GroupSync:
+    """
+    Directory fsyncs shared between the spool's threads (group commit). A
+    caller's changes to the directory (renames, removals) are durable once
+    an fsync of the directory that *started* after them has succeeded. A
+    thread that finds an fsync running waits for it to end, then shares the
+    next one with every thread that arrived meanwhile: with N threads
+    committing at once, one fsync serves up to N commits instead of N
+    fsyncs one after another. A failed fsync fails the thread that ran it;
+    the others it was to cover try again with their own.
+    """
+
+    def __init__(self, fs: FileSystem, path: str) -> None:
+        self._fs, self._path = fs, path
+        self._condition = threading.Condition()
+        self._requested = 0  # tickets handed out
+        self._covered = 0  # the highest ticket a successful fsync covered
+        self._running = False
+
+    def sync(self) -> None:
+        """
+        Return once an fsync of the directory that started after this call
+        has succeeded.
+
+        @raise OSError: the fsync this thread ran failed.
+        """
+        with self._condition:
+            self._requested += 1
+            ticket = self._requested
+            while self._covered < ticket:
+                if self._running:
+                    self._condition.wait()
+                    continue
+                target, self._running = self._requested, True
+                self._condition.release()
+                try:
+                    self._fs.syncDirectory(self._path)
+                    succeeded = True
+                finally:
+                    self._condition.acquire()
+                    self._running = False
+                    self._condition.notify_all()
+                if succeeded:
+                    self._covered = max(self._covered, target)
 
 
 def removeQuietly(fs: FileSystem, path: str) -> None:

@@ -31,6 +31,7 @@ from mailgw.envelope import Envelope, QueuedMessage, Session
 from mailgw.interfaces import ISpool, SpoolError, SpoolFullError
 from mailgw.queue.files import (
     FileSystem,
+    GroupSync,
     QueueIdFactory,
     RunBlocking,
     decodeMessage,
@@ -170,9 +171,11 @@ class Spool(SpoolReader):
     _newId: QueueIdFactory = attrs.field(init=False)
     _locks: dict[str, DeferredLock] = attrs.field(init=False, factory=dict)
     _lockFD: int | None = attrs.field(init=False, default=None)
+    _queueSync: GroupSync = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._newId = QueueIdFactory(self.clock)
+        self._queueSync = GroupSync(self.fs, self._dir("queue"))
         try:
             self._createTree()
             self._lock()
@@ -250,6 +253,15 @@ class Spool(SpoolReader):
         """The path of ``where/queueId+suffix`` (for the writer)."""
         return self._path(where, queueId, suffix)
 
+    def syncQueue(self) -> None:
+        """
+        Make the changes made so far to ``queue/`` durable (in the spool's
+        thread): one directory fsync shared by the threads that ask at once.
+
+        @raise OSError: the fsync failed.
+        """
+        self._queueSync.sync()
+
     def directoryOf(self, name: str) -> str:
         """The path of the spool's subdirectory ``name``."""
         return self._dir(name)
@@ -280,7 +292,7 @@ class Spool(SpoolReader):
         try:
             writeDurably(self.fs, temporary, data)
             self.fs.rename(temporary, final)
-            self.fs.syncDirectory(self._dir("queue"))
+            self.syncQueue()
         except OSError as e:
             removeQuietly(self.fs, temporary)
             raise spoolErrorFrom(e, f"cannot update {queueId}") from e
@@ -303,7 +315,7 @@ class Spool(SpoolReader):
                     self.fs.remove(self._path("queue", queueId, suffix))
                 except FileNotFoundError:
                     pass
-            self.fs.syncDirectory(self._dir("queue"))
+            self.syncQueue()
         except OSError as e:
             raise spoolErrorFrom(e, f"cannot remove {queueId}") from e
 

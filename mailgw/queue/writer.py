@@ -200,7 +200,7 @@ class SpoolWriter:
             writeDurably(fs, self._tmp(".json"), data)
             fs.rename(self._tmp(".msg"), final)  # msg before json: json = committed
             fs.rename(self._tmp(".json"), state)
-            fs.syncDirectory(spool.directoryOf("queue"))  # the renames survive: now 250
+            spool.syncQueue()  # the renames survive power loss: now 250
         except BaseException as e:
             # The client is told 4xx and sends again: keep nothing, json first.
             for path in (state, final, self._tmp(".json"), self._tmp(".msg")):

@@ -14,7 +14,7 @@ import base64
 from collections.abc import Sequence
 from typing import Any, BinaryIO, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
     IReactorTime,
@@ -193,6 +193,40 @@ class _Reporter:
                     log.failure("error reporting a relay result")
 
 
+class _Body:
+    """
+    A message being read for relaying: the first chunk read when the file
+    was opened, then the rest (``file`` is None once it is all read and
+    closed).
+    """
+
+    def __init__(self, file: BinaryIO | None, first: bytes) -> None:
+        self.file, self._first = file, first
+
+    def read(self, runBlocking: RunBlocking) -> Deferred[bytes]:
+        """The next chunk, b"" at the end."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            return succeed(first)
+        if self.file is None:
+            return succeed(b"")
+        return runBlocking(self.file.read, BODY_CHUNK)  # type: ignore[no-any-return]
+
+
+def _openBody(opener: MessageOpener, queueId: str) -> _Body:
+    """In a thread: open ``queueId``, read its first chunk, close it if that was all."""
+    file = opener(queueId)
+    try:
+        first = file.read(BODY_CHUNK)
+    except BaseException:
+        file.close()
+        raise
+    if len(first) < BODY_CHUNK:
+        file.close()
+        return _Body(None, first)
+    return _Body(file, first)
+
+
 class _Session:
     """The dialogue with one upstream, from greeting to QUIT."""
 
@@ -303,7 +337,10 @@ class _Session:
         if transaction.refuse(self.capabilities):
             return
         try:
-            message: BinaryIO = await self.runBlocking(opener, transaction.message.queueId)
+            # One trip to a thread opens the file and reads its first
+            # chunk, and closes it too when that is all there is: most
+            # messages cost one thread hop, not four (open, read, EOF, close).
+            body = await self.runBlocking(_openBody, opener, transaction.message.queueId)
         except Exception as e:
             # OSError, KeyError (gone), or whatever the spool raises for a
             # local failure (its SpoolError): transient for this message.
@@ -313,12 +350,13 @@ class _Session:
             transaction.finishAll(Outcome(False, False, 0, "", why))
             return
         try:
-            await self.transaction(transaction, message)
+            await self.transaction(transaction, body)
             self.reporter.report()  # before the close: that is a thread's round trip
         finally:
-            await self.runBlocking(message.close)
+            if body.file is not None:
+                await self.runBlocking(body.file.close)
 
-    async def transaction(self, transaction: Transaction, message: BinaryIO) -> None:
+    async def transaction(self, transaction: Transaction, body: _Body) -> None:
         protocol, timeouts = self.protocol, self.timeouts
         mail = transaction.mailCommand(self.capabilities)
         toSend = transaction.unfinished()
@@ -369,9 +407,7 @@ class _Session:
             transaction.finishAll(classify(dataReply))
             await self.reset()
             return
-        await protocol.sendBody(
-            lambda: self.runBlocking(message.read, BODY_CHUNK), timeouts.dataBlock
-        )
+        await protocol.sendBody(lambda: body.read(self.runBlocking), timeouts.dataBlock)
         final = await protocol.nextReply(timeouts.finalDot, "reply to the final dot")
         _check(final)
         transaction.finishAll(classify(final))
