@@ -59,6 +59,9 @@ def serverSettings(config: Config) -> ServerSettings:
         maxReceivedHeaders=server.maxReceivedHeaders,
         maxErrors=server.maxErrors,
         legacyAuthLine=server.legacyAuthLine,
+        preAuthTimeout=server.preAuthTimeout,
+        maxJunkCommands=server.maxJunkCommands,
+        closeTimeout=server.closeTimeout,
     )
 
 
@@ -111,6 +114,44 @@ def makeCheckers(config: Config) -> list[ICredentialsChecker]:
             authType = backend.partition(":")[0]
             raise ConfigError(config.source, "auth.backends", f"{authType}: {e}") from None
     return checkers
+
+
+class _SchedulingWriter:
+    """Interim, until the spool's commit schedules: see L{_SchedulingSpool}."""
+
+    def __init__(self, writer: Any, notify: Callable[[str], None]) -> None:
+        self._writer, self._notify = writer, notify
+        self.queueId = writer.queueId
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+    def commit(self) -> Deferred[str]:
+        def scheduled(queueId: str) -> str:
+            self._notify(queueId)
+            return queueId
+
+        return self._writer.commit().addCallback(scheduled)
+
+
+class _SchedulingSpool:
+    """
+    Interim, until the spool's commit itself hands the message to the
+    scheduler: each commit tells the runner before its Deferred fires (so
+    before the 250), and the server no longer does.
+    """
+
+    def __init__(self, spool: ISpool, notify: Callable[[str], None]) -> None:
+        self._spool, self._notify = spool, notify
+
+    def begin(self, envelope: Any, session: Any) -> _SchedulingWriter:
+        return _SchedulingWriter(self._spool.begin(envelope, session), self._notify)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
 
 
 class GatewayService(MultiService):
@@ -206,12 +247,11 @@ class GatewayService(MultiService):
         factory = SubmissionFactory(
             self.settings,
             self.portal,
-            self.spool,
+            _SchedulingSpool(self.spool, self._queued),  # type: ignore[arg-type]
             self.reactor,
             self.tlsContext,
             implicitTLS=implicitTLS,
             policy=self.policy,
-            onQueued=self._queued,
             guards=self.guards,
         )
         self.factories.append(factory)

@@ -10,18 +10,25 @@ from pathlib import Path
 from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides
 
 from mailgw.auth.realm import makePortal
-from mailgw.server.factory import ServerSettings, SubmissionFactory
+from mailgw.config import LimitsConfig
+from mailgw.limits import AuthThrottle, ConnectionLimiter
+from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
 from mailgw.server.protocol import SubmissionServer
 from mailgw.testing import MemorySpool
 
 USER = b"alice@example.com"
 PASSWORD = b"correct horse"
+# Seconds after which every close must have ended the connection, however
+# silent the peer (the default close_timeout).
+CLOSE_DEADLINE = 5.0
 
 
 class FakeTLSConnection:
@@ -35,14 +42,44 @@ class FakeTLSConnection:
 
 
 class FakeTLSTransport(StringTransport):
-    """A StringTransport that records STARTTLS and what was written before it."""
+    """
+    A StringTransport that records STARTTLS and what was written before it,
+    and closes the way the real transports do: in the clear, C{loseConnection}
+    ends the connection (the protocol's C{connectionLost} is called); under
+    TLS it only starts the TLS close, and the connection stays open until the
+    peer answers with its close_notify (L{peerClosesTLS}) or the server
+    aborts it: a silent peer keeps it open.
+    """
 
     def __init__(self, secure: bool = False) -> None:
         super().__init__(peerAddress=None)
         self.tlsStarted = secure
         self.writtenBeforeTLS: bytes | None = None
+        self.protocol: Any = None
+        self.lost = False
+        self.aborted = False
         if secure:
             directlyProvides(self, ISSLTransport)
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        if not self.tlsStarted:
+            self._connectionLost()
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+        self._connectionLost()
+
+    def peerClosesTLS(self) -> None:
+        """The peer answers our close_notify: the TLS close completes."""
+        assert self.disconnecting, "the server did not start closing"
+        self._connectionLost()
+
+    def _connectionLost(self) -> None:
+        if not self.lost and self.protocol is not None:
+            self.lost = True
+            self.protocol.connectionLost(Failure(ConnectionDone()))
 
     def startTLS(self, context: Any) -> None:
         assert not self.tlsStarted, "startTLS called twice"
@@ -67,6 +104,7 @@ class Harness:
         implicitTLS: bool = False,
         checkers: list[Any] | None = None,
         tls: bool = True,
+        limits: LimitsConfig | None = None,
         **settings: Any,
     ) -> None:
         self.clock = Clock()
@@ -75,6 +113,12 @@ class Harness:
             checkers = [InMemoryUsernamePasswordDatabaseDontUse(**{USER.decode(): PASSWORD})]
         self.portal = makePortal(checkers)
         settings.setdefault("hostname", "mx.test")
+        guards = Guards()
+        if limits is not None:
+            guards = Guards(
+                connections=ConnectionLimiter(self.clock, limits),
+                auth=AuthThrottle(self.clock, limits),
+            )
         self.factory = SubmissionFactory(
             ServerSettings(**settings),
             self.portal,
@@ -82,9 +126,16 @@ class Harness:
             self.clock,
             tlsContext=object() if tls else None,
             implicitTLS=implicitTLS,
+            guards=guards,
         )
+        self.implicitTLS = implicitTLS
+        self.connect()
+
+    def connect(self) -> None:
+        """A new connection to the same listener (the old one is left as it is)."""
         self.protocol: SubmissionServer = self.factory.buildProtocol(None)
-        self.transport = FakeTLSTransport(secure=implicitTLS)
+        self.transport = FakeTLSTransport(secure=self.implicitTLS)
+        self.transport.protocol = self.protocol
         self.protocol.makeConnection(self.transport)
         self.greeting = self.take()
 
@@ -114,8 +165,21 @@ class Harness:
         assert reply.startswith(b"235 "), reply
 
     @property
+    def closing(self) -> bool:
+        """The server has started to close (it may still wait for the peer)."""
+        return bool(self.transport.disconnecting)
+
+    @property
     def closed(self) -> bool:
-        return self.transport.disconnecting
+        """
+        The connection is really gone: the protocol saw connectionLost. A
+        TLS connection whose close the peer never answered is still open.
+        """
+        return self.transport.lost
+
+    def hangUp(self) -> None:
+        """The client goes away without a word."""
+        self.transport._connectionLost()
 
 
 _SERVER = re.compile(r"S: (.*)")
@@ -146,6 +210,10 @@ def runDialog(testCase: Any, path: Path, harness: Harness) -> None:
             pattern = "".join(".*" if c == "*" else re.escape(c) for c in raw[3:]) + r"\Z"
             testCase.assertRegex(line, pattern, f"{where}")
         elif raw.strip() == "CLOSED":
+            # The server closes; a silent TLS peer cannot keep it open past
+            # the close deadline.
+            testCase.assertTrue(harness.closing, f"{where}: server did not close")
+            harness.clock.advance(CLOSE_DEADLINE)
             testCase.assertTrue(harness.closed, f"{where}: connection still open")
         else:
             raise ValueError(f"{where}: bad dialog line {raw!r}")

@@ -489,7 +489,7 @@ class CommandLineTests(SynchronousTestCase):
 
 class TimeoutTests(SynchronousTestCase):
     def test_idleTimeout(self) -> None:
-        h = Harness(idleTimeout=60)
+        h = Harness(idleTimeout=60, preAuthTimeout=1000)
         h.clock.advance(59)
         h.command(b"NOOP")
         h.clock.advance(59)
@@ -579,7 +579,7 @@ class MessagePolicyTests(SynchronousTestCase):
 class DeadlineTests(SynchronousTestCase):
     def test_slowDripCommand(self) -> None:
         """One byte every 50 s keeps the idle timer happy but not the line deadline."""
-        h = Harness(idleTimeout=300, commandTimeout=60)
+        h = Harness(idleTimeout=300, commandTimeout=60, preAuthTimeout=1000)
         h.send(b"N")
         h.clock.advance(50)
         h.send(b"O")
@@ -588,7 +588,7 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(h.take(), b"421 4.4.2 Timeout exceeded, closing connection\r\n")
 
     def test_completeLinesResetTheDeadline(self) -> None:
-        h = Harness(idleTimeout=300, commandTimeout=60)
+        h = Harness(idleTimeout=300, commandTimeout=60, preAuthTimeout=1000)
         for _ in range(5):
             h.send(b"NO")
             h.clock.advance(50)
@@ -596,7 +596,7 @@ class DeadlineTests(SynchronousTestCase):
         self.assertFalse(h.closed)
 
     def test_sessionDeadline(self) -> None:
-        h = Harness(idleTimeout=300, sessionTimeout=1000)
+        h = Harness(idleTimeout=300, sessionTimeout=1000, preAuthTimeout=5000)
         for _ in range(10):
             h.clock.advance(99)
             h.command(b"NOOP")

@@ -12,3 +12,9 @@ avatar id into an L{mailgw.interfaces.ISubmitter}.
   - L{mailgw.auth.passwd}: the users file (argon2id hashes, optional CRAM-MD5
     secrets), its editing functions and its checker, L{PasswdChecker}.
 """
+
+from twisted.cred.error import UnauthorizedLogin
+
+
+class MechanismUnavailable(UnauthorizedLogin):
+    """The mechanism cannot check this login (e.g. CRAM-MD5 without a secret)."""

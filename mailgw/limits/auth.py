@@ -43,6 +43,49 @@ class AuthDecision:
     reason: str = ""
     failures: int = 0
     logLine: str = ""
+    attempt: AuthAttempt | None = None
+
+
+@attrs.define
+class AuthAttempt:
+    """
+    One AUTH attempt that L{AuthThrottle.begin} let through, counted as a
+    failure from its start. Exactly one outcome counts; later calls do
+    nothing.
+    """
+
+    _throttle: AuthThrottle
+    _address: str
+    _login: str | None
+    _settled: bool = False
+
+    def _settle(self) -> bool:
+        first, self._settled = not self._settled, True
+        return first
+
+    def succeeded(self) -> None:
+        """The login is right: refund the count and trust the address."""
+        if self._settle():
+            self._throttle._refund(self._address, self._login)
+            self._throttle.succeeded(self._address, self._login)
+
+    def failed(self) -> None:
+        """Wrong credentials: the count stays."""
+        self._settle()
+
+    def notApplicable(self) -> None:
+        """The mechanism cannot check this login: refund."""
+        if self._settle():
+            self._throttle._refund(self._address, self._login)
+
+    def unavailable(self) -> None:
+        """A backend error: refund."""
+        if self._settle():
+            self._throttle._refund(self._address, self._login)
+
+    def abandoned(self) -> None:
+        """The client left before the answer: the count stays."""
+        self._settle()
 
 
 def _escape(text: str, quoted: bool) -> str:
@@ -202,6 +245,26 @@ class AuthThrottle:
         else:
             self._log.info("{logLine}", logLine=line)
         return attrs.evolve(decision, logLine=line)
+
+    def begin(self, address: str, login: str | None, mechanism: str) -> AuthDecision:
+        """
+        Like L{check}; when the attempt may go on, it is counted as a
+        failure now and the decision's ``attempt`` takes its outcome.
+        """
+        decision = self.check(address, login)
+        if decision.refuse:
+            return decision
+        self.failed(address, login)
+        return attrs.evolve(decision, attempt=AuthAttempt(self, address, login))
+
+    def _refund(self, address: str, login: str | None) -> None:
+        who, account, exempt, trusted = self._classify(address, login)
+        if not exempt:
+            self._addresses.add(who.key, -1.0)
+            if not trusted:
+                self._networks.add(who.networkKey, -1.0)
+        if account is not None and not trusted:
+            self._accounts.add(account, -1.0)
 
     def failed(self, address: str, login: str | None) -> None:
         """Count a failed AUTH attempt (bad credentials, unknown user alike)."""

@@ -74,6 +74,9 @@ class ConnectionLimiter:
                 self._open[who.key] = count - 1
         self._total = max(0, self._total - 1)
 
+    def authenticated(self, address: str) -> None:
+        """A client from ``address`` logged in (its burst may use its connection rate)."""
+
     @property
     def openConnections(self) -> int:
         """How many accepted connections are open, in total."""
