@@ -4,6 +4,7 @@ Test helpers: an in-memory server harness and a dialog-script runner.
 
 from __future__ import annotations
 
+import ast
 import base64
 import re
 from pathlib import Path
@@ -182,39 +183,79 @@ class Harness:
         self.transport._connectionLost()
 
 
-_SERVER = re.compile(r"S: (.*)")
-
-
-def runDialog(testCase: Any, path: Path, harness: Harness) -> None:
+def dialogHarness(path: Path) -> Harness:
     """
-    Run a dialog transcript against ``harness``.
+    A Harness for the transcript at ``path``, built from its ``@`` lines:
+    ``@ name=value`` is a Harness or ServerSettings argument, ``@limits
+    name=value`` a L{LimitsConfig} field (both values Python literals).
+    """
+    settings: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    for raw in path.read_text().splitlines():
+        if raw.startswith("@"):
+            target = limits if raw.startswith("@limits ") else settings
+            name, _, value = raw.split(" ", 1)[1].partition("=")
+            target[name.strip()] = ast.literal_eval(value.strip())
+    if limits:
+        settings["limits"] = LimitsConfig(**limits)
+    return Harness(**settings)
+
+
+def runDialog(testCase: Any, path: Path, harness: Harness | None = None) -> None:
+    """
+    Run a dialog transcript against ``harness`` (default: L{dialogHarness}).
 
     ``C: text`` sends ``text`` CRLF (``\\r``, ``\\n``, ``\\x00`` escapes
-    allowed; ``C! text`` sends without CRLF); ``S: pattern`` expects the
-    next server line to match ``pattern`` where ``*`` stands for any text;
-    ``CLOSED`` expects the server to have closed the connection; ``#`` lines
-    are comments. The greeting is checked like any server line.
+    allowed; ``C! text`` sends without CRLF; ``C* n text`` sends ``text``
+    ``n`` times, without CRLF); ``S: pattern`` expects the next server line
+    to match ``pattern`` where ``*`` stands for any text; ``CLOSED`` expects
+    the server to have closed the connection (and the connection to be gone
+    within the close deadline, however silent the client); ``ADVANCE s``
+    lets ``s`` seconds pass; ``SHUTDOWN`` stops the listener; ``QUEUED n``
+    expects ``n`` messages in the spool; ``#`` and ``@`` lines are comments
+    and settings. The greeting is checked like any server line.
     """
+    if harness is None:
+        harness = dialogHarness(path)
     pending = harness.greeting.decode("utf-8").split("\r\n")[:-1]
+
+    def collect() -> None:
+        pending.extend(harness.take().decode("utf-8").split("\r\n")[:-1])
+
     for number, raw in enumerate(path.read_text().splitlines(), 1):
         where = f"{path.name}:{number}"
-        if not raw.strip() or raw.startswith("#"):
+        if not raw.strip() or raw.startswith(("#", "@")):
             continue
-        if raw.startswith(("C: ", "C! ")):
-            text = raw[3:].encode("utf-8").decode("unicode_escape").encode("latin-1")
-            harness.send(text + (b"\r\n" if raw[1] == ":" else b""))
-            pending += harness.take().decode("utf-8").split("\r\n")[:-1]
+        if raw.startswith(("C: ", "C! ", "C* ")):
+            text = raw[3:]
+            count = 1
+            if raw[1] == "*":
+                countText, _, text = text.partition(" ")
+                count = int(countText)
+            data = text.encode("utf-8").decode("unicode_escape").encode("latin-1")
+            harness.send(data * count + (b"\r\n" if raw[1] == ":" else b""))
+            collect()
         elif raw.startswith("S: "):
             testCase.assertTrue(pending, f"{where}: server said nothing, expected {raw[3:]!r}")
             line = pending.pop(0)
             pattern = "".join(".*" if c == "*" else re.escape(c) for c in raw[3:]) + r"\Z"
             testCase.assertRegex(line, pattern, f"{where}")
         elif raw.strip() == "CLOSED":
+            testCase.assertEqual(pending, [], f"{where}: unexpected server lines")
             # The server closes; a silent TLS peer cannot keep it open past
             # the close deadline.
             testCase.assertTrue(harness.closing, f"{where}: server did not close")
-            harness.clock.advance(CLOSE_DEADLINE)
+            harness.clock.advance(harness.factory.settings.closeTimeout)
             testCase.assertTrue(harness.closed, f"{where}: connection still open")
+        elif raw.startswith("ADVANCE "):
+            harness.clock.advance(float(raw.split()[1]))
+            collect()
+        elif raw.strip() == "SHUTDOWN":
+            harness.factory.shutdown()
+            collect()
+        elif raw.startswith("QUEUED "):
+            queued = len(harness.spool.committed)
+            testCase.assertEqual(queued, int(raw.split()[1]), f"{where}: messages queued")
         else:
             raise ValueError(f"{where}: bad dialog line {raw!r}")
     testCase.assertEqual(pending, [], f"{path.name}: unexpected server lines")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -28,32 +29,25 @@ def plain(user: bytes = USER, password: bytes = PASSWORD, authzid: bytes = b"") 
 
 
 class DialogTests(SynchronousTestCase):
-    """The transcripts in tests/dialogs/, each against a fresh server."""
+    """
+    The transcripts in tests/dialogs/, each against a fresh server built
+    from its ``@`` lines: one test per file (``test_<file name>``).
+    """
 
-    def run_dialog(self, name: str, **settings: object) -> None:
-        runDialog(self, DIALOGS / name, Harness(**settings))  # type: ignore[arg-type]
+    def test_corpusSize(self) -> None:
+        self.assertGreaterEqual(len(list(DIALOGS.glob("*.txt"))), 40)
 
-    def test_submissionOK(self) -> None:
-        self.run_dialog("submission-ok.txt")
 
-    def test_sequenceErrors(self) -> None:
-        self.run_dialog("sequence-errors.txt")
+def _dialogTest(path: Path) -> Callable[[DialogTests], None]:
+    def test(self: DialogTests) -> None:
+        runDialog(self, path)
 
-    def test_authLoginCancel(self) -> None:
-        self.run_dialog("auth-login-cancel.txt")
+    test.__doc__ = path.read_text().splitlines()[0].lstrip("# ")
+    return test
 
-    def test_envelopeErrors(self) -> None:
-        self.run_dialog("envelope-errors.txt", implicitTLS=True, maxMessageSize=1000)
 
-    def test_everyDialogIsRun(self) -> None:
-        names = {p.name for p in DIALOGS.glob("*.txt")}
-        tested = {
-            "submission-ok.txt",
-            "sequence-errors.txt",
-            "auth-login-cancel.txt",
-            "envelope-errors.txt",
-        }
-        self.assertEqual(names, tested)
+for _path in sorted(DIALOGS.glob("*.txt")):
+    setattr(DialogTests, "test_" + _path.stem.replace("-", "_"), _dialogTest(_path))
 
 
 class GreetingAndEHLOTests(SynchronousTestCase):

@@ -299,7 +299,7 @@ class SubmissionServer(Connection):
     def _loggedIn(self, outcome: LoginOutcome) -> None:
         if outcome.user is not None:
             self._user = outcome.user
-            self._transaction = self._newTransaction()
+            self._resetTransaction()
             self.cancelTimer(PREAUTH)
         self.reply(outcome.reply)
 
@@ -335,7 +335,7 @@ class SubmissionServer(Connection):
         return rest
 
     def _messageAnswered(self, reply: SMTPReply) -> None:
-        if reply is not None and reply.code == 250:
+        if reply.code == 250:
             self._junk = 0  # a message queued: the session does work
         self._resetTransaction()
         self.reply(reply)
