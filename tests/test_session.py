@@ -8,18 +8,20 @@ cleanup path, and every close ends the connection within the close deadline.
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mailgw.config import LimitsConfig
 from mailgw.envelope import Session
 from mailgw.limits import ConnectionLimiter
+from mailgw.queue.spool import Spool
 from mailgw.server.replies import SMTPReply
 from tests.helpers import CLOSE_DEADLINE, PASSWORD, USER, Harness
 
@@ -163,6 +165,25 @@ class HangUpDuringMessageCheckTests(SynchronousTestCase):
         policy.pending[0].callback(None)
         self.assertEqual(h.spool.committed, {})
         self.assertEqual(h.spool.heldCommits, [])
+
+    def test_noSpoolFileLeftOnDisk(self) -> None:
+        """With the real spool: no tmp/ file (and no descriptor) outlives the hang-up."""
+        h = Harness()
+        directory = self.mktemp()
+        spool = Spool(directory, h.clock, maybeDeferred)
+        self.addCleanup(spool.close)
+        h.factory.spool = spool
+        policy = SlowMessagePolicy()
+        h.factory.policy = policy
+        inData(h)
+        h.send(b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 100 + b".\r\n")
+        self.assertEqual(len(policy.pending), 1)
+        self.assertNotEqual(os.listdir(os.path.join(directory, "tmp")), [])
+        h.hangUp()
+        self.assertEqual(os.listdir(os.path.join(directory, "tmp")), [])
+        policy.pending[0].callback(None)
+        self.assertEqual(os.listdir(os.path.join(directory, "tmp")), [])
+        self.assertEqual(spool.pending(), [])
 
     def test_commitRunningIsNotAborted(self) -> None:
         """A hang-up during the commit leaves the commit alone: it owns the writer."""
