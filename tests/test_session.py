@@ -271,6 +271,24 @@ class AuthHangUpTests(SynchronousTestCase):
         self.assertEqual(len(checker.pending), 1, "the second guess was checked")
 
 
+    def test_hangUpDuringTheDelaySparesTheCheck(self) -> None:
+        """Nobody waits for the answer: the password is not checked, the attempt counts."""
+        checker = SlowChecker()
+        limits = LimitsConfig(authFreeFailures=0, authDelay=2.0, authFailuresPerAddress=1)
+        h = Harness(implicitTLS=True, checkers=[checker], limits=limits)
+        throttle = h.factory.guards.auth
+        assert throttle is not None
+        h.command(b"EHLO c")
+        h.send(b"AUTH PLAIN " + plain(b"guess") + b"\r\n")
+        self.assertEqual(checker.pending, [])
+        h.hangUp()
+        self.assertTrue(throttle.check("192.0.2.7", USER.decode()).disconnect)
+        h.clock.advance(10)
+        self.assertEqual(checker.pending, [])
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
 class OverlongCommandTests(SynchronousTestCase):
     """D10: one over-long command line gets exactly one reply, however it is read."""
 

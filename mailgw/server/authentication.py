@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -81,6 +81,8 @@ class AuthPhase:
         self._exchange: Exchange | None = None
         self._mechanism = ""
         self._attempt: AuthAttempt | None = None
+        # The delay before the check, while it runs: cancelled by abandon().
+        self._delayed: Deferred[Any] | None = None
 
     @property
     def exchanging(self) -> bool:
@@ -127,6 +129,9 @@ class AuthPhase:
         attempt, self._attempt = self._attempt, None
         if attempt is not None:
             attempt.abandoned()
+        delayed, self._delayed = self._delayed, None
+        if delayed is not None:
+            delayed.cancel()  # nobody waits for the answer: spare the check
 
     def _step(self, mechanism: str, step: Callable[[], Any]) -> AuthStep:
         try:
@@ -161,15 +166,22 @@ class AuthPhase:
             # After a few failures every answer waits, right or wrong: each
             # guess costs the attacker the delay, and a client that gives up
             # early learns nothing (an unknown user costs the same, too).
-            d = deferLater(clock, delay, portal.login, credentials, None, ISubmitter)
+            d = deferLater(clock, delay, self._afterDelay, credentials)
+            self._delayed = d
         else:
             d = maybeDeferred(portal.login, credentials, None, ISubmitter)
         return d.addBoth(self._settle, attempt, credentials)
+
+    def _afterDelay(self, credentials: Any) -> Deferred[Any]:
+        self._delayed = None
+        return maybeDeferred(self._listener.portal.login, credentials, None, ISubmitter)
 
     def _settle(self, result: Any, attempt: AuthAttempt | None, credentials: Any) -> LoginOutcome:
         """The one place where a login's result becomes its outcome and reply."""
         if self._attempt is attempt:
             self._attempt = None
+        if isinstance(result, Failure) and result.check(CancelledError):
+            return LoginOutcome(replies.AUTH_TEMPFAIL)  # abandoned during the delay
         # The first outcome recorded wins: after abandon() these do nothing.
         if not isinstance(result, Failure):
             _, avatar, _ = result

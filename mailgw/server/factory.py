@@ -1,6 +1,7 @@
 """
-Per-listener settings and the factory that builds one server protocol per
-connection.
+The factory that builds one server session per connection of a listener.
+It is the sessions' L{mailgw.server.settings.Listener}; the settings and
+guards live in L{mailgw.server.settings} (re-exported here).
 """
 
 from __future__ import annotations
@@ -63,9 +64,12 @@ class SubmissionFactory(Factory):
     def shutdown(self) -> Deferred[Any]:
         """
         Tell every client that the service is going away (421 4.3.2) and
-        close; a message being committed gets its reply first.
+        close; a command being worked on (a message being checked or
+        committed, an AUTH being verified) gets its reply first.
 
-        @return: a Deferred that fires once every connection is closed.
+        @return: a Deferred that fires once every connection is gone: at
+            the latest ``closeTimeout`` seconds after its close began, since
+            a peer that does not finish the close is aborted.
         """
         waits = [connection.shutdown() for connection in list(self.connections)]
         return DeferredList(waits, consumeErrors=True)

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred
 
 from mailgw.envelope import Session
 from mailgw.server import replies
-from mailgw.server.authentication import AuthPhase, ChallengeLine, CloseWith, LoginOutcome
+from mailgw.server.authentication import (
+    AuthPhase,
+    AuthStep,
+    ChallengeLine,
+    CloseWith,
+    LoginOutcome,
+)
 from mailgw.server.connection import PREAUTH, Connection
 from mailgw.server.replies import SMTPReply
 from mailgw.server.settings import Listener
@@ -286,7 +291,7 @@ class SubmissionServer(Connection):
         else:
             self._authStep(self._auth.start(argument))
 
-    def _authStep(self, step: Any) -> None:
+    def _authStep(self, step: AuthStep) -> None:
         if isinstance(step, SMTPReply):
             self.reply(step)
         elif isinstance(step, ChallengeLine):
