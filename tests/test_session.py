@@ -270,7 +270,6 @@ class AuthHangUpTests(SynchronousTestCase):
         self.assertTrue(reply.startswith(b"421 4.7.0"), reply)
         self.assertEqual(len(checker.pending), 1, "the second guess was checked")
 
-
     def test_hangUpDuringTheDelaySparesTheCheck(self) -> None:
         """Nobody waits for the answer: the password is not checked, the attempt counts."""
         checker = SlowChecker()
