@@ -147,6 +147,21 @@ class SilentTLSPeerTests(SynchronousTestCase):
         self.assertTrue(h.closed)
         self.assertEqual(h.factory.connections, {first.protocol})
 
+    def test_closeReadsAgain(self) -> None:
+        """A close while reading is paused reads again: the peer's close_notify must get in."""
+        h = Harness(sessionTimeout=100, preAuthTimeout=1000, maxJunkCommands=10**6)
+        h.login()
+        policy = SlowMessagePolicy()
+        h.factory.policy = policy
+        h.command(b"MAIL FROM:<alice@example.com>")
+        h.command(b"RCPT TO:<bob@example.org>")
+        h.command(b"DATA")
+        h.send(b"x\r\n.\r\n" + b"NOOP\r\n" * 20_000)
+        self.assertEqual(h.transport.producerState, "paused")
+        h.clock.advance(100)
+        self.assertTrue(h.closing)
+        self.assertEqual(h.transport.producerState, "producing")
+
 
 class HangUpDuringMessageCheckTests(SynchronousTestCase):
     """D4: the transaction owns the writer until its commit starts."""

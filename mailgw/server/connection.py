@@ -178,6 +178,10 @@ class Connection(Protocol):
             # A TLS transport closes only once no producer is registered.
             self._producing = False
             self.transport.unregisterProducer()
+        if not self._reading:
+            # The peer's close_notify must be read for a TLS close to end.
+            self._reading = True
+            self.transport.resumeProducing()
         # Armed before loseConnection: a transport may report the loss at once.
         self._timers[ABORT] = self.listener.clock.callLater(
             self.listener.settings.closeTimeout, self._abort
