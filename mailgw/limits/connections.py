@@ -61,6 +61,9 @@ class ConnectionLimiter:
         self._total += 1
         return None
 
+    def authenticated(self, address: str) -> None:
+        """A client from ``address`` logged in (interim stub: the auth branch implements it)."""
+
     def close(self, address: str) -> None:
         """Forget a connection from ``address`` that L{open} accepted."""
         who = client(address)
@@ -73,9 +76,6 @@ class ConnectionLimiter:
             else:
                 self._open[who.key] = count - 1
         self._total = max(0, self._total - 1)
-
-    def authenticated(self, address: str) -> None:
-        """A client from ``address`` logged in (its burst may use its connection rate)."""
 
     @property
     def openConnections(self) -> int:
