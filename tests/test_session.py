@@ -21,7 +21,7 @@ from zope.interface import implementer
 from mailgw.config import LimitsConfig
 from mailgw.envelope import Session
 from mailgw.limits import ConnectionLimiter
-from mailgw.queue.spool import Spool
+from mailgw.queue.spool import Spool, SpoolFullError
 from mailgw.server.replies import SMTPReply
 from tests.helpers import CLOSE_DEADLINE, PASSWORD, USER, Harness
 
@@ -380,3 +380,31 @@ class JunkCommandTests(SynchronousTestCase):
             h.command(b"DATA")
             self.assertTrue(h.command(b"x\r\n.").startswith(b"250 2.0.0 Ok: queued"))
         self.assertFalse(h.closing)
+
+
+class SpoolFailureTests(SynchronousTestCase):
+    """The transaction's one mapping of spool failures: 451 or 452, the writer aborted."""
+
+    def test_writeFailsMidMessage(self) -> None:
+        h = Harness()
+        inData(h)
+        h.spool.failNextWrite(SpoolFullError("ENOSPC"))
+        h.send(b"Subject: x\r\n\r\nbody\r\n.\r\nNOOP\r\n")
+        self.assertEqual(
+            h.take(),
+            b"452 4.3.1 Insufficient system storage; try again later\r\n250 2.0.0 Ok\r\n",
+        )
+        self.assertEqual(h.spool.writers[0].state, "aborted")
+        self.assertEqual(h.spool.committed, {})
+
+    def test_beginFails(self) -> None:
+        h = Harness()
+        h.login()
+        h.command(b"MAIL FROM:<alice@example.com>")
+        h.command(b"RCPT TO:<bob@example.org>")
+        h.spool.failNextBegin()
+        self.assertEqual(
+            h.command(b"DATA"), b"451 4.3.0 Local error in processing; try again later\r\n"
+        )
+        # The transaction is over: the client starts again.
+        self.assertTrue(h.command(b"RCPT TO:<bob@example.org>").startswith(b"503 5.5.1"))

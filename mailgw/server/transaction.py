@@ -216,7 +216,7 @@ class Transaction:
         session, settings = self._session(), self._listener.settings
         try:
             writer = self._listener.spool.begin(envelope, session)
-        except SpoolError as e:
+        except Exception as e:
             self.stage = Stage.DONE
             return self._spoolReply(Failure(e))
         self._writer = writer
@@ -230,7 +230,7 @@ class Transaction:
                     self._listener.clock.seconds(),
                 )
             )
-        except SpoolError as e:
+        except Exception as e:
             self.abandon()
             return self._spoolReply(Failure(e))
         self._reader = DataReader(
@@ -248,7 +248,7 @@ class Transaction:
         assert self._writer is not None and self._reader is not None
         try:
             self._writer.write(data)
-        except SpoolError as e:
+        except Exception as e:
             self._reader.error = self._spoolReply(Failure(e))
 
     def feed(self, data: bytes) -> bytes | None:
@@ -324,7 +324,10 @@ class Transaction:
         return None
 
     def _spoolReply(self, failure: Failure) -> SMTPReply:
-        """A spool failure: 452 when the disk is full, else 451; the text is logged only."""
+        """
+        A spool failure: 452 when the disk is full, else 451 (a bug in the
+        spool too); the text is logged only, never sent.
+        """
         if failure.check(SpoolFullError):
             self._log.error("Spool full: {error}", error=failure.value)
             return replies.DISK_FULL
