@@ -408,3 +408,38 @@ class SpoolFailureTests(SynchronousTestCase):
         )
         # The transaction is over: the client starts again.
         self.assertTrue(h.command(b"RCPT TO:<bob@example.org>").startswith(b"503 5.5.1"))
+
+
+class PreAuthenticationDeadlineAndAuthTests(SynchronousTestCase):
+    """The pre-authentication deadline counts the client's time, not the server's."""
+
+    def test_standsStillWhileTheAnswerIsDelayed(self) -> None:
+        limits = LimitsConfig(authFreeFailures=0, authDelay=16.0, authDelayMax=16.0)
+        h = Harness(implicitTLS=True, limits=limits, preAuthTimeout=30, maxErrors=100)
+        h.command(b"EHLO c")
+        h.clock.advance(20)
+        # Two delayed answers (32 s) pass the 30 s deadline: it waits for us.
+        h.send(b"AUTH PLAIN " + plain(b"wrong") + b"\r\n")
+        h.clock.advance(16)
+        self.assertTrue(h.take().startswith(b"535 5.7.8"))
+        h.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        h.clock.advance(16)
+        self.assertTrue(h.take().startswith(b"235 2.7.0"))
+        h.clock.advance(100)
+        self.assertFalse(h.closing)
+
+    def test_clientTimeStillCounts(self) -> None:
+        checker = SlowChecker()
+        h = Harness(implicitTLS=True, checkers=[checker], preAuthTimeout=30)
+        h.command(b"EHLO c")
+        h.clock.advance(20)
+        h.send(b"AUTH PLAIN " + plain(b"wrong") + b"\r\n")
+        h.clock.advance(100)
+        checker.pending[0].errback(UnauthorizedLogin())
+        self.assertTrue(h.take().startswith(b"535 5.7.8"))
+        h.clock.advance(9.9)
+        self.assertFalse(h.closing)
+        h.clock.advance(0.1)
+        self.assertEqual(
+            h.take(), b"421 4.7.0 Authentication required in time, closing connection\r\n"
+        )

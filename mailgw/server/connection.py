@@ -207,6 +207,15 @@ class Connection(Protocol):
         if timer is not None and timer.active():
             timer.reset(seconds)
 
+    def pauseTimer(self, name: str) -> float | None:
+        """Stop the deadline ``name``; the seconds it had left (None: not running)."""
+        timer = self._timers.get(name)
+        if timer is None or not timer.active():
+            return None
+        left = max(0.0, timer.getTime() - self.listener.clock.seconds())
+        self.cancelTimer(name)
+        return left
+
     def cancelTimer(self, name: str) -> None:
         timer = self._timers.pop(name, None)
         if timer is not None and timer.active():

@@ -45,6 +45,7 @@ class SubmissionServer(Connection):
         super().__init__(listener)
         self._errors = 0
         self._junk = 0
+        self._preAuthLeft: float | None = None
         self._session: tuple[tuple[object, ...], Session] | None = None
         # The address the connection limiter counted this connection for.
         self._counted: str | None = None
@@ -299,13 +300,19 @@ class SubmissionServer(Connection):
         elif isinstance(step, CloseWith):
             self.close(step.reply)
         else:
+            # The pre-authentication deadline counts the client's time, not
+            # ours: it stands still while the password is checked (and while
+            # the throttle's delay runs).
+            self._preAuthLeft = self.pauseTimer(PREAUTH)
             self.wait(step, self._loggedIn)
 
     def _loggedIn(self, outcome: LoginOutcome) -> None:
+        left, self._preAuthLeft = self._preAuthLeft, None
         if outcome.user is not None:
             self._user = outcome.user
             self._resetTransaction()
-            self.cancelTimer(PREAUTH)
+        elif left is not None:
+            self.startTimer(PREAUTH, left, replies.PREAUTH_TIMEOUT)
         self.reply(outcome.reply)
 
     # -- commands: the transaction -----------------------------------------
