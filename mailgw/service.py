@@ -68,6 +68,9 @@ def serverSettings(config: Config) -> ServerSettings:
         maxReceivedHeaders=server.maxReceivedHeaders,
         maxErrors=server.maxErrors,
         legacyAuthLine=server.legacyAuthLine,
+        preAuthTimeout=server.preAuthTimeout,
+        maxJunkCommands=server.maxJunkCommands,
+        closeTimeout=server.closeTimeout,
     )
 
 

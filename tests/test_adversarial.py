@@ -173,7 +173,7 @@ class ParserPropertyTests(SynchronousTestCase):
         h.command(b"EHLO fuzz")
         for line in lines:
             line = line.replace(b"\n", b"")
-            if h.closed:
+            if h.closing:
                 break
             out = h.command(line)
             self.assertTrue(out, line)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -28,32 +29,25 @@ def plain(user: bytes = USER, password: bytes = PASSWORD, authzid: bytes = b"") 
 
 
 class DialogTests(SynchronousTestCase):
-    """The transcripts in tests/dialogs/, each against a fresh server."""
+    """
+    The transcripts in tests/dialogs/, each against a fresh server built
+    from its ``@`` lines: one test per file (``test_<file name>``).
+    """
 
-    def run_dialog(self, name: str, **settings: object) -> None:
-        runDialog(self, DIALOGS / name, Harness(**settings))  # type: ignore[arg-type]
+    def test_corpusSize(self) -> None:
+        self.assertGreaterEqual(len(list(DIALOGS.glob("*.txt"))), 40)
 
-    def test_submissionOK(self) -> None:
-        self.run_dialog("submission-ok.txt")
 
-    def test_sequenceErrors(self) -> None:
-        self.run_dialog("sequence-errors.txt")
+def _dialogTest(path: Path) -> Callable[[DialogTests], None]:
+    def test(self: DialogTests) -> None:
+        runDialog(self, path)
 
-    def test_authLoginCancel(self) -> None:
-        self.run_dialog("auth-login-cancel.txt")
+    test.__doc__ = path.read_text().splitlines()[0].lstrip("# ")
+    return test
 
-    def test_envelopeErrors(self) -> None:
-        self.run_dialog("envelope-errors.txt", implicitTLS=True, maxMessageSize=1000)
 
-    def test_everyDialogIsRun(self) -> None:
-        names = {p.name for p in DIALOGS.glob("*.txt")}
-        tested = {
-            "submission-ok.txt",
-            "sequence-errors.txt",
-            "auth-login-cancel.txt",
-            "envelope-errors.txt",
-        }
-        self.assertEqual(names, tested)
+for _path in sorted(DIALOGS.glob("*.txt")):
+    setattr(DialogTests, "test_" + _path.stem.replace("-", "_"), _dialogTest(_path))
 
 
 class GreetingAndEHLOTests(SynchronousTestCase):
@@ -489,7 +483,7 @@ class CommandLineTests(SynchronousTestCase):
 
 class TimeoutTests(SynchronousTestCase):
     def test_idleTimeout(self) -> None:
-        h = Harness(idleTimeout=60)
+        h = Harness(idleTimeout=60, preAuthTimeout=1000)
         h.clock.advance(59)
         h.command(b"NOOP")
         h.clock.advance(59)
@@ -579,7 +573,7 @@ class MessagePolicyTests(SynchronousTestCase):
 class DeadlineTests(SynchronousTestCase):
     def test_slowDripCommand(self) -> None:
         """One byte every 50 s keeps the idle timer happy but not the line deadline."""
-        h = Harness(idleTimeout=300, commandTimeout=60)
+        h = Harness(idleTimeout=300, commandTimeout=60, preAuthTimeout=1000)
         h.send(b"N")
         h.clock.advance(50)
         h.send(b"O")
@@ -588,7 +582,7 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(h.take(), b"421 4.4.2 Timeout exceeded, closing connection\r\n")
 
     def test_completeLinesResetTheDeadline(self) -> None:
-        h = Harness(idleTimeout=300, commandTimeout=60)
+        h = Harness(idleTimeout=300, commandTimeout=60, preAuthTimeout=1000)
         for _ in range(5):
             h.send(b"NO")
             h.clock.advance(50)
@@ -596,7 +590,7 @@ class DeadlineTests(SynchronousTestCase):
         self.assertFalse(h.closed)
 
     def test_sessionDeadline(self) -> None:
-        h = Harness(idleTimeout=300, sessionTimeout=1000)
+        h = Harness(idleTimeout=300, sessionTimeout=1000, preAuthTimeout=5000)
         for _ in range(10):
             h.clock.advance(99)
             h.command(b"NOOP")

@@ -1,0 +1,228 @@
+"""
+The AUTH phase (RFC 4954): the SASL exchange, the throttle's decision and
+the outcome of each attempt, and the one mapping from login errors to
+replies.
+
+An attempt that the throttle lets through (L{AuthThrottle.begin}) is owned
+by L{AuthPhase} from that moment until exactly one outcome is recorded: the
+portal's answer settles it in the login Deferred's own callback, whether
+the client is still there or not; a close before the answer
+(L{AuthPhase.abandon}) settles it as abandoned, and the count stays.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailgw.auth import MechanismUnavailable
+from mailgw.interfaces import ISubmitter
+from mailgw.limits.auth import AuthAttempt
+from mailgw.server import replies
+from mailgw.server.replies import SMTPReply
+from mailgw.server.sasl import Challenge, Exchange, SASLFailure, makeExchange
+from mailgw.server.settings import Listener
+
+
+@attrs.frozen
+class ChallengeLine:
+    """Send this 334 line and read the client's response."""
+
+    line: bytes
+
+
+@attrs.frozen
+class CloseWith:
+    """Send ``reply`` and close the connection."""
+
+    reply: SMTPReply
+
+
+@attrs.frozen
+class LoginOutcome:
+    """The answer to a completed exchange; ``user`` is set when it succeeded."""
+
+    reply: SMTPReply
+    user: str | None = None
+
+
+# What one step of AUTH asks the session to do: answer now, send a
+# challenge, close, or wait for the portal's answer.
+AuthStep = SMTPReply | ChallengeLine | CloseWith | Deferred[LoginOutcome]
+
+
+def username(credentials: Any) -> str | None:
+    name = getattr(credentials, "username", None)
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "replace")
+    return name
+
+
+class AuthPhase:
+    """
+    The AUTH state of one session: an exchange in progress, or an attempt
+    waiting for the portal. ``clientAddress`` gives the client's address.
+    """
+
+    _log = Logger()
+
+    def __init__(self, listener: Listener, clientAddress: Callable[[], str]) -> None:
+        self._listener = listener
+        self._clientAddress = clientAddress
+        self._exchange: Exchange | None = None
+        self._mechanism = ""
+        self._attempt: AuthAttempt | None = None
+        # The delay before the check, while it runs: cancelled by abandon().
+        self._delayed: Deferred[Any] | None = None
+
+    @property
+    def exchanging(self) -> bool:
+        """True while the next line is a response to a 334 challenge."""
+        return self._exchange is not None
+
+    def start(self, argument: str) -> AuthStep:
+        """``AUTH mechanism [initial-response]``; the session checked the sequence."""
+        words = argument.split()
+        if not 1 <= len(words) <= 2:
+            return replies.SYNTAX
+        mechanism = words[0].upper()
+        if mechanism not in self._listener.mechanisms:
+            return replies.AUTH_UNKNOWN_MECHANISM
+        initial = None
+        if len(words) == 2:
+            initial = _decode(words[1].encode("ascii"))
+            if initial is None:
+                return replies.AUTH_BAD_BASE64
+        exchange = makeExchange(mechanism, self._listener.settings.hostname)
+        self._exchange, self._mechanism = exchange, mechanism
+        return self._step(mechanism, lambda: exchange.start(initial))
+
+    def respond(self, raw: bytes) -> AuthStep:
+        """A line sent in answer to a challenge."""
+        exchange = self._exchange
+        assert exchange is not None
+        if raw.strip() == b"*":
+            self._exchange = None
+            return replies.AUTH_CANCELLED
+        response = _decode(raw.strip())
+        if response is None:
+            self._exchange = None
+            return replies.AUTH_BAD_BASE64
+        return self._step(self._mechanism, lambda: exchange.respond(response))
+
+    def cancel(self) -> None:
+        """The exchange ends without an answer (its line was too long)."""
+        self._exchange = None
+
+    def abandon(self) -> None:
+        """The session ends: an exchange is dropped, an attempt in flight is abandoned."""
+        self._exchange = None
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
+            attempt.abandoned()
+        delayed, self._delayed = self._delayed, None
+        if delayed is not None:
+            delayed.cancel()  # nobody waits for the answer: spare the check
+
+    def _step(self, mechanism: str, step: Callable[[], Any]) -> AuthStep:
+        try:
+            result = step()
+        except SASLFailure as failure:
+            self._exchange = None
+            if failure.malformed:
+                return replies.AUTH_BAD_BASE64
+            self._logFailure(None)
+            return replies.AUTH_INVALID
+        if isinstance(result, Challenge):
+            encoded = base64.b64encode(result.data).decode("ascii")
+            return ChallengeLine(f"334 {encoded}\r\n".encode("ascii"))
+        self._exchange = None
+        return self._login(mechanism, result.credentials)
+
+    def _login(self, mechanism: str, credentials: Any) -> AuthStep:
+        throttle = self._listener.guards.auth
+        address = self._clientAddress()
+        delay = 0.0
+        attempt = None
+        if throttle is not None:
+            decision = throttle.begin(address, username(credentials), mechanism)
+            if decision.disconnect and decision.reply is not None:
+                return CloseWith(decision.reply)
+            if decision.refuse and decision.reply is not None:
+                return decision.reply
+            delay, attempt = decision.delay, decision.attempt
+        self._attempt = attempt
+        portal, clock = self._listener.portal, self._listener.clock
+        if delay > 0:
+            # After a few failures every answer waits, right or wrong: each
+            # guess costs the attacker the delay, and a client that gives up
+            # early learns nothing (an unknown user costs the same, too).
+            d = deferLater(clock, delay, self._afterDelay, credentials)
+            self._delayed = d
+        else:
+            d = maybeDeferred(portal.login, credentials, None, ISubmitter)
+        return d.addBoth(self._settle, attempt, credentials)
+
+    def _afterDelay(self, credentials: Any) -> Deferred[Any]:
+        self._delayed = None
+        return maybeDeferred(self._listener.portal.login, credentials, None, ISubmitter)
+
+    def _settle(self, result: Any, attempt: AuthAttempt | None, credentials: Any) -> LoginOutcome:
+        """The one place where a login's result becomes its outcome and reply."""
+        if self._attempt is attempt:
+            self._attempt = None
+        if isinstance(result, Failure) and result.check(CancelledError):
+            return LoginOutcome(replies.AUTH_TEMPFAIL)  # abandoned during the delay
+        # The first outcome recorded wins: after abandon() these do nothing.
+        if not isinstance(result, Failure):
+            _, avatar, _ = result
+            if attempt is not None:
+                attempt.succeeded()
+            limiter = self._listener.guards.connections
+            if limiter is not None:
+                limiter.authenticated(self._clientAddress())
+            self._log.info(
+                "auth ok user={user!r} client={client}",
+                user=avatar.login,
+                client=self._clientAddress(),
+            )
+            return LoginOutcome(replies.AUTH_OK, avatar.login)
+        if result.check(MechanismUnavailable):
+            if attempt is not None:
+                attempt.notApplicable()
+            self._logFailure(credentials)
+            return LoginOutcome(replies.AUTH_INVALID)
+        if result.check(UnauthorizedLogin, UnhandledCredentials):
+            if attempt is not None:
+                attempt.failed()
+            self._logFailure(credentials)
+            return LoginOutcome(replies.AUTH_INVALID)
+        if attempt is not None:
+            attempt.unavailable()
+        self._log.failure("Authentication backend failed", result)
+        return LoginOutcome(replies.AUTH_TEMPFAIL)
+
+    def _logFailure(self, credentials: Any) -> None:
+        self._log.info(
+            "auth failed user={user!r} client={client}",
+            user=(username(credentials) or "")[:128],
+            client=self._clientAddress(),
+        )
+
+
+def _decode(response: bytes) -> bytes | None:
+    if response == b"=":
+        return b""
+    try:
+        return base64.b64decode(response, validate=True)
+    except (binascii.Error, ValueError):
+        return None

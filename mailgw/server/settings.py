@@ -1,0 +1,86 @@
+"""
+What a session is handed by its listener: the listener's settings, the
+shared abuse defences, and the L{Listener} protocol the factory provides,
+so the session never imports the factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import attrs
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IReactorTime
+
+from mailgw.interfaces import ISpool, ISubmissionPolicy
+from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
+
+
+@attrs.frozen
+class ServerSettings:
+    """
+    What every connection of one listener shares. Sizes are octets, times
+    seconds.
+
+    ``preAuthTimeout``: a session not authenticated this long after it
+    began is closed (421 4.7.0). ``maxJunkCommands``: commands that do
+    nothing (NOOP, RSET, HELP, VRFY, EXPN, a repeated EHLO or HELO) allowed
+    until a message is queued; one more closes the session (421 4.7.0).
+    ``closeTimeout``: after the server closes a connection, the peer has
+    this long to finish the close (answer the TLS close_notify) before the
+    connection is aborted.
+    """
+
+    hostname: str
+    maxMessageSize: int = 36700160
+    maxRecipients: int = 100
+    maxLineLength: int = 65536
+    idleTimeout: float = 300.0
+    commandTimeout: float = 60.0
+    sessionTimeout: float = 1800.0
+    maxHeaderSize: int = 262144
+    maxReceivedHeaders: int = 50
+    maxErrors: int = 20
+    legacyAuthLine: bool = False
+    preAuthTimeout: float = 30.0
+    maxJunkCommands: int = 20
+    closeTimeout: float = 5.0
+
+
+@attrs.define
+class Guards:
+    """
+    The abuse defences every listener shares (L{mailgw.limits}); ``None``
+    switches one off (tests and embedders).
+    """
+
+    connections: ConnectionLimiter | None = None
+    auth: AuthThrottle | None = None
+    quota: SubmissionQuota | None = None
+
+
+class Listener(Protocol):
+    """
+    What a session reads from the listener that accepted it (the
+    L{mailgw.server.factory.SubmissionFactory} provides it). Attributes are
+    read when used, so a test may swap the policy or a guard.
+    """
+
+    settings: ServerSettings
+    portal: Portal
+    spool: ISpool
+    clock: IReactorTime
+    tlsContext: Any
+    implicitTLS: bool
+    policy: ISubmissionPolicy
+    guards: Guards
+    connections: set[Any]
+
+    @property
+    def mechanisms(self) -> Sequence[str]:
+        """The SASL mechanisms offered (under TLS) and accepted."""
+
+    @property
+    def listenerName(self) -> str:
+        """``submission`` or ``submissions``."""

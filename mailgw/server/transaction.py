@@ -1,0 +1,338 @@
+"""
+The mail transaction phase (RFC 5321 3.3): MAIL, RCPT and DATA, the
+message writer, the message check and the commit, and the one mapping from
+their errors to replies.
+
+The writer has one owner at a time. L{Transaction} owns it from DATA until
+the commit starts: whatever ends the transaction before that (an error in
+the data, a refusal by the policy, RSET, a close, a hang-up while the
+policy is still checking) aborts it through L{Transaction.abandon}. From
+then on the commit owns it: the commit's own callback aborts it when the
+commit fails, and a commit that succeeded has handed the message to the
+queue. The session only sends the reply the transaction's Deferred gives.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailgw.address import AddressError, ParameterError, parsePath, splitPathAndParameters
+from mailgw.envelope import Address, BodyType, Envelope, Session
+from mailgw.interfaces import IMessageWriter
+from mailgw.queue.spool import SpoolError, SpoolFullError
+from mailgw.server import replies
+from mailgw.server.data import DataReader
+from mailgw.server.received import receivedHeader
+from mailgw.server.replies import SMTPReply
+from mailgw.server.settings import Listener
+
+Answer = SMTPReply | Deferred[SMTPReply]
+
+
+class Stage(enum.Enum):
+    ENVELOPE = "envelope"  # before DATA
+    DATA = "data"  # reading the message
+    CHECKING = "checking"  # the policy's checkMessage runs
+    COMMITTING = "committing"  # the commit runs: it owns the writer
+    DONE = "done"  # answered; a new transaction follows
+    ABANDONED = "abandoned"  # ended before its commit
+
+
+class _NoSender:
+    """No MAIL yet (``<>`` is a sender: L{None})."""
+
+
+NO_SENDER = _NoSender()
+
+
+def _format(reply: SMTPReply, **fields: str) -> SMTPReply:
+    return reply.withText(reply.text.format(**fields))
+
+
+class Transaction:
+    """
+    One mail transaction. ``session`` gives what the policy and the spool
+    see of the client; ``user`` is the login that sends.
+    """
+
+    _log = Logger()
+
+    def __init__(self, listener: Listener, session: Callable[[], Session], user: str | None):
+        self._listener = listener
+        self._session = session
+        self._user = user
+        self.stage = Stage.ENVELOPE
+        self.sender: Address | None | _NoSender = NO_SENDER
+        self.recipients: list[Address] = []
+        self._rcptTried = False
+        self._body = BodyType.SEVENBIT
+        self._smtputf8 = False
+        self._declaredSize: int | None = None
+        self._writer: IMessageWriter | None = None
+        self._reader: DataReader | None = None
+        self._envelope: Envelope | None = None
+
+    @property
+    def started(self) -> bool:
+        """MAIL was accepted."""
+        return self.sender is not NO_SENDER
+
+    def abandon(self) -> None:
+        """End the transaction without a commit; a commit already running goes on."""
+        if self.stage in (Stage.COMMITTING, Stage.DONE, Stage.ABANDONED):
+            return
+        self.stage = Stage.ABANDONED
+        self._reader = None
+        self._dropWriter()
+
+    def _dropWriter(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.abort()
+
+    # -- MAIL ----------------------------------------------------------------
+
+    def mail(self, argument: str, esmtp: bool) -> Answer:
+        if self.started:
+            return replies.NESTED_MAIL
+        quota = self._listener.guards.quota
+        if quota is not None and self._user is not None:
+            refusal = quota.checkMessage(self._user)
+            if refusal is not None:
+                return refusal
+        if argument[:5].upper() != "FROM:":
+            return replies.SYNTAX
+        try:
+            pathText, parameters = splitPathAndParameters(argument[5:].lstrip(" "))
+        except AddressError:
+            return replies.BAD_SENDER
+        except ParameterError:
+            return replies.SYNTAX
+        body, smtputf8, size = BodyType.SEVENBIT, False, None
+        for name, value in parameters.items():
+            if not esmtp:
+                return _format(replies.UNKNOWN_PARAMETER, name=name)
+            if name == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return _format(replies.BAD_PARAMETER, name=name)
+                size = int(value)
+                if size > self._listener.settings.maxMessageSize:
+                    return replies.TOO_BIG
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return _format(replies.BAD_PARAMETER, name=name)
+                body = BodyType(value.upper())
+            elif name == "SMTPUTF8" and value is None:
+                smtputf8 = True
+            elif name == "AUTH" and value is not None:
+                pass  # RFC 4954 5: optional; we trust only our own AUTH.
+            else:
+                return _format(replies.UNKNOWN_PARAMETER, name=name)
+        try:
+            sender = parsePath(pathText, utf8=smtputf8, allowNull=True)
+        except AddressError:
+            needUTF8 = not smtputf8 and not pathText.isascii()
+            return replies.NEED_SMTPUTF8 if needUTF8 else replies.BAD_SENDER
+
+        def checked(outcome: Any) -> SMTPReply:
+            refusal = self._policyReply(outcome)
+            if refusal is not None:
+                return refusal
+            self.sender = sender
+            self._body, self._smtputf8, self._declaredSize = body, smtputf8, size
+            return replies.SENDER_OK
+
+        policy = self._listener.policy
+        return maybeDeferred(policy.checkSender, self._session(), sender).addBoth(checked)
+
+    # -- RCPT ----------------------------------------------------------------
+
+    def rcpt(self, argument: str) -> Answer:
+        sender = self.sender
+        if isinstance(sender, _NoSender):
+            return replies.NEED_MAIL
+        if argument[:3].upper() != "TO:":
+            return replies.SYNTAX
+        self._rcptTried = True
+        try:
+            pathText, parameters = splitPathAndParameters(argument[3:].lstrip(" "))
+        except AddressError:
+            return replies.BAD_RECIPIENT
+        except ParameterError:
+            return replies.SYNTAX
+        if parameters:
+            return _format(replies.UNKNOWN_PARAMETER, name=next(iter(parameters)))
+        try:
+            recipient = parsePath(pathText, utf8=self._smtputf8)
+        except AddressError:
+            needUTF8 = not self._smtputf8 and not pathText.isascii()
+            return replies.NEED_SMTPUTF8 if needUTF8 else replies.BAD_RECIPIENT
+        assert recipient is not None
+        if len(self.recipients) >= self._listener.settings.maxRecipients:
+            # RFC 5321 4.5.3.1.10: 452, and the client sends the rest later.
+            return replies.TOO_MANY_RECIPIENTS
+        quota = self._listener.guards.quota
+        if quota is not None and self._user is not None:
+            refusal = quota.checkRecipient(self._user, len(self.recipients))
+            if refusal is not None:
+                return refusal
+
+        def checked(outcome: Any) -> SMTPReply:
+            refusal = self._policyReply(outcome)
+            if refusal is not None:
+                return refusal
+            if recipient not in self.recipients:
+                self.recipients.append(recipient)
+            return replies.RECIPIENT_OK
+
+        policy = self._listener.policy
+        d = maybeDeferred(policy.checkRecipient, self._session(), sender, recipient)
+        return d.addBoth(checked)
+
+    # -- DATA ----------------------------------------------------------------
+
+    def data(self, argument: str) -> SMTPReply:
+        """DATA: 354 and the message is read (L{feed}), or an error."""
+        sender = self.sender
+        if argument:
+            return replies.SYNTAX
+        if isinstance(sender, _NoSender):
+            return replies.NEED_MAIL
+        if not self.recipients:
+            return replies.NO_VALID_RECIPIENTS if self._rcptTried else replies.NEED_RCPT
+        envelope = Envelope(
+            sender=sender,
+            recipients=tuple(self.recipients),
+            body=self._body,
+            smtputf8=self._smtputf8,
+            declaredSize=self._declaredSize,
+        )
+        session, settings = self._session(), self._listener.settings
+        try:
+            writer = self._listener.spool.begin(envelope, session)
+        except Exception as e:
+            self.stage = Stage.DONE
+            return self._spoolReply(Failure(e))
+        self._writer = writer
+        try:
+            writer.write(
+                receivedHeader(
+                    session,
+                    envelope,
+                    settings.hostname,
+                    writer.queueId,
+                    self._listener.clock.seconds(),
+                )
+            )
+        except Exception as e:
+            self.abandon()
+            return self._spoolReply(Failure(e))
+        self._reader = DataReader(
+            sink=self._write,
+            maxSize=settings.maxMessageSize,
+            maxLineLength=settings.maxLineLength,
+            maxHeaderSize=settings.maxHeaderSize,
+            maxReceived=settings.maxReceivedHeaders,
+        )
+        self._envelope = envelope
+        self.stage = Stage.DATA
+        return replies.START_DATA
+
+    def _write(self, data: bytes) -> None:
+        assert self._writer is not None and self._reader is not None
+        try:
+            self._writer.write(data)
+        except Exception as e:
+            self._reader.error = self._spoolReply(Failure(e))
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Message bytes; once the data ends, the bytes after it (see L{finish})."""
+        assert self._reader is not None
+        return self._reader.feed(data)
+
+    def finish(self) -> Answer:
+        """
+        The data has ended: check the message, then commit it. The answer
+        is the reply to send (250 with the queue id once the commit fired).
+        """
+        reader, envelope = self._reader, self._envelope
+        assert reader is not None and envelope is not None
+        self._reader = None
+        if reader.error is not None:
+            self.abandon()
+            return reader.error
+        self.stage = Stage.CHECKING
+        policy = self._listener.policy
+        d = maybeDeferred(policy.checkMessage, self._session(), envelope, bytes(reader.headers))
+        return d.addBoth(self._checked, envelope, reader.size)
+
+    def _checked(self, outcome: Any, envelope: Envelope, size: int) -> Answer:
+        if self.stage is not Stage.CHECKING:
+            # Abandoned while the policy checked (the client left, the
+            # session closed): the writer is aborted, nothing is committed.
+            if isinstance(outcome, Failure):
+                self._log.failure("Message check failed", outcome)
+            return replies.LOCAL_ERROR
+        refusal = self._policyReply(outcome)
+        if refusal is not None:
+            self.abandon()
+            return refusal
+        writer, self._writer = self._writer, None
+        assert writer is not None
+        self.stage = Stage.COMMITTING
+        d = maybeDeferred(writer.commit)
+        return d.addBoth(self._committed, writer, envelope, size)
+
+    def _committed(
+        self, result: Any, writer: IMessageWriter, envelope: Envelope, size: int
+    ) -> SMTPReply:
+        self.stage = Stage.DONE
+        if isinstance(result, Failure):
+            writer.abort()
+            return self._spoolReply(result)
+        queueId = str(result)
+        quota = self._listener.guards.quota
+        if quota is not None and self._user is not None:
+            quota.record(self._user, len(envelope.recipients))
+        self._log.info(
+            "queued {queueId} from=<{sender}> rcpts={count} size={size} user={user!r} "
+            "client={client}",
+            queueId=queueId,
+            sender=envelope.sender or "",
+            count=len(envelope.recipients),
+            size=size,
+            user=self._user,
+            client=self._session().clientAddress,
+        )
+        return _format(replies.QUEUED, queueId=queueId)
+
+    # -- errors → replies ------------------------------------------------------
+
+    def _policyReply(self, outcome: Any) -> SMTPReply | None:
+        """A policy check's outcome: None to go on, or the reply that refuses."""
+        if isinstance(outcome, Failure):
+            self._log.failure("Policy check failed", outcome)
+            return replies.POLICY_ERROR
+        if isinstance(outcome, SMTPReply):
+            return outcome
+        return None
+
+    def _spoolReply(self, failure: Failure) -> SMTPReply:
+        """
+        A spool failure: 452 when the disk is full, else 451 (a bug in the
+        spool too); the text is logged only, never sent.
+        """
+        if failure.check(SpoolFullError):
+            self._log.error("Spool full: {error}", error=failure.value)
+            return replies.DISK_FULL
+        if failure.check(SpoolError):
+            self._log.error("Spool failed: {error}", error=failure.value)
+        else:
+            self._log.failure("Spool commit failed", failure)
+        return replies.LOCAL_ERROR
