@@ -1000,7 +1000,7 @@ class ConnectionLimiterTests(SynchronousTestCase):
                 refused += limiter.open("192.0.2.25") is not None
             for _ in range(20):
                 limiter.authenticated("192.0.2.25")
-                limiter.close("192.0.2.25")
+                limiter.close("192.0.2.25", authenticated=True)
         self.assertEqual(refused, 0)
         self.assertEqual(limiter.trackedKeys(), 0)
         for _ in range(60):
@@ -1011,6 +1011,27 @@ class ConnectionLimiterTests(SynchronousTestCase):
         self.assertIsNone(limiter.open("192.0.2.25"))
         limiter.authenticated("192.0.2.25")
         self.assertEqual(limiter.open("192.0.2.26"), TOO_MANY_FROM_ADDRESS)
+
+    def test_authenticatedLeaveTheAddressCount(self) -> None:
+        """
+        Sessions that logged in no longer count against the address: a
+        relay client's 20 sessions at once, still closing, leave room for
+        its next ones, while unauthenticated ones stay capped; the total
+        counts them all, and everything is released in the end.
+        """
+        limiter = ConnectionLimiter(self.clock, DEFAULTS)
+        for _ in range(DEFAULTS.maxConnectionsPerAddress):
+            self.assertIsNone(limiter.open("192.0.2.25"))
+            limiter.authenticated("192.0.2.25")
+        for _ in range(DEFAULTS.maxConnectionsPerAddress):
+            self.assertIsNone(limiter.open("192.0.2.25"))
+        self.assertEqual(limiter.open("192.0.2.25"), TOO_MANY_FROM_ADDRESS)
+        self.assertEqual(limiter.openConnections, 2 * DEFAULTS.maxConnectionsPerAddress)
+        for _ in range(DEFAULTS.maxConnectionsPerAddress):
+            limiter.close("192.0.2.25", authenticated=True)
+            limiter.close("192.0.2.25")
+        self.assertEqual(limiter.openConnections, 0)
+        self.assertEqual(limiter.openFrom("192.0.2.25"), 0)
 
     def test_authenticatedWithoutCount(self) -> None:
         """authenticated() never takes the rate below zero, and ignores exempt addresses."""

@@ -66,27 +66,39 @@ class ConnectionLimiter:
         """
         A connection from ``address`` that L{open} accepted has just
         authenticated: take it back from the address's rate of new
-        connections. A relay client that opens a new session for every
-        message (Postfix does) is then limited by
-        ``max_connections_per_address`` and its user's quotas, not by the
-        rate meant for unauthenticated floods. Call it at most once per
-        connection.
+        connections, and from the address's count of open connections (it
+        stays in the total). A relay client that opens a new session for
+        every message, many at once (Postfix runs up to 20 deliveries to
+        its relay host in parallel, and a session's slot is freed only when
+        its close is done), is then limited by ``max_connections`` and its
+        user's quotas, not by the limits meant for unauthenticated floods.
+        Call it at most once per connection, and then L{close} it with
+        ``authenticated=True``.
         """
         who = client(address)
         if not who.within(self._settings.exempt):
             self._opened.remove(who.key, 1.0)
+            self._release(who.key)
 
-    def close(self, address: str) -> None:
-        """Forget a connection from ``address`` that L{open} accepted."""
+    def _release(self, key: Hashable) -> bool:
+        count = self._open.get(key, 0)
+        if count == 0:
+            return False
+        if count == 1:
+            del self._open[key]
+        else:
+            self._open[key] = count - 1
+        return True
+
+    def close(self, address: str, authenticated: bool = False) -> None:
+        """
+        Forget a connection from ``address`` that L{open} accepted
+        (``authenticated``: and that L{authenticated} was called for).
+        """
         who = client(address)
-        if not who.within(self._settings.exempt):
-            count = self._open.get(who.key, 0)
-            if count == 0:
+        if not authenticated and not who.within(self._settings.exempt):
+            if not self._release(who.key):
                 return  # never counted: leave the total alone too
-            if count == 1:
-                del self._open[who.key]
-            else:
-                self._open[who.key] = count - 1
         self._total = max(0, self._total - 1)
 
     @property

@@ -53,6 +53,7 @@ class SubmissionServer(Connection):
         self._helo: str | None = None
         self._esmtp = False
         self._user: str | None = None
+        self._loggedInOnce = False
         self._auth = AuthPhase(listener, self._clientAddress)
         self._transaction = self._newTransaction()
 
@@ -131,7 +132,7 @@ class SubmissionServer(Connection):
     def connectionEnded(self) -> None:
         limiter = self.listener.guards.connections
         if self._counted is not None and limiter is not None:
-            limiter.close(self._counted)
+            limiter.close(self._counted, authenticated=self._loggedInOnce)
             self._counted = None
 
     def internalError(self) -> None:
@@ -310,6 +311,7 @@ class SubmissionServer(Connection):
         left, self._preAuthLeft = self._preAuthLeft, None
         if outcome.user is not None:
             self._user = outcome.user
+            self._loggedInOnce = True  # the limiter moved this connection (authenticated())
             self._resetTransaction()
         elif left is not None:
             self.startTimer(PREAUTH, left, replies.PREAUTH_TIMEOUT)
