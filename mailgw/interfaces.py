@@ -169,7 +169,7 @@ class ISubmissionPolicy(Interface):
     """
     Decides what an authenticated client may send.
 
-    Each check returns ``None`` (accept), an L{mailgw.server.replies.SMTPReply}
+    Each check returns ``None`` (accept), an L{mailgw.replies.SMTPReply}
     (refuse with that reply), or a Deferred of either.
     """
 

@@ -44,8 +44,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mailgw.envelope import Session
+from mailgw.replies import SMTPReply
 from mailgw.server.connection import MAX_COMMAND_LINE
-from mailgw.server.replies import SMTPReply
 from tests.helpers import PASSWORD, USER, Harness
 
 DIALOGS = Path(__file__).parent / "dialogs"

@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from mailgw.envelope import Address, BodyType
 from mailgw.queue.spool import SpoolError, SpoolFullError
-from mailgw.server.replies import SMTPReply
+from mailgw.replies import SMTPReply
 from tests.helpers import PASSWORD, USER, Harness, runDialog
 
 DIALOGS = Path(__file__).parent / "dialogs"

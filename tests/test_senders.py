@@ -25,7 +25,7 @@ from mailgw.policy.senders import (
     headerFromAddresses,
     parseSenderMap,
 )
-from mailgw.server.replies import SMTPReply
+from mailgw.replies import SMTPReply
 
 ALICE = "alice@example.com"
 

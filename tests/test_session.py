@@ -22,7 +22,7 @@ from mailgw.config import LimitsConfig
 from mailgw.envelope import Session
 from mailgw.limits import ConnectionLimiter
 from mailgw.queue.spool import Spool, SpoolFullError
-from mailgw.server.replies import SMTPReply
+from mailgw.replies import SMTPReply
 from tests.helpers import CLOSE_DEADLINE, PASSWORD, USER, Harness
 
 

@@ -19,7 +19,7 @@ from mailgw.limits.auth import AuthAttempt, AuthDecision, AuthThrottle
 from mailgw.limits.authlog import accountKey, formatLogLine
 from mailgw.limits.connections import ConnectionLimiter
 from mailgw.limits.quota import SubmissionQuota
-from mailgw.limits.replies import (
+from mailgw.replies import (
     AUTH_BUSY,
     AUTH_THROTTLED,
     AUTH_THROTTLED_CLOSE,

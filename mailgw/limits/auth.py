@@ -33,8 +33,7 @@ from mailgw.limits._counters import (
     client,
 )
 from mailgw.limits.authlog import LOGIN_LIMIT, accountKey, formatLogLine
-from mailgw.limits.replies import AUTH_BUSY, AUTH_THROTTLED, AUTH_THROTTLED_CLOSE
-from mailgw.server.replies import SMTPReply
+from mailgw.replies import AUTH_BUSY, AUTH_THROTTLED, AUTH_THROTTLED_CLOSE, SMTPReply
 
 __all__ = [
     "LOGIN_LIMIT",

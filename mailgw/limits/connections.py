@@ -11,8 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailgw.config import LimitsConfig
 from mailgw.limits._counters import DEFAULT_MAX_KEYS, LeakyCounts, client
-from mailgw.limits.replies import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS
-from mailgw.server.replies import SMTPReply
+from mailgw.replies import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS, SMTPReply
 
 # connection_rate_per_address counts connections per minute.
 RATE_WINDOW = 60.0

@@ -9,8 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailgw.config import LimitsConfig
 from mailgw.limits._counters import DEFAULT_MAX_KEYS, LeakyCounts
-from mailgw.limits.replies import MESSAGE_RATE, RECIPIENT_RATE
-from mailgw.server.replies import SMTPReply
+from mailgw.replies import MESSAGE_RATE, RECIPIENT_RATE, SMTPReply
 
 # A user name in a reply: printable, and short enough for one reply line.
 _USER_IN_REPLY = 64

@@ -8,7 +8,7 @@ from zope.interface import implementer
 
 from mailgw.envelope import Address, Envelope, Session
 from mailgw.interfaces import ISubmissionPolicy
-from mailgw.server.replies import SMTPReply
+from mailgw.replies import SMTPReply
 
 
 @implementer(ISubmissionPolicy)

@@ -30,7 +30,7 @@ from mailgw.config import normalizeDomain
 from mailgw.envelope import Address, Envelope, Session
 from mailgw.interfaces import ISubmissionPolicy
 from mailgw.policy.accept import AcceptAll
-from mailgw.server.replies import SMTPReply
+from mailgw.replies import SMTPReply
 
 # RFC 5322 3.2.3 dot-atom, with any non-ASCII character as atext (RFC 6532 3.2).
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff"

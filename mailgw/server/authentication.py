@@ -24,11 +24,11 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgw import replies
 from mailgw.auth import MechanismUnavailable
 from mailgw.interfaces import ISubmitter
 from mailgw.limits.auth import AuthAttempt
-from mailgw.server import replies
-from mailgw.server.replies import SMTPReply
+from mailgw.replies import SMTPReply
 from mailgw.server.sasl import Challenge, Exchange, SASLFailure, makeExchange
 from mailgw.server.settings import Listener
 

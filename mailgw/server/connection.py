@@ -28,8 +28,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgw.server import replies
-from mailgw.server.replies import SMTPReply
+from mailgw import replies
+from mailgw.replies import SMTPReply
 from mailgw.server.settings import Listener
 
 # RFC 4954 4: an AUTH command line or response may be 12288 octets; no

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import attrs
 
-from mailgw.server import replies
-from mailgw.server.replies import SMTPReply
+from mailgw import replies
+from mailgw.replies import SMTPReply
 
 _END = b"\r\n.\r\n"
 

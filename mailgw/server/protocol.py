@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 
+from mailgw import replies
 from mailgw.envelope import Session
-from mailgw.server import replies
+from mailgw.replies import SMTPReply
 from mailgw.server.authentication import (
     AuthPhase,
     AuthStep,
@@ -26,7 +27,6 @@ from mailgw.server.authentication import (
     LoginOutcome,
 )
 from mailgw.server.connection import PREAUTH, Connection
-from mailgw.server.replies import SMTPReply
 from mailgw.server.settings import Listener
 from mailgw.server.transaction import Stage, Transaction
 from mailgw.tls import describeTLS

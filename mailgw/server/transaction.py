@@ -22,14 +22,14 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgw import replies
 from mailgw.address import AddressError, ParameterError, parsePath, splitPathAndParameters
 from mailgw.envelope import Address, BodyType, Envelope, Session
 from mailgw.interfaces import IMessageWriter
 from mailgw.queue.spool import SpoolError, SpoolFullError
-from mailgw.server import replies
+from mailgw.replies import SMTPReply
 from mailgw.server.data import DataReader
 from mailgw.server.received import receivedHeader
-from mailgw.server.replies import SMTPReply
 from mailgw.server.settings import Listener
 
 Answer = SMTPReply | Deferred[SMTPReply]
