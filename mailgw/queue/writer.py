@@ -11,20 +11,41 @@ disk delays the 250 of the message being committed, never other sessions.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.envelope import BodyType, Envelope, QueuedMessage, Session
 from mailgw.interfaces import IMessageWriter, SpoolError
-from mailgw.queue.files import encodeMessage, removeQuietly, spoolErrorFrom, writeDurably
+from mailgw.queue.files import (
+    FileSystem,
+    encodeMessage,
+    removeQuietly,
+    spoolErrorFrom,
+    writeDurably,
+)
 
-if TYPE_CHECKING:
-    from mailgw.queue.spool import Spool
+
+class WriterSpool(Protocol):
+    """What a writer needs of its spool (L{mailgw.queue.spool.Spool} provides it)."""
+
+    clock: IReactorTime
+    fs: FileSystem
+
+    def path(self, where: str, queueId: str, suffix: str) -> str: ...
+
+    def serialized(self, queueId: str, f: Callable[..., Any], *args: Any) -> Deferred[Any]: ...
+
+    def syncQueue(self) -> None: ...
+
+    def remove(self, queueId: str) -> Deferred[None]: ...
+
 
 #: Bytes buffered in memory before they are handed to the spool's thread.
 BUFFER_SIZE = 64 * 1024
@@ -50,7 +71,7 @@ class SpoolWriter:
     or by ``commit``.
     """
 
-    spool: Spool
+    spool: WriterSpool
     queueId: str
     envelope: Envelope
     session: Session

@@ -201,7 +201,8 @@ class _Body:
     """
 
     def __init__(self, file: BinaryIO | None, first: bytes) -> None:
-        self.file, self._first = file, first
+        self.file = file
+        self._first: bytes | None = first
 
     def read(self, runBlocking: RunBlocking) -> Deferred[bytes]:
         """The next chunk, b"" at the end."""

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 
-from mailgw.interfaces import ISpool, ISubmissionPolicy
+from mailgw.interfaces import IQueue, ISubmissionPolicy
 from mailgw.policy import AcceptAll
 from mailgw.server.protocol import SubmissionServer
 from mailgw.server.sasl import portalMechanisms
@@ -36,7 +36,7 @@ class SubmissionFactory(Factory):
         self,
         settings: ServerSettings,
         portal: Portal,
-        spool: ISpool,
+        spool: IQueue,
         clock: IReactorTime,
         tlsContext: Any,
         implicitTLS: bool = False,

@@ -13,7 +13,7 @@ import attrs
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IReactorTime
 
-from mailgw.interfaces import ISpool, ISubmissionPolicy
+from mailgw.interfaces import IQueue, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 
 
@@ -69,7 +69,7 @@ class Listener(Protocol):
 
     settings: ServerSettings
     portal: Portal
-    spool: ISpool
+    spool: IQueue  # where messages go: committing one schedules it
     clock: IReactorTime
     tlsContext: Any
     implicitTLS: bool
