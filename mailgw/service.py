@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
 from twisted.application.service import MultiService
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
@@ -55,23 +56,14 @@ SPOOL_THREADS = 4
 
 
 def serverSettings(config: Config) -> ServerSettings:
+    """
+    The listeners' settings: the host name, and every other field of
+    L{ServerSettings} copied by name from ``[server]`` (each is written
+    once, in L{mailgw.config.ServerConfig}; a test checks the names match).
+    """
     server = config.server
-    return ServerSettings(
-        hostname=config.fqdn(),
-        maxMessageSize=server.maxMessageSize,
-        maxRecipients=server.maxRecipients,
-        maxLineLength=server.maxLineLength,
-        idleTimeout=server.idleTimeout,
-        commandTimeout=server.commandTimeout,
-        sessionTimeout=server.sessionTimeout,
-        maxHeaderSize=server.maxHeaderSize,
-        maxReceivedHeaders=server.maxReceivedHeaders,
-        maxErrors=server.maxErrors,
-        legacyAuthLine=server.legacyAuthLine,
-        preAuthTimeout=server.preAuthTimeout,
-        maxJunkCommands=server.maxJunkCommands,
-        closeTimeout=server.closeTimeout,
-    )
+    names = (f.name for f in attrs.fields(ServerSettings) if f.name != "hostname")
+    return ServerSettings(hostname=config.fqdn(), **{n: getattr(server, n) for n in names})
 
 
 def makePolicy(config: Config, clock: Any) -> ISubmissionPolicy:

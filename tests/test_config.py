@@ -793,3 +793,32 @@ class HAProxyEndpointRefusedTests(unittest.SynchronousTestCase):
             configFromDict({"server": {"submission": ["haproxy:tcp:587"]}}, source="f.toml")
         self.assertIn("f.toml: server.submission:", str(e.exception))
         self.assertIn("[proxy] trusted", str(e.exception))
+
+
+class ServerSettingsTests(unittest.SynchronousTestCase):
+    def test_writtenOnce(self) -> None:
+        """
+        Every listener setting but the host name is a [server] field of the
+        same name and default, copied by name: adding one to ServerSettings
+        without its [server] key fails here, not silently at run time.
+        """
+        import attrs
+
+        from mailgw.config import ServerConfig
+        from mailgw.server.settings import ServerSettings
+        from mailgw.service import serverSettings
+
+        server = {f.name: f.default for f in attrs.fields(ServerConfig)}
+        for field in attrs.fields(ServerSettings):
+            if field.name == "hostname":
+                continue
+            self.assertIn(field.name, server)
+            self.assertEqual(field.default, server[field.name], field.name)
+        config = configFromDict(
+            {"server": {"hostname": "mx.example.org", "pre_auth_timeout": 12, "max_errors": 3}}
+        )
+        settings = serverSettings(config)
+        self.assertEqual(
+            (settings.hostname, settings.preAuthTimeout, settings.maxErrors),
+            ("mx.example.org", 12, 3),
+        )
