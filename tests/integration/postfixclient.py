@@ -21,31 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DAEMONS = Path("/usr/lib/postfix/sbin")
-SASL_MODULES = Path("/usr/lib/x86_64-linux-gnu/sasl2")
-
-SERVICES = """\
-pickup    unix  n  -  n  60    1  pickup
-cleanup   unix  n  -  n  -     0  cleanup
-qmgr      unix  n  -  n  300   1  qmgr
-tlsmgr    unix  -  -  n  1000? 1  tlsmgr
-rewrite   unix  -  -  n  -     -  trivial-rewrite
-bounce    unix  -  -  n  -     0  bounce
-defer     unix  -  -  n  -     0  bounce
-trace     unix  -  -  n  -     0  bounce
-verify    unix  -  -  n  -     1  verify
-flush     unix  n  -  n  1000? 0  flush
-proxymap  unix  -  -  n  -     -  proxymap
-smtp      unix  -  -  n  -     -  smtp
-relay     unix  -  -  n  -     -  smtp
-showq     unix  n  -  n  -     -  showq
-error     unix  -  -  n  -     -  error
-retry     unix  -  -  n  -     -  error
-discard   unix  -  -  n  -     -  discard
-anvil     unix  -  -  n  -     1  anvil
-scache    unix  -  -  n  -     1  scache
-postlog   unix-dgram n - n -   1  postlogd
-"""
+from benchmarks.postfix import DAEMONS, SERVICES
 
 
 def unavailable() -> str | None:

@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +121,23 @@ def haveCommand(name: str) -> bool:
     return any(
         os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", "").split(":")
     )
+
+
+def stopProcess(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM ``process`` if it still runs; SIGKILL it after 20 s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def twistdCommand(*args: str) -> list[str]:
+    """``twistd`` in the foreground with this Python, then ``args``."""
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
 
 
 def waitForPort(

@@ -33,6 +33,7 @@ from tests.integration.support import (
     freePort,
     makeFixtures,
     shortDirectory,
+    stopProcess,
     waitForPort,
 )
 from tests.upstream import UpstreamFactory, UpstreamProtocol, startUpstream
@@ -127,7 +128,7 @@ tls = "none"
             processes.append(process)
             waitForPort(submission, process, str(log))
 
-        self.addCleanup(lambda: [p.kill() for p in processes if p.poll() is None])
+        self.addCleanup(lambda: [stopProcess(p) for p in processes])
         acknowledged: set[str] = set()
         attempts: Counter[str] = Counter()
         lock = threading.Lock()

@@ -36,6 +36,7 @@ from tests.integration.support import (
     freePort,
     run,
     shortDirectory,
+    stopProcess,
     waitForPort,
 )
 
@@ -220,15 +221,7 @@ directory = "{spool}"
                 stderr=subprocess.STDOUT,
             )
 
-        def stop() -> None:
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-        self.addCleanup(stop)
+        self.addCleanup(stopProcess, process)
         yield deferToThread(waitForPort, submission, process, str(log), 60)
         yield deferToThread(waitForPort, submissions, process, str(log), 60)
 

@@ -29,6 +29,7 @@ from tests.integration.support import (
     GatewayTestCase,
     freePort,
     shortDirectory,
+    stopProcess,
     waitForPort,
 )
 
@@ -230,16 +231,7 @@ directory = "{base}/spool"
                 stderr=subprocess.STDOUT,
             )
 
-        def stop() -> None:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-        self.addCleanup(stop)
+        self.addCleanup(stopProcess, process)
         yield deferToThread(waitForPort, port, process, str(log))
         old = fileDER(cert)
         session = yield deferToThread(openSession, port)

@@ -30,6 +30,7 @@ from tests.integration.support import (
     freePort,
     run,
     shortDirectory,
+    stopProcess,
     waitForPort,
 )
 
@@ -83,15 +84,7 @@ class TwistdTests(TestCase):
         )
         self.logPath = log.name
 
-        def stop() -> None:
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-        self.addCleanup(stop)
+        self.addCleanup(stopProcess, process)
         waitForPort(submission, process, log.name)
         waitForPort(submissions, process, log.name)
         self.process = process

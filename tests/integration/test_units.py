@@ -24,7 +24,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 from mailgw.auth.passwd import addUser
 from mailgw.queue.spool import SpoolReader
 from mailgw.tls import makeSelfSigned
-from tests.integration.support import PASSWORD, ROOT, USER, clientContext, run, shortDirectory
+from tests.integration.support import (
+    PASSWORD,
+    ROOT,
+    USER,
+    clientContext,
+    run,
+    shortDirectory,
+    stopProcess,
+)
 from tests.integration.test_twistd import environment, twistdCommand
 
 ETC = ROOT / "etc"
@@ -124,15 +132,7 @@ directory = "{base}/spool"
             pass_fds=(3,),
         )
 
-        def stop() -> None:
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-        self.addCleanup(stop)
+        self.addCleanup(stopProcess, process)
         listener.close()  # only the gateway holds it now
 
         def submit() -> None:
