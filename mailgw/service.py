@@ -71,6 +71,7 @@ def serverSettings(config: Config) -> ServerSettings:
         preAuthTimeout=server.preAuthTimeout,
         maxJunkCommands=server.maxJunkCommands,
         closeTimeout=server.closeTimeout,
+        acceptBareLF=server.acceptBareLF,
     )
 
 
