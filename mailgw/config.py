@@ -119,7 +119,7 @@ class LimitsConfig:
     """
 
     maxConnections: int = 1000
-    maxConnectionsPerAddress: int = 20
+    maxConnectionsPerAddress: int = 50
     connectionRatePerAddress: int = 60
     exempt: tuple[Network, ...] = ()
     authFailuresPerAddress: int = 10

@@ -258,7 +258,7 @@ class DefaultsTests(unittest.SynchronousTestCase):
             config.limits,
             LimitsConfig(
                 maxConnections=1000,
-                maxConnectionsPerAddress=20,
+                maxConnectionsPerAddress=50,
                 connectionRatePerAddress=60,
                 exempt=(),
                 authFailuresPerAddress=10,

@@ -907,15 +907,15 @@ class ConnectionLimiterTests(SynchronousTestCase):
         self.clock = Clock()
 
     def test_perAddress(self) -> None:
-        """Loopback is not exempt: the 21st connection from one address is refused."""
+        """Loopback is not exempt: the 51st connection from one address is refused."""
         limiter = ConnectionLimiter(self.clock, DEFAULTS)
-        for _ in range(20):
+        for _ in range(50):
             self.assertIsNone(limiter.open("127.0.0.1"))
         reply = limiter.open("127.0.0.1")
         assert reply is not None
         self.assertEqual(reply, TOO_MANY_FROM_ADDRESS)
         self.assertEqual(reply.toBytes(), b"421 4.7.0 Too many connections from your address\r\n")
-        self.assertEqual((limiter.openFrom("127.0.0.1"), limiter.openConnections), (20, 20))
+        self.assertEqual((limiter.openFrom("127.0.0.1"), limiter.openConnections), (50, 50))
         self.assertIsNone(limiter.open("127.0.0.2"))
         limiter.close("127.0.0.1")
         self.assertIsNone(limiter.open("127.0.0.1"))
