@@ -76,6 +76,7 @@ class ServerConfig:
     preAuthTimeout: float = 30
     maxJunkCommands: int = 20
     closeTimeout: float = 5
+    acceptBareLF: bool = False
 
 
 @attrs.frozen
@@ -346,6 +347,7 @@ def _server(t: _Table) -> ServerConfig:
         preAuthTimeout=t.get("pre_auth_timeout", _duration(), d.preAuthTimeout),
         maxJunkCommands=t.get("max_junk_commands", _integer(0), d.maxJunkCommands),
         closeTimeout=t.get("close_timeout", _duration(), d.closeTimeout),
+        acceptBareLF=t.get("accept_bare_lf", _boolean, d.acceptBareLF),
     )
 
 

@@ -13,6 +13,8 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService, Service
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.strcred import AuthOptionMixin
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -20,7 +22,16 @@ from mailgw import demo, fdlimit, logs
 from mailgw.config import Config, ConfigError, configFromDict, mergeOverrides, readConfigFile
 
 
-class Options(usage.Options):
+class Options(usage.Options, AuthOptionMixin):
+    """
+    The options of ``twistd mailgw``. From L{AuthOptionMixin} only
+    ``--help-auth`` (the backends installed) and ``--help-auth-type TYPE``
+    (one backend's help) are used: ``--auth`` keeps the strcred string for
+    the configuration, which builds the checker.
+    """
+
+    # What the SASL layer hands checkers (PLAIN, LOGIN; CRAM-MD5).
+    supportedInterfaces = (IUsernamePassword, IUsernameHashedPassword)
     synopsis = "[options]"
     longdesc = (
         "Run the mailgw submission gateway. Listeners are Twisted endpoint strings, for "

@@ -69,6 +69,7 @@ SCHEMA = {
         "pre_auth_timeout",
         "max_junk_commands",
         "close_timeout",
+        "accept_bare_lf",
     ],
     "tls": ["certificate", "key", "min_version", "ticket_lifetime"],
     "auth": ["backends"],
@@ -140,6 +141,7 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
         "pre_auth_timeout": [0, -1, "30", True],
         "max_junk_commands": [-1, 1.5, "20"],
         "close_timeout": [0, float("inf"), "5"],
+        "accept_bare_lf": [1, "yes"],
     },
     "tls": {
         "certificate": [1, ["a"]],

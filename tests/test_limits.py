@@ -907,7 +907,7 @@ class ConnectionLimiterTests(SynchronousTestCase):
         self.clock = Clock()
 
     def test_perAddress(self) -> None:
-        """Loopback is not exempt: the 21st connection from one address is refused."""
+        """Loopback is not exempt: the 51st connection from one address is refused."""
         limiter = ConnectionLimiter(self.clock, DEFAULTS)
         for _ in range(20):
             self.assertIsNone(limiter.open("127.0.0.1"))

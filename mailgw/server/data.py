@@ -9,6 +9,15 @@ smuggling" class), and normalising them would change what the client
 signed. Lines longer than 998 octets are kept intact up to
 ``maxLineLength``; a longer line refuses the message. Either way the data
 is read to its real end, so nothing of it is ever taken for a command.
+
+With ``acceptBareLF`` (``[server] accept_bare_lf``, for authenticated
+clients only) a line that ends in a bare LF is kept and its LF written as
+CRLF. The end of data is still only CRLF "." CRLF as received: "LF . LF",
+"LF . CRLF" and "CRLF . LF" are lines of the message (converted, they are
+stuffed again on relay). A bare LF is not a line boundary for
+dot-stuffing either: only a "." after CRLF (or at the very start) is
+taken as one the client added. A bare CR or a NUL still refuses the
+message.
 """
 
 from __future__ import annotations
@@ -33,7 +42,10 @@ class DataReader:
     and dropped. ``size`` counts the octets of the message as received.
     ``headers`` collects the header section (up to the first empty line),
     at most ``maxHeaderSize`` octets; more ``Received:`` fields than
-    ``maxReceived`` mean a mail loop (RFC 5321 6.3).
+    ``maxReceived`` mean a mail loop (RFC 5321 6.3). ``acceptBareLF``: lines
+    ending in a bare LF are converted to CRLF (see the module docstring);
+    ``size`` then counts each added CR too, so ``maxSize`` bounds what is
+    stored.
     """
 
     sink: Callable[[bytes], None]
@@ -41,6 +53,7 @@ class DataReader:
     maxLineLength: int
     maxHeaderSize: int = 262144
     maxReceived: int = 50
+    acceptBareLF: bool = False
     size: int = 0
     error: SMTPReply | None = None
     headers: bytearray = attrs.field(factory=bytearray)
@@ -48,6 +61,10 @@ class DataReader:
     _inHeaders: bool = True
     _partial: bytes = b""
     _atLineStart: bool = True
+    # The bytes consumed so far end with CRLF (or none were): a "." here
+    # starts a line in the SMTP sense (end of data, dot-stuffing). False
+    # only after a bare LF, with acceptBareLF.
+    _afterCRLF: bool = True
 
     def feed(self, data: bytes) -> bytes | None:
         """
@@ -58,24 +75,29 @@ class DataReader:
         """
         buf = self._partial + data if self._partial else data
         self._partial = b""
+        eol = b"\n" if self.acceptBareLF else b"\r\n"
         if not self._atLineStart:
-            # The rest of an overlong line: drop it up to its CRLF.
-            i = buf.find(b"\r\n")
+            # The rest of an overlong line: drop it up to its end.
+            i = buf.find(eol)
             if i == -1:
                 self._partial = b"\r" if buf.endswith(b"\r") else b""
                 return None
-            buf = buf[i + 2 :]
+            # A CR before it is in buf: a trailing CR is kept in _partial.
+            cut = buf.index(b"\n", i) + 1
+            self._afterCRLF = cut >= 2 and buf[cut - 2 : cut] == b"\r\n"
+            buf = buf[cut:]
             self._atLineStart = True
-        if buf.startswith(b".\r\n"):
+        if self._afterCRLF and buf.startswith(b".\r\n"):
             return buf[3:]
         end = buf.find(_END)
         if end != -1:
             self._consume(buf[: end + 2])
             return buf[end + 5 :]
-        last = buf.rfind(b"\r\n")
+        last = buf.rfind(eol)
         if last != -1:
-            self._consume(buf[: last + 2])
-            buf = buf[last + 2 :]
+            cut = last + len(eol)
+            self._consume(buf[:cut])
+            buf = buf[cut:]
         if len(buf) > self.maxLineLength:
             self._fail(
                 replies.DATA_LINE_TOO_LONG.withText(
@@ -93,16 +115,31 @@ class DataReader:
             self.error = reply
 
     def _consume(self, lines: bytes) -> None:
-        """``lines``: complete CRLF-terminated lines, starting at a line start."""
+        """
+        ``lines``: complete lines, starting at a line start; each ends with
+        CRLF (or, with acceptBareLF, with a bare LF).
+        """
+        afterCRLF, self._afterCRLF = self._afterCRLF, lines.endswith(b"\r\n")
         self.size += len(lines)
         if self.error is not None:
             return
         crlf = lines.count(b"\r\n")
-        if lines.count(b"\n") != crlf or lines.count(b"\r") != crlf or b"\0" in lines:
+        lf = lines.count(b"\n")
+        if lines.count(b"\r") != crlf or b"\0" in lines:
             self._fail(replies.BAD_LINE_ENDINGS)
             return
-        if len(lines) > self.maxLineLength + 2 and (
-            max(map(len, lines.split(b"\r\n"))) > self.maxLineLength
+        if lf != crlf:
+            if not self.acceptBareLF:
+                self._fail(replies.BAD_LINE_ENDINGS)
+                return
+            # Every CR is followed by LF (checked above): this adds a CR
+            # before each bare LF and nothing else.
+            self.size += lf - crlf
+            stuffed = lines.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        else:
+            stuffed = lines
+        if len(stuffed) > self.maxLineLength + 2 and (
+            max(map(len, stuffed.split(b"\r\n"))) > self.maxLineLength
         ):
             self._fail(
                 replies.DATA_LINE_TOO_LONG.withText(
@@ -113,10 +150,14 @@ class DataReader:
         if self.size > self.maxSize:
             self._fail(replies.TOO_BIG)
             return
-        # RFC 5321 4.5.2: a line's leading dot was added by the client.
-        if lines.startswith(b"."):
+        # RFC 5321 4.5.2: a line's leading dot was added by the client. Only
+        # a line that follows CRLF counts: the dots are removed before the
+        # conversion, so a "." after a bare LF stays.
+        if afterCRLF and lines.startswith(b"."):
             lines = lines[1:]
         data = lines.replace(b"\r\n.", b"\r\n")
+        if lf != crlf:
+            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if self._inHeaders and not self._header(data):
             return
         self.sink(data)

@@ -29,7 +29,9 @@ class ServerSettings:
     until a message is queued; one more closes the session (421 4.7.0).
     ``closeTimeout``: after the server closes a connection, the peer has
     this long to finish the close (answer the TLS close_notify) before the
-    connection is aborted.
+    connection is aborted. ``acceptBareLF``: an authenticated client's
+    message lines that end in a bare LF are converted to CRLF instead of
+    refusing the message (see L{mailgw.server.data}).
     """
 
     hostname: str
@@ -46,6 +48,7 @@ class ServerSettings:
     preAuthTimeout: float = 30.0
     maxJunkCommands: int = 20
     closeTimeout: float = 5.0
+    acceptBareLF: bool = False
 
 
 @attrs.define

@@ -239,6 +239,7 @@ class Transaction:
             maxLineLength=settings.maxLineLength,
             maxHeaderSize=settings.maxHeaderSize,
             maxReceived=settings.maxReceivedHeaders,
+            acceptBareLF=settings.acceptBareLF and self._user is not None,
         )
         self._envelope = envelope
         self.stage = Stage.DATA
