@@ -26,6 +26,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from mailgw import tls
+from mailgw.tls import server as tlsserver
 
 
 @attrs.define
@@ -227,7 +228,7 @@ class HandshakeFailureLogTests(ServerTLSTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.events: list[dict[str, Any]] = []
-        self.patch(tls, "_log", Logger(namespace="mailgw.tls", observer=self.events.append))
+        self.patch(tlsserver, "_log", Logger(namespace="mailgw.tls", observer=self.events.append))
 
     def assertLogged(self, reason: str) -> None:
         self.assertEqual(len(self.events), 1, self.events)

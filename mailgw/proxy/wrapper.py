@@ -42,8 +42,8 @@ from mailgw.proxy.header import (
     Network,
     ProxyHeader,
     ProxyHeaderError,
-    startsHeader,
     parseProxyHeader,
+    startsHeader,
 )
 
 
