@@ -140,9 +140,7 @@ class StoredHashChecker:
 
         return d.addCallback(refuse)
 
-    def _found(
-        self, user: StoredUser | None, password: bytes
-    ) -> defer.Deferred[bytes | tuple[()]]:
+    def _found(self, user: StoredUser | None, password: bytes) -> defer.Deferred[bytes | tuple[()]]:
         if user is None:
             return self._unknown(password)
         # Later dummies cost what this backend's real hashes cost.
