@@ -323,7 +323,7 @@ class SQLiteTests(TestCase):
         self.assertEqual((yield self.database.senders("' OR '1'='1")), [])
 
     def test_poolBounded(self) -> None:
-        self.assertEqual(self.database._pool.max, 2)
+        self.assertEqual(self.database.workers.maxThreads, 2)
 
     def test_cacheDefault(self) -> None:
         self.assertIsInstance(self.checker.cache, VerifiedCache)

@@ -35,9 +35,9 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from mailgw.auth.stored import StoredUser
+from mailgw.auth.workers import Workers
 
 __all__ = ["SQLDatabase", "SQLSettings", "SQLSettingsError", "SQLUnavailable", "loadSQLSettings"]
 
@@ -181,16 +181,6 @@ def _driverErrors(driver: str) -> tuple[type[BaseException], ...]:
     return (sqlite3.Error,)
 
 
-class _DaemonThreadPool(ThreadPool):
-    """
-    Its threads never hold up the end of the process: a query stuck on an
-    unreachable server is abandoned at exit (it holds nothing to flush).
-    """
-
-    def threadFactory(self, *args: Any, **kwargs: Any) -> threading.Thread:  # type: ignore[override]
-        return threading.Thread(*args, daemon=True, **kwargs)
-
-
 @attrs.define
 class SQLDatabase:
     """
@@ -204,11 +194,10 @@ class SQLDatabase:
     settings: SQLSettings
     reactor: Any
     connect: Callable[[SQLSettings], Any] | None = None
-    _pool: ThreadPool = attrs.field(init=False)
+    workers: Workers = attrs.field(init=False)
     _idle: list[Any] = attrs.field(init=False, factory=list)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _down: bool = attrs.field(init=False, default=False)
-    _trigger: Any = attrs.field(init=False, default=None)
     log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -216,20 +205,14 @@ class SQLDatabase:
             self.connect = (
                 _connectPostgreSQL if self.settings.driver == "postgresql" else _connectSQLite
             )
-        self._pool = _DaemonThreadPool(0, self.settings.poolSize, name=f"mailgw-sql-{id(self):x}")
-        self.reactor.callWhenRunning(self._pool.start)
-        self._trigger = self.reactor.addSystemEventTrigger("during", "shutdown", self.close)
+        self.workers = Workers(self.reactor, self.settings.poolSize, f"mailgw-sql-{id(self):x}")
+        self.workers.onClose(self._closeIdle)
 
     def close(self) -> None:
         """Stop the threads and close the idle connections."""
-        if self._trigger is not None:
-            trigger, self._trigger = self._trigger, None
-            try:
-                self.reactor.removeSystemEventTrigger(trigger)
-            except (ValueError, KeyError):
-                pass  # already fired: this is the shutdown
-        if self._pool.started:
-            self._pool.stop()
+        self.workers.close()
+
+    def _closeIdle(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
@@ -277,9 +260,7 @@ class SQLDatabase:
         raise AssertionError("unreachable")
 
     def _query(self, query: str, login: str, limit: int) -> defer.Deferred[list[tuple[Any, ...]]]:
-        d = deferToThreadPool(
-            self.reactor, self._pool, self._run, query, queryParameters(login), limit
-        )
+        d = self.workers.run(self._run, query, queryParameters(login), limit)
 
         def ok(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
             if self._down:
