@@ -200,7 +200,7 @@ class LDAPServer:
     rootDN = "cn=admin,dc=example,dc=org"
     rootPassword = "root secret"
 
-    def __init__(self, ldif: str) -> None:
+    def __init__(self, ldif: str, unauthenticatedBinds: bool = True) -> None:
         slapd = _which("slapd", ["/usr/sbin/slapd"])
         if slapd is None or not os.path.exists("/etc/ldap/schema/core.schema"):
             raise SkipTest("OpenLDAP is not installed (Debian packages slapd and ldap-utils)")
@@ -219,8 +219,13 @@ class LDAPServer:
             f"include /etc/ldap/schema/{name}.schema"
             for name in ("core", "cosine", "inetorgperson", "nis")
         )
+        # "allow bind_anon_dn": accept a DN without a password as an
+        # unauthenticated bind, as some directories do: the hole the
+        # backend must close itself.
+        allow = "allow bind_anon_dn" if unauthenticatedBinds else ""
         self.conf.write_text(
             f"""{schemas}
+{allow}
 modulepath {modules}
 moduleload back_mdb
 pidfile {self.directory}/slapd.pid
