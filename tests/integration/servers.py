@@ -136,8 +136,11 @@ class PostgreSQLServer:
                 conn.execute(statement.encode())
 
 
-def makeCA(directory: Path, hostname: str = "localhost") -> dict[str, str]:
-    """A CA certificate and a server certificate it signed, for ``hostname`` and 127.0.0.1."""
+def makeCA(directory: Path, hostname: str = "localhost", ip: bool = True) -> dict[str, str]:
+    """
+    A CA certificate and a server certificate it signed, for ``hostname``
+    (and, with ``ip``, 127.0.0.1).
+    """
     now = datetime.datetime.now(datetime.UTC)
     caKey = ec.generate_private_key(ec.SECP256R1())
     caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailgw test CA")])
@@ -168,7 +171,8 @@ def makeCA(directory: Path, hostname: str = "localhost") -> dict[str, str]:
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [x509.DNSName(hostname)]
+                + ([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if ip else [])
             ),
             critical=False,
         )
@@ -200,7 +204,9 @@ class LDAPServer:
     rootDN = "cn=admin,dc=example,dc=org"
     rootPassword = "root secret"
 
-    def __init__(self, ldif: str, unauthenticatedBinds: bool = True) -> None:
+    def __init__(
+        self, ldif: str, unauthenticatedBinds: bool = True, certificateName: str = "localhost"
+    ) -> None:
         slapd = _which("slapd", ["/usr/sbin/slapd"])
         if slapd is None or not os.path.exists("/etc/ldap/schema/core.schema"):
             raise SkipTest("OpenLDAP is not installed (Debian packages slapd and ldap-utils)")
@@ -210,7 +216,7 @@ class LDAPServer:
         self.slapd = slapd
         self.directory = Path(tempfile.mkdtemp(prefix="mailgw-ldap-"))
         (self.directory / "db").mkdir()
-        self.tls = makeCA(self.directory)
+        self.tls = makeCA(self.directory, certificateName, ip=certificateName == "localhost")
         self.port, self.tlsPort = freePort(), freePort()
         self.log = self.directory / "slapd.log"
         self.conf = self.directory / "slapd.conf"

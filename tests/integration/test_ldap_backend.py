@@ -196,6 +196,19 @@ class DirectoryTests(TestCase):
         self.flushLoggedErrors()
 
     @inlineCallbacks
+    def test_certificateForAnotherName(self) -> Any:
+        """A certificate from the right CA for another host: 454, with StartTLS and ldaps."""
+        self.server.close()
+        self.server = LDAPServer(treeLDIF(), certificateName="ldap.example.net")
+        self.addCleanup(self.server.close)
+        for uri in (f"ldap://127.0.0.1:{self.server.port}",
+                    f"ldaps://127.0.0.1:{self.server.tlsPort}"):  # fmt: skip
+            checker = self.direct(uri=uri)
+            yield self.assertFailure(
+                self.login(checker, "alice", "alice password"), LDAPUnavailable
+            )
+
+    @inlineCallbacks
     def test_wrongServiceAccount(self) -> Any:
         checker = self.search(service_password="wrong")
         d = self.login(checker, "alice@example.com", "alice password")
