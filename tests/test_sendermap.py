@@ -127,7 +127,7 @@ class OpenSourceTests(TestCase):
     def test_errors(self) -> None:
         self.assertRaises(ValueError, openSenderSource, "sql:", reactor)
         self.assertRaises(ValueError, openSenderSource, "nis:x", reactor)
-        self.assertRaises(ValueError, openSenderSource, "sql:/x.toml", None)
+        self.assertRaises(ValueError, openSenderSource, "sql:/nonexistent.toml", None)
         path = Path(self.mktemp())
         path.write_text(
             'driver = "sqlite"\ndsn = "x.db"\npassword_query = "SELECT 1 WHERE :user"\n'
@@ -136,6 +136,20 @@ class OpenSourceTests(TestCase):
         self.assertIn("senders_query", str(e))
         e = self.assertRaises(ValueError, SenderLoginPolicy, f"sql:{path}", clock=reactor)
         self.assertIn("senders_query", str(e))
+
+    def test_checkOnly(self) -> None:
+        """Without a reactor (check-config) the settings are checked, nothing opened."""
+        path = Path(self.mktemp())
+        path.write_text(
+            'driver = "sqlite"\ndsn = "x.db"\npassword_query = "SELECT 1 WHERE :user"\n'
+            'senders_query = "SELECT 1 WHERE :user"\n'
+        )
+        policy = SenderLoginPolicy(f"sql:{path}")
+        reply = self.successResultOf(
+            policy.checkSender(session("alice"), parseMailbox("a@example.com"))
+        )
+        self.assertEqual(reply.code, 451)
+        self.flushLoggedErrors()
 
     @defer.inlineCallbacks
     def test_sqlite(self) -> Any:

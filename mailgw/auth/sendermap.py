@@ -95,19 +95,29 @@ class CachedSenderSource:
         self._entries.clear()
 
 
-def openSenderSource(spec: str, reactor: Any) -> CachedSenderSource:
+@attrs.frozen
+class _Unopened:
+    """A source whose settings were only checked (no reactor): every lookup fails."""
+
+    spec: str
+
+    def grant(self, login: str) -> defer.Deferred[Grant]:
+        return defer.fail(RuntimeError(f"{self.spec}: opened without a reactor"))
+
+
+def openSenderSource(spec: str, reactor: Any) -> CachedSenderSource | _Unopened:
     """
     The source ``spec`` names: C{sql:FILE} (the C{senders_query} of an
     C{sql:} settings file) or C{ldap:FILE} (the C{senders_*} settings of an
     C{ldap:} settings file). ``reactor`` runs the lookups' threads and the
-    cache's clock.
+    cache's clock; with C{None} the settings are only checked (as
+    C{mailgw check-config} does), and every lookup of the source returned
+    fails.
 
     @raise ValueError: unknown kind, no reactor, or the file cannot be used
         (the message names the file and key).
     """
     kind, _, path = spec.partition(":")
-    if reactor is None:
-        raise ValueError(f"{spec}: a sender map source needs the reactor")
     if not path:
         raise ValueError(f"{spec}: name the backend settings file: {kind}:FILE")
     if kind == "sql":
@@ -116,6 +126,8 @@ def openSenderSource(spec: str, reactor: Any) -> CachedSenderSource:
         settings = loadSQLSettings(path)
         if not settings.sendersQuery:
             raise ValueError(f"{path}: senders_query: must be set to read sender maps from it")
+        if reactor is None:
+            return _Unopened(spec)
         database = SQLDatabase(settings, reactor)
         return CachedSenderSource(database.senders, reactor, name=spec)
     if kind == "ldap":
@@ -124,6 +136,8 @@ def openSenderSource(spec: str, reactor: Any) -> CachedSenderSource:
         ldapSettings = loadLDAPSettings(path)
         if not ldapSettings.sendersAttributes:
             raise ValueError(f"{path}: senders_attributes: must be set to read sender maps from it")
+        if reactor is None:
+            return _Unopened(spec)
         directory = LDAPDirectory(ldapSettings, reactor)
         return CachedSenderSource(directory.senders, reactor, name=spec)
     raise ValueError(f"{spec}: unknown sender map source {kind!r}: sql:FILE or ldap:FILE")
