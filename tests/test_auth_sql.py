@@ -28,6 +28,7 @@ from mailgw.auth.sql import (
     makeSQLChecker,
     parseSQLSettings,
     queryParameters,
+    sharedDatabase,
 )
 from mailgw.auth.stored import StoredHashChecker, StoredUser
 from mailgw.interfaces import ISubmitter
@@ -321,6 +322,31 @@ class SQLiteTests(TestCase):
         db.close()
         self.assertEqual((yield self.database.senders("Bob")), ["bob@example.com", "@example.org"])
         self.assertEqual((yield self.database.senders("' OR '1'='1")), [])
+
+    def test_shared(self) -> None:
+        """
+        A checker made again (a reload) and the sender map of the same
+        settings use the open database: no more threads or connections.
+        """
+        from mailgw.auth.sendermap import openSenderSource
+
+        again = makeSQLChecker(self.settings, reactor)
+        self.assertIs(again.fetch.__self__, self.database)
+        path = Path(self.mktemp())
+        path.write_text(
+            f'driver = "sqlite"\ndsn = "{self.path}"\n'
+            f"password_query = {self.settings.passwordQuery!r}\n"
+            f"senders_query = {self.settings.sendersQuery!r}\n"
+            "pool_size = 2\n"
+        )
+        source = openSenderSource(f"sql:{path}", reactor)
+        other = source.lookup.__self__  # type: ignore[union-attr]
+        self.addCleanup(other.close)
+        self.assertIsNot(other, self.database)  # another file: its own
+        self.assertIs(openSenderSource(f"sql:{path}", reactor).lookup.__self__, other)  # type: ignore[union-attr]
+        self.database.close()
+        self.assertIsNot(makeSQLChecker(self.settings, reactor).fetch.__self__, self.database)
+        self.addCleanup(sharedDatabase(self.settings, reactor).close)
 
     def test_poolBounded(self) -> None:
         self.assertEqual(self.database.workers.maxThreads, 2)

@@ -45,7 +45,7 @@ from mailgw.auth.ldapconfig import (
     fillTemplate,
     loadLDAPSettings,
 )
-from mailgw.auth.workers import Workers
+from mailgw.auth.workers import SharedByKey, Workers
 
 __all__ = [
     "LDAPChecker",
@@ -314,6 +314,18 @@ class LDAPDirectory:
     def senders(self, login: str) -> defer.Deferred[list[str]]:
         """The values of the C{senders_attributes} of the entries C{senders_filter} finds."""
         return self._run(self._senders, login)
+
+
+_directories = SharedByKey()
+
+
+def sharedDirectory(settings: LDAPSettings, reactor: Any) -> LDAPDirectory:
+    """
+    The open L{LDAPDirectory} of ``settings`` on ``reactor``, made on first
+    use: checkers made again by a reload, and the sender map of the same
+    file, share its threads and connections.
+    """
+    return _directories.get(settings, reactor, lambda: LDAPDirectory(settings, reactor))  # type: ignore[no-any-return]
 
 
 def _unbind(conn: Any) -> None:

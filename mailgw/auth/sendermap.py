@@ -121,23 +121,23 @@ def openSenderSource(spec: str, reactor: Any) -> CachedSenderSource | _Unopened:
     if not path:
         raise ValueError(f"{spec}: name the backend settings file: {kind}:FILE")
     if kind == "sql":
-        from mailgw.auth.sql import SQLDatabase, loadSQLSettings
+        from mailgw.auth.sql import loadSQLSettings, sharedDatabase
 
         settings = loadSQLSettings(path)
         if not settings.sendersQuery:
             raise ValueError(f"{path}: senders_query: must be set to read sender maps from it")
         if reactor is None:
             return _Unopened(spec)
-        database = SQLDatabase(settings, reactor)
+        database = sharedDatabase(settings, reactor)
         return CachedSenderSource(database.senders, reactor, name=spec)
     if kind == "ldap":
-        from mailgw.auth.ldap import LDAPDirectory, loadLDAPSettings
+        from mailgw.auth.ldap import loadLDAPSettings, sharedDirectory
 
         ldapSettings = loadLDAPSettings(path)
         if not ldapSettings.sendersAttributes:
             raise ValueError(f"{path}: senders_attributes: must be set to read sender maps from it")
         if reactor is None:
             return _Unopened(spec)
-        directory = LDAPDirectory(ldapSettings, reactor)
+        directory = sharedDirectory(ldapSettings, reactor)
         return CachedSenderSource(directory.senders, reactor, name=spec)
     raise ValueError(f"{spec}: unknown sender map source {kind!r}: sql:FILE or ldap:FILE")

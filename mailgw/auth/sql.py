@@ -37,7 +37,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailgw.auth.stored import StoredUser
-from mailgw.auth.workers import Workers
+from mailgw.auth.workers import SharedByKey, Workers
 
 __all__ = ["SQLDatabase", "SQLSettings", "SQLSettingsError", "SQLUnavailable", "loadSQLSettings"]
 
@@ -336,15 +336,28 @@ class SQLDatabase:
         return self._query(self.settings.sendersQuery, login, MAX_SENDERS + 1).addCallback(listed)
 
 
+_databases = SharedByKey()
+
+
+def sharedDatabase(settings: SQLSettings, reactor: Any) -> SQLDatabase:
+    """
+    The open L{SQLDatabase} of ``settings`` on ``reactor``, made on first
+    use: checkers made again by a reload, and the sender map of the same
+    file, share its threads and connections.
+    """
+    return _databases.get(settings, reactor, lambda: SQLDatabase(settings, reactor))  # type: ignore[no-any-return]
+
+
 def makeSQLChecker(settings: SQLSettings, reactor: Any) -> Any:
     """
-    The C{sql:} checker: a L{StoredHashChecker} over a new L{SQLDatabase},
+    The C{sql:} checker: a L{StoredHashChecker} over the L{SQLDatabase} of
+    ``settings`` (L{sharedDatabase}),
     verifying hashes in ``reactor``'s own thread pool (not the database's,
     so slow hashing never holds a connection).
     """
     from mailgw.auth.stored import StoredHashChecker
 
-    database = SQLDatabase(settings, reactor)
+    database = sharedDatabase(settings, reactor)
 
     def runInThread(f: Any, *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)

@@ -39,6 +39,7 @@ class Workers:
     _pool: ThreadPool = attrs.field(init=False)
     _trigger: Any = attrs.field(init=False, default=None)
     _closers: list[Any] = attrs.field(init=False, factory=list)
+    closed: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self._pool = _DaemonThreadPool(0, self.size, name=self.name)
@@ -59,6 +60,7 @@ class Workers:
 
     def close(self) -> None:
         """Stop the threads (waiting for those at work), then run the closers."""
+        self.closed = True
         if self._trigger is not None:
             trigger, self._trigger = self._trigger, None
             try:
@@ -70,3 +72,23 @@ class Workers:
         closers, self._closers = self._closers, []
         for closer in closers:
             closer()
+
+
+class SharedByKey:
+    """
+    One object per key (a backend's frozen settings and the reactor), made
+    on first use: a configuration reload, which makes every checker anew,
+    and the sender map reading the same settings file reuse the threads
+    and connections already open rather than opening more.
+    """
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[int, object], Any] = {}
+
+    def get(self, settings: object, reactor: Any, make: Any) -> Any:
+        """The open object for ``(settings, reactor)``, or a new one from ``make()``."""
+        key = (id(reactor), settings)
+        found = self._objects.get(key)
+        if found is None or found.workers.closed:
+            found = self._objects[key] = make()
+        return found

@@ -166,9 +166,9 @@ class LDAPCheckerFactory:
             raise ValueError("ldap: needs ldap3 (pip install 'mailgw[ldap]')") from None
         from twisted.internet import reactor
 
-        from mailgw.auth.ldap import LDAPChecker, LDAPDirectory, loadLDAPSettings
+        from mailgw.auth.ldap import LDAPChecker, loadLDAPSettings, sharedDirectory
 
-        return LDAPChecker(LDAPDirectory(loadLDAPSettings(argstring), reactor))
+        return LDAPChecker(sharedDirectory(loadLDAPSettings(argstring), reactor))
 
 
 theLDAPCheckerFactory = LDAPCheckerFactory()
