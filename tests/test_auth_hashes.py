@@ -127,6 +127,8 @@ class SchemeTests(TestCase):
             "{ARGON2ID}$6$salt$x",
             "$argon2id$v=19$m=65536,t=3,p=1$broken",
             "{BLF-CRYPT}$2y$05$short",
+            "$2b$99$" + "a" * 53,  # a cost bcrypt does not have
+            "$2b$05$" + "a" * 52 + "!",
             "{SHA512-CRYPT}$5$VliAvX1j3pDygYt9$Q8H0DCB9x8ttmwpqIE5srZem5w7Xr2./jqBx7IrBY6/",
             "",
         ]:

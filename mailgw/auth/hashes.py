@@ -26,6 +26,9 @@ from mailgw.auth.shacrypt import ShaCryptError, verifyShaCrypt
 __all__ = ["HashFormatError", "hashScheme", "verifyStored"]
 
 _PREFIX = re.compile(r"\{([A-Za-z0-9.-]+)\}")
+# $2y$ (or $2a$, $2b$), a two-digit cost, 22 characters of salt and 31 of hash.
+# Checked before the library sees it: some bcrypt releases panic on less.
+_BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 # bcrypt keeps only the first 72 bytes of a password (the C library
 # Dovecot and PHP use truncates them silently; bcrypt 5 raises instead).
 _BCRYPT_MAX = 72
@@ -126,6 +129,8 @@ def _bcrypt(value: str, password: bytes) -> bool:
 
     if value[:4] not in ("$2a$", "$2b$", "$2y$"):
         raise HashFormatError("{BLF-CRYPT} value is not a bcrypt hash")
+    if not _BCRYPT.match(value):
+        raise HashFormatError("malformed BLF-CRYPT hash")
     try:
         return bcrypt.checkpw(password[:_BCRYPT_MAX], value.encode("ascii"))
     except (ValueError, UnicodeEncodeError):
