@@ -153,9 +153,14 @@ def queryParameters(login: str) -> dict[str, str]:
 def _connectPostgreSQL(settings: SQLSettings) -> Any:
     import psycopg
 
+    # TCP keepalives: a server that vanished mid-query (no RST) is noticed
+    # in seconds, not after the system's TCP timeout (libpq ignores them on
+    # a Unix socket).
+    seconds = max(1, round(settings.timeout))
     conn = psycopg.connect(
-        settings.dsn, autocommit=True, connect_timeout=max(1, round(settings.timeout))
-    )
+        settings.dsn, autocommit=True, connect_timeout=seconds,
+        keepalives=1, keepalives_idle=seconds, keepalives_interval=1, keepalives_count=3,
+    )  # fmt: skip
     # A query that hangs on the server is cancelled there (milliseconds).
     conn.execute(
         "SELECT set_config('statement_timeout', %s, false)", (str(int(settings.timeout * 1000)),)
