@@ -7,6 +7,7 @@ free port, stopped by its own pid (never the machine's own services).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import glob
 import os
@@ -101,6 +102,8 @@ class PostgreSQLServer:
              "-E", "UTF8", "--locale=C"],
             check=True, capture_output=True, user=self.user, timeout=120,
         )  # fmt: skip
+        # A backstop for a test whose clean-ups never ran (a timed-out one).
+        atexit.register(self.close)
         self.start()
 
     @property
@@ -258,6 +261,7 @@ access to * by users read by * none
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
+        atexit.register(self.close)  # a backstop, as for PostgreSQLServer
         self.start()
 
     def start(self) -> None:
