@@ -293,7 +293,10 @@ class Config:
                     tls.loadCertificates(route.caFile)
                 except tls.TLSConfigError as e:
                     raise ConfigError(self.source, f"{prefix}.ca_file", str(e)) from None
-        if self.policy.senderLoginMaps:
+        # "sql:FILE" / "ldap:FILE" name a backend's settings: checked when the policy is made.
+        if self.policy.senderLoginMaps and not self.policy.senderLoginMaps.startswith(
+            ("sql:", "ldap:")
+        ):
             try:
                 with open(self.policy.senderLoginMaps, "rb"):
                     pass

@@ -17,12 +17,15 @@ import ipaddress
 import os
 import re
 import unicodedata
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import idna
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.address import AddressError, parseMailbox
@@ -41,6 +44,10 @@ _HEADER_NAME = re.compile(r"([^:\s]+)[ \t]*:(.*)\Z", re.DOTALL)
 # (RFC 5322 4.4: CFWS around dots, routes) and UTF-8 local parts (RFC 6532).
 _HARMLESS_DEFECTS = {"ObsoleteHeaderDefect", "NonASCIILocalPartDefect"}
 _STAT_INTERVAL = 1.0
+#: A ``sender_login_maps`` value with one of these prefixes names a backend
+#: settings file to read the map from (mailgw.auth.sendermap), not a map file.
+SOURCE_PREFIXES = ("sql:", "ldap:")
+_SOURCE_UNAVAILABLE = SMTPReply(451, "4.3.0", "Sender ownership cannot be checked now, try later")
 _MAX_SHOWN = 200
 
 
@@ -280,12 +287,20 @@ class SenderLoginPolicy(AcceptAll):
     file is checked for changes at most once a second, without one at every
     check. Raises ValueError when the map cannot be read or parsed at
     start (the message names the file and line).
+
+    A ``mapPath`` of C{sql:FILE} or C{ldap:FILE} reads the map from the
+    database or directory of that backend settings file instead
+    (L{mailgw.auth.sendermap}; ``clock`` must then be the reactor); a
+    ``source`` (anything with ``grant(login) -> Deferred[Grant]``) is asked
+    besides the file. A source that cannot answer makes the check fail
+    with C{451 4.3.0}.
     """
 
     _mapPath: str | None = attrs.field(converter=_optionalPath)
     _checkHeaderFrom: bool = attrs.field(default=False, kw_only=True)
     _allowNullSender: bool = attrs.field(default=False, kw_only=True)
     _clock: IReactorTime | None = attrs.field(default=None, kw_only=True)
+    _source: Any = attrs.field(default=None, kw_only=True)
     _grants: dict[str, Grant] | None = attrs.field(default=None, init=False)
     _signature: tuple[int, int, int] | None = attrs.field(default=None, init=False)
     _nextStat: float = attrs.field(default=0.0, init=False)
@@ -294,6 +309,11 @@ class SenderLoginPolicy(AcceptAll):
     log = Logger()
 
     def __attrs_post_init__(self) -> None:
+        if self._mapPath is not None and self._mapPath.startswith(SOURCE_PREFIXES):
+            from mailgw.auth.sendermap import openSenderSource
+
+            self._source = openSenderSource(self._mapPath, self._clock)
+            self._mapPath = None
         if self._mapPath is not None:
             self._read(self._mapPath)
             if self._clock is not None:
@@ -360,6 +380,23 @@ class SenderLoginPolicy(AcceptAll):
         # Logins are looked up exactly: the auth backend decides their case.
         return grant.merge((self._grants or {}).get(login, Grant()))
 
+    def _withSource(self, login: str, check: Callable[[Grant], SMTPReply | None]) -> Any:
+        """``check(grant)``, the source's grant merged in when there is a source."""
+        grant = self.grantFor(login)
+        if self._source is None:
+            return check(grant)
+
+        def unavailable(failure: Failure) -> SMTPReply:
+            self.log.error(
+                "sender login map source cannot answer for {user!r}: {problem}",
+                user=login,
+                problem=failure.getErrorMessage(),
+            )
+            return _SOURCE_UNAVAILABLE
+
+        d = defer.maybeDeferred(self._source.grant, login)
+        return d.addCallbacks(lambda found: check(grant.merge(found)), unavailable)
+
     def _refuse(
         self, session: Session, what: str, sender: str, reason: str, reply: SMTPReply
     ) -> SMTPReply:
@@ -373,7 +410,9 @@ class SenderLoginPolicy(AcceptAll):
         )
         return reply
 
-    def checkSender(self, session: Session, sender: Address | None) -> SMTPReply | None:
+    def checkSender(
+        self, session: Session, sender: Address | None
+    ) -> Any:  # SMTPReply | None, or a Deferred of either when there is a source
         login = session.user
         if login is None:
             return None  # the server requires AUTH before MAIL itself
@@ -383,15 +422,19 @@ class SenderLoginPolicy(AcceptAll):
             text = f"Sender <> not allowed for user <{_shown(login)}>"
             reply = SMTPReply(553, "5.7.1", text)
             return self._refuse(session, "MAIL FROM", "<>", "null sender not allowed", reply)
-        if self.grantFor(login).allows(sender.local, sender.domain):
-            return None
-        text = f"Sender address <{_shown(str(sender))}> not owned by user <{_shown(login)}>"
-        reply = SMTPReply(553, "5.7.1", text)
-        return self._refuse(session, "MAIL FROM", f"<{sender}>", "not owned", reply)
+
+        def check(grant: Grant) -> SMTPReply | None:
+            if grant.allows(sender.local, sender.domain):
+                return None
+            text = f"Sender address <{_shown(str(sender))}> not owned by user <{_shown(login)}>"
+            reply = SMTPReply(553, "5.7.1", text)
+            return self._refuse(session, "MAIL FROM", f"<{sender}>", "not owned", reply)
+
+        return self._withSource(login, check)
 
     def checkMessage(
         self, session: Session, envelope: Envelope, headers: bytes
-    ) -> SMTPReply | None:
+    ) -> Any:  # SMTPReply | None, or a Deferred of either when there is a source
         login = session.user
         if not self._checkHeaderFrom or login is None:
             return None
@@ -401,7 +444,11 @@ class SenderLoginPolicy(AcceptAll):
             return self._refuse(session, "header From", "", reason, SMTPReply(550, "5.7.1", found))
         if not found:
             return None  # RFC 6409 8.1 lets an MSA add From:; we leave that to the client
-        grant = self.grantFor(login)
+        return self._withSource(login, lambda grant: self._checkFrom(session, login, found, grant))
+
+    def _checkFrom(
+        self, session: Session, login: str, found: list[tuple[str, str]], grant: Grant
+    ) -> SMTPReply | None:
         for local, domain in found:
             # The email package hands back the unquoted content: quote it
             # so that it reads as a wire-form local part again.

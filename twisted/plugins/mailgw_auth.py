@@ -71,3 +71,104 @@ class PasswdCheckerFactory:
 
 
 thePasswdCheckerFactory = PasswdCheckerFactory()
+
+_sqlHelp = """
+Checks logins against users and stored password hashes in PostgreSQL or
+SQLite. FILE is a TOML file naming the driver, the database, the query
+(parameterised: %(user)s for PostgreSQL, :user for SQLite) and the pool:
+
+    driver = "postgresql"
+    dsn = "host=/run/postgresql dbname=mail user=mailgw"
+    password_query = "SELECT password FROM users WHERE login = %(user)s"
+    pool_size = 4
+
+Stored hashes: argon2id, bcrypt, SHA512-CRYPT, SHA256-CRYPT and Dovecot's
+{SCHEME} values. See docs/auth.md.
+"""
+
+
+@implementer(ICheckerFactory, IPlugin)
+class SQLCheckerFactory:
+    """Makes the C{sql:} checker (L{mailgw.auth.sql.makeSQLChecker})."""
+
+    authType = "sql"
+    authHelp = _sqlHelp
+    argStringFormat = "FILE"
+    credentialInterfaces = (IUsernamePassword,)
+
+    def generateChecker(self, argstring: str) -> Any:
+        """
+        @raise ValueError: no file given, or it cannot be read or used (the
+            message names the file and key), or the driver's library is
+            missing. The database itself is not contacted: a database down
+            at start-up answers 454 until it is back.
+        """
+        from mailgw.auth.sql import loadSQLSettings, makeSQLChecker
+
+        if not argstring:
+            raise ValueError("sql: needs its settings file: --auth sql:FILE")
+        settings = loadSQLSettings(argstring)
+        if settings.driver == "postgresql":
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    f"{argstring}: driver: postgresql needs psycopg (pip install 'mailgw[sql]')"
+                ) from None
+        from twisted.internet import reactor
+
+        return makeSQLChecker(settings, reactor)
+
+
+theSQLCheckerFactory = SQLCheckerFactory()
+
+_ldapHelp = """
+Checks logins by binding to an LDAP directory as the user, over ldaps:// or
+StartTLS with the server's certificate verified. FILE is a TOML file:
+
+    uri = "ldap://ldap.example.org"
+    start_tls = true
+    ca_file = "/etc/ssl/certs/ca-certificates.crt"
+    bind_dn = "uid={user},ou=people,dc=example,dc=org"
+
+or, to search for the user's entry first (bound as a service account):
+
+    base = "ou=people,dc=example,dc=org"
+    filter = "(&(objectClass=inetOrgPerson)(mail={user}))"
+    service_dn = "cn=mailgw,ou=services,dc=example,dc=org"
+    service_password_file = "/etc/mailgw/ldap.secret"
+
+See docs/auth.md.
+"""
+
+
+@implementer(ICheckerFactory, IPlugin)
+class LDAPCheckerFactory:
+    """Makes the C{ldap:} checker (L{mailgw.auth.ldap.LDAPChecker})."""
+
+    authType = "ldap"
+    authHelp = _ldapHelp
+    argStringFormat = "FILE"
+    credentialInterfaces = (IUsernamePassword,)
+
+    def generateChecker(self, argstring: str) -> Any:
+        """
+        @raise ValueError: no file given, or it cannot be read or used (the
+            message names the file and key), or ldap3 is missing. The
+            directory itself is not contacted: one down at start-up answers
+            454 until it is back.
+        """
+        if not argstring:
+            raise ValueError("ldap: needs its settings file: --auth ldap:FILE")
+        try:
+            import ldap3  # noqa: F401
+        except ImportError:
+            raise ValueError("ldap: needs ldap3 (pip install 'mailgw[ldap]')") from None
+        from twisted.internet import reactor
+
+        from mailgw.auth.ldap import LDAPChecker, loadLDAPSettings, sharedDirectory
+
+        return LDAPChecker(sharedDirectory(loadLDAPSettings(argstring), reactor))
+
+
+theLDAPCheckerFactory = LDAPCheckerFactory()

@@ -1,0 +1,177 @@
+"""
+A checker for backends that hand over a user's stored hash (a SQL table,
+an LDAP C{userPassword} read by a service account): fetch the hash, then
+verify the password against it on our side (L{mailgw.auth.hashes}), off
+the reactor thread and behind the verified-password cache.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from argon2 import PasswordHasher
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailgw.auth.cache import VerifiedCache
+from mailgw.auth.hashes import HashFormatError, hashScheme, verifyStored
+
+__all__ = ["Fetch", "StoredHashChecker", "StoredUser"]
+
+RunInThread = Callable[..., defer.Deferred[Any]]
+
+
+@attrs.frozen
+class StoredUser:
+    """
+    What a backend knows of a login: ``login`` as the backend spells it
+    (the identity mailgw records) and its ``stored`` hash.
+    """
+
+    login: str
+    stored: str = attrs.field(repr=False)
+
+
+#: ``fetch(login) -> Deferred[StoredUser | None]``: ``None`` for an unknown
+#: login; a failure (any exception) when the backend cannot answer.
+Fetch = Callable[[str], defer.Deferred[StoredUser | None]]
+
+
+@implementer(ICredentialsChecker)
+@attrs.define
+class StoredHashChecker:
+    """
+    Checks plain passwords (PLAIN, LOGIN) against the hash ``fetch``
+    returns for the login, verified by ``runInThread(f, *args)``.
+
+    A wrong password, an unknown login, an empty password and a user name
+    that is not UTF-8 all fail with L{UnauthorizedLogin} (535); an unknown
+    login costs a dummy verification against the last hash the backend
+    returned (the same scheme and cost as a real one), or an argon2id hash
+    before any. A backend that cannot answer, and a stored value in no
+    supported format (logged, without the value), fail with another
+    exception: 454 4.7.0.
+
+    @ivar allowPlain: verify C{{PLAIN}} values (refused by default).
+    @ivar cache: recently verified passwords (keyed on the stored hash
+        too, so a changed password in the backend misses it), or C{None}.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    fetch: Fetch
+    runInThread: RunInThread
+    allowPlain: bool = False
+    cache: VerifiedCache | None = attrs.field(factory=VerifiedCache)
+    name: str = "stored"
+    _dummy: str = attrs.field(init=False, repr=False)
+    _inflight: dict[bytes, list[defer.Deferred[bool]]] = attrs.field(
+        init=False, factory=dict, repr=False
+    )
+    log = Logger()
+
+    def __attrs_post_init__(self) -> None:
+        self._dummy = PasswordHasher().hash(secrets.token_urlsafe(32))
+
+    def _verify(self, stored: str, password: bytes) -> bool:
+        """Runs in a thread."""
+        return verifyStored(stored, password, self.allowPlain)
+
+    def _dummyVerify(self, password: bytes) -> None:
+        """Runs in a thread: the cost of a verification, its answer ignored."""
+        try:
+            verifyStored(self._dummy, password, self.allowPlain)
+        except HashFormatError:
+            pass
+
+    def _verifyOnce(self, key: bytes, stored: str, password: bytes) -> defer.Deferred[bool]:
+        """L{_verify} in a thread, shared by identical requests under way."""
+        waiting: defer.Deferred[bool] = defer.Deferred()
+        if key in self._inflight:
+            self._inflight[key].append(waiting)
+            return waiting
+        self._inflight[key] = [waiting]
+
+        def done(result: Any) -> None:
+            for d in self._inflight.pop(key, []):
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        defer.maybeDeferred(self.runInThread, self._verify, stored, password).addBoth(done)
+        return waiting
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
+        """
+        @return: a Deferred firing with the login (UTF-8 bytes) as the
+            backend spells it, or failing with L{UnauthorizedLogin}
+            (permanent: 535) or another exception (transient: 454).
+        """
+        if not IUsernamePassword.providedBy(credentials):
+            return defer.fail(UnhandledCredentials(f"cannot check {type(credentials).__name__}"))
+        password: bytes = credentials.password
+        raw: bytes | str = credentials.username
+        username: str | None
+        try:
+            username = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            username = None
+        if not password:
+            return defer.fail(UnauthorizedLogin())
+        if not username or "\x00" in username:
+            return self._unknown(password)
+        d = defer.maybeDeferred(self.fetch, username)
+        return d.addCallback(self._found, password)
+
+    def _unknown(self, password: bytes) -> defer.Deferred[bytes | tuple[()]]:
+        d = defer.maybeDeferred(self.runInThread, self._dummyVerify, password)
+
+        def refuse(_: object) -> bytes | tuple[()]:
+            raise UnauthorizedLogin()
+
+        return d.addCallback(refuse)
+
+    def _found(self, user: StoredUser | None, password: bytes) -> defer.Deferred[bytes | tuple[()]]:
+        if user is None:
+            return self._unknown(password)
+        # Later dummies cost what this backend's real hashes cost.
+        self._dummy = user.stored
+        cache = self.cache
+        # The cache keys on the stored value as ASCII: a {PLAIN} one may not be.
+        tag = user.stored if user.stored.isascii() else user.stored.encode("utf-8").hex()
+        if cache is not None:
+            if (user.login, tag, password) in cache:
+                return defer.succeed(user.login.encode("utf-8"))  # type: ignore[arg-type]
+            d = self._verifyOnce(cache.key(user.login, tag, password), user.stored, password)
+        else:
+            d = defer.maybeDeferred(self.runInThread, self._verify, user.stored, password)
+
+        def verified(ok: bool) -> bytes | tuple[()]:
+            if not ok:
+                raise UnauthorizedLogin()
+            if cache is not None:
+                cache.add(user.login, tag, password)
+            return user.login.encode("utf-8")
+
+        def broken(failure: Failure) -> Failure:
+            if failure.check(HashFormatError):
+                self.log.error(
+                    "{backend}: cannot verify the password of {login!r}: {problem}"
+                    " (scheme {scheme!r})",
+                    backend=self.name,
+                    login=user.login,
+                    problem=failure.getErrorMessage(),
+                    scheme=hashScheme(user.stored),
+                )
+            return failure
+
+        return d.addCallbacks(verified, broken)
