@@ -76,6 +76,7 @@ class ServerConfig:
     preAuthTimeout: float = 30
     maxJunkCommands: int = 20
     closeTimeout: float = 5
+    receivedClientAddress: bool = True
 
 
 @attrs.frozen
@@ -155,6 +156,13 @@ class ProxyConfig:
 
     trusted: tuple[Network, ...] = ()
     headerTimeout: float = 5
+
+
+@attrs.frozen
+class MetricsConfig:
+    """The Prometheus and health endpoint (docs/metrics.md); "" is off."""
+
+    listen: str = ""
 
 
 @attrs.frozen
@@ -243,6 +251,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     policy: PolicyConfig = PolicyConfig()
     proxy: ProxyConfig = ProxyConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -346,6 +355,7 @@ def _server(t: _Table) -> ServerConfig:
         preAuthTimeout=t.get("pre_auth_timeout", _duration(), d.preAuthTimeout),
         maxJunkCommands=t.get("max_junk_commands", _integer(0), d.maxJunkCommands),
         closeTimeout=t.get("close_timeout", _duration(), d.closeTimeout),
+        receivedClientAddress=t.get("received_client_address", _boolean, d.receivedClientAddress),
     )
 
 
@@ -542,6 +552,7 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "limits": _limits,
     "policy": _policy,
     "proxy": _proxy,
+    "metrics": lambda t: MetricsConfig(listen=t.get("listen", _string, "")),
 }
 
 

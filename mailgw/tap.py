@@ -44,6 +44,7 @@ class Options(usage.Options):
         ["relay-auth", None, None, "USER:PASSWORDFILE to log in to the relay with."],
         ["demo-dir", None, "demo", "Directory the demo keeps its files in."],
         ["log-format", None, "text", "Log format: text or json (one JSON object per line)."],
+        ["metrics", None, None, "Endpoint for /metrics and /healthz, e.g. tcp:9466:interface=::1."],
     ]
 
     def __init__(self) -> None:
@@ -91,6 +92,7 @@ class Options(usage.Options):
             ("hostname", "server.hostname"),
             ("relay-tls", "relay.tls"),
             ("relay-ca", "relay.ca_file"),
+            ("metrics", "metrics.listen"),
         ]:
             if self[option] is not None:
                 values[key] = self[option]

@@ -122,6 +122,13 @@ class QueueRunner(OperatorControl, Service):
         self._timer: IDelayedCall | None = None
         self._pumping = self._pumpAgain = False
         self._idleWaiters: list[Deferred[None]] = []
+        #: L{mailgw.metrics.Metrics}, or None: metrics are off.
+        self.metrics: Any = None
+
+    def queueGauges(self) -> tuple[int, float | None]:
+        """Messages queued, and the arrival time of the oldest (None: empty)."""
+        messages = self._messages.values()
+        return len(messages), min((m.arrival for m in messages), default=None)
 
     # -- intake (IQueue) ------------------------------------------------------
 
@@ -486,6 +493,8 @@ class QueueRunner(OperatorControl, Service):
         _log.info(
             "Queue {queueId}: {kind} queued as {newId}", queueId=queueId, kind=kind, newId=newId
         )
+        if self.metrics is not None:
+            self.metrics.bounce(kind)
         return True
 
     def _unbusy(self, queueId: str) -> None:

@@ -77,6 +77,8 @@ class Transaction:
         self._writer: IMessageWriter | None = None
         self._reader: DataReader | None = None
         self._envelope: Envelope | None = None
+        #: The message's size and the seconds its commit took, once queued.
+        self.size, self.commitSeconds = 0, 0.0
 
     @property
     def started(self) -> bool:
@@ -286,8 +288,14 @@ class Transaction:
         writer, self._writer = self._writer, None
         assert writer is not None
         self.stage = Stage.COMMITTING
+        self.size, began = size, self._listener.clock.seconds()
         d = maybeDeferred(writer.commit)
+        d.addBoth(self._timed, began)
         return d.addBoth(self._committed, writer, envelope, size)
+
+    def _timed(self, result: Any, began: float) -> Any:
+        self.commitSeconds = self._listener.clock.seconds() - began
+        return result
 
     def _committed(
         self, result: Any, writer: IMessageWriter, envelope: Envelope, size: int
