@@ -73,10 +73,10 @@ class ServerConfig:
     sessionTimeout: float = 1800
     maxHeaderSize: int = 262144
     maxReceivedHeaders: int = 50
+    receivedClientAddress: bool = True
     preAuthTimeout: float = 30
     maxJunkCommands: int = 20
     closeTimeout: float = 5
-    receivedClientAddress: bool = True
 
 
 @attrs.frozen
@@ -352,10 +352,10 @@ def _server(t: _Table) -> ServerConfig:
         # A header section must hold at least a few 998-octet lines (RFC 5322 2.1.1).
         maxHeaderSize=t.get("max_header_size", _size(4096), d.maxHeaderSize),
         maxReceivedHeaders=t.get("max_received_headers", _integer(1), d.maxReceivedHeaders),
+        receivedClientAddress=t.get("received_client_address", _boolean, d.receivedClientAddress),
         preAuthTimeout=t.get("pre_auth_timeout", _duration(), d.preAuthTimeout),
         maxJunkCommands=t.get("max_junk_commands", _integer(0), d.maxJunkCommands),
         closeTimeout=t.get("close_timeout", _duration(), d.closeTimeout),
-        receivedClientAddress=t.get("received_client_address", _boolean, d.receivedClientAddress),
     )
 
 

@@ -40,6 +40,7 @@ from mailgw.queue.spool import Spool, SpoolError
 from mailgw.relay.relay import Relay
 from mailgw.reloading import SwappableContextFactory, restartOnly
 from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
+from mailgw.server.plaintext import PlaintextSniffingFactory
 
 
 def threadRunner(reactor: Any, pool: ThreadPool | None = None) -> Callable[..., Deferred[Any]]:
@@ -69,6 +70,7 @@ def serverSettings(config: Config) -> ServerSettings:
         sessionTimeout=server.sessionTimeout,
         maxHeaderSize=server.maxHeaderSize,
         maxReceivedHeaders=server.maxReceivedHeaders,
+        receivedClientAddress=server.receivedClientAddress,
         maxErrors=server.maxErrors,
         legacyAuthLine=server.legacyAuthLine,
         preAuthTimeout=server.preAuthTimeout,
@@ -323,6 +325,7 @@ class GatewayService(MultiService):
         wrapped: Any = factory
         if implicitTLS:
             wrapped = TLSMemoryBIOFactory(self.tlsContext, False, factory)
+            wrapped = PlaintextSniffingFactory(wrapped, factory.listenerName)
         proxy = self.config.proxy
         if proxy.trusted:
             # Outermost: the PROXY header comes before TLS, from trusted peers only.
