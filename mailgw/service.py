@@ -199,8 +199,14 @@ class GatewayService(MultiService):
         self.runner.setServiceParent(self)
         if controlSocket is None and isinstance(self.spool, Spool):
             controlSocket = defaultSocketPath(config.spool.directory)
+        #: What ``mailgw reload`` calls (``twistd mailgw``: the SIGHUP reload,
+        #: which reads the configuration file again).
+        self.reloader: Callable[[], bool] = self.reload
         if controlSocket:
-            _OptionalControl(controlSocket, self.runner, reactor).setServiceParent(self)
+            control = _OptionalControl(
+                controlSocket, self.runner, reactor, reload=lambda: self.reloader()
+            )
+            control.setServiceParent(self)
         if metrics is None and config.metrics.listen:
             metrics = Metrics(CollectorRegistry())
         self.metrics = metrics
