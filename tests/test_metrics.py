@@ -109,3 +109,43 @@ class DashboardTests(SynchronousTestCase):
         bases = {re.sub(r"_(bucket|count|sum)$", "", n) for n in exported}
         shown = {re.sub(r"_(bucket|count|sum)$", "", n) for n in used}
         self.assertEqual(bases - shown, set())
+
+
+class RelayMetricsTests(SynchronousTestCase):
+    def test_attemptCounted(self) -> None:
+        """Each recipient's result by relay host and status; the attempt's duration."""
+        from mailgw.config import RelayConfig
+        from tests.test_relay import MemoryTests, makeMessage, smart
+
+        memory = MemoryTests()
+        memory.setUp()
+        relay = memory.makeRelay(RelayConfig(default=smart("A.test", connectTimeout=7)))
+        metrics = Metrics(CollectorRegistry())
+        relay.metrics = metrics
+        d = relay.deliver(makeMessage(recipients=["x@a.test", "y@a.test"]))
+        memory.clock.advance(7)
+        self.assertEqual(len(self.successResultOf(d)), 2)
+        value = metrics.registry.get_sample_value
+        labels = {"relay": "a.test", "status": "deferred"}
+        self.assertEqual(value("mailgw_delivery_attempts_total", labels), 2)
+        self.assertEqual(value("mailgw_relay_attempt_seconds_count", {"relay": "a.test"}), 1)
+        self.assertEqual(value("mailgw_relay_attempt_seconds_sum", {"relay": "a.test"}), 7)
+
+
+class BounceMetricsTests(SynchronousTestCase):
+    def test_bounceCounted(self) -> None:
+        from tests.test_runner import BOB, CAROL, RunnerTestCase, permanent
+
+        case = RunnerTestCase()
+        case.setUp()
+        case.submit(BOB, CAROL)
+        case.relay.script[str(CAROL)] = [permanent("550 5.1.1 no such user")]
+        runner = case.makeRunner()
+        metrics = Metrics(CollectorRegistry())
+        runner.metrics = metrics
+        metrics.watchQueue(runner, case.clock)
+        runner.startService()
+        self.assertEqual(len(case.dsns()), 1)
+        value = metrics.registry.get_sample_value
+        self.assertEqual(value("mailgw_bounces_total", {"kind": "bounce"}), 1)
+        self.assertEqual(value("mailgw_queue_messages"), 0)

@@ -130,3 +130,12 @@ class MetricsEndpointTests(GatewayTestCase):
         yield port.stopListening()
         status, text = yield deferToThread(fetch, self.base_url + "/healthz")
         self.assertEqual((status, text), (503, "listeners: 1 of 2 listening\n"))
+
+
+class MetricsOffTests(GatewayTestCase):
+    def test_offByDefault(self) -> None:
+        """No [metrics] listen: no metrics object anywhere, nothing listens."""
+        self.assertIsNone(self.service.metrics)
+        self.assertIsNone(self.service.metricsService)
+        self.assertEqual({f.metrics for f in self.service.factories}, {None})
+        self.assertIsNone(self.service.runner.metrics)
