@@ -334,6 +334,13 @@ def _smarthost(text: str, defaultPort: int) -> Smarthost:
     return Smarthost(host, number)
 
 
+def _endpoint(value: Any) -> str:
+    """One listener endpoint string, or "" for none."""
+    if not isinstance(value, str):
+        raise _Invalid(f"expected an endpoint string, got {value!r}")
+    return _listeners([value])[0] if value else ""
+
+
 def _server(t: _Table) -> ServerConfig:
     d = ServerConfig()
     return ServerConfig(
@@ -552,7 +559,7 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "limits": _limits,
     "policy": _policy,
     "proxy": _proxy,
-    "metrics": lambda t: MetricsConfig(listen=t.get("listen", _string, "")),
+    "metrics": lambda t: MetricsConfig(listen=t.get("listen", _endpoint, "")),
 }
 
 
