@@ -131,6 +131,8 @@ class HeaderHoldTests(SynchronousTestCase):
         self.assertEqual(messageId(folded), "<a?b@c>")
         self.assertEqual(messageId(b"Message-ID: " + b"<" * 500 + b"\r\n"), "<" * 200)
         self.assertEqual(messageId(b"Subject: x\r\n"), "")
+        forged = b"Message-ID: <a> user='root' client=10.0.0.1\r\n"
+        self.assertEqual(messageId(forged), "<a>?user='root'?client=10.0.0.1")
 
 
 class ReceivedClientAddressTests(SynchronousTestCase):

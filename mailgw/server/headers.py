@@ -48,13 +48,15 @@ def missingFields(headers: bytes, queueId: str, hostname: str, when: float) -> b
 def messageId(headers: bytes) -> str:
     """
     The first ``Message-ID:`` value of ``headers``, unfolded, printable
-    ASCII, at most L{MAX_LOGGED_ID} characters ("" when there is none).
+    ASCII without spaces, at most L{MAX_LOGGED_ID} characters ("" when
+    there is none).
     """
     match = _MESSAGE_ID.search(headers)
     if match is None:
         return ""
     value = re.sub(rb"\r\n[ \t]+", b" ", match.group(1)).strip()[:MAX_LOGGED_ID]
-    return "".join(chr(b) if 32 <= b < 127 else "?" for b in value)
+    # No spaces either: the value stays one field of the log line.
+    return "".join(chr(b) if 32 < b < 127 else "?" for b in value)
 
 
 def headerSection(data: bytes | bytearray, start: int = 0) -> int | None:
