@@ -149,3 +149,17 @@ class BounceMetricsTests(SynchronousTestCase):
         value = metrics.registry.get_sample_value
         self.assertEqual(value("mailgw_bounces_total", {"kind": "bounce"}), 1)
         self.assertEqual(value("mailgw_queue_messages"), 0)
+
+
+class ShowConfigTests(SynchronousTestCase):
+    def test_metricsShown(self) -> None:
+        """`mailgw show-config` prints [metrics], and reads back the same."""
+        import tomllib
+
+        from mailgw.cli.show import render
+        from mailgw.config import configFromDict
+
+        config = configFromDict({"metrics": {"listen": "tcp:port=9466:interface=127.0.0.1"}})
+        text = render(config, changed=True)
+        self.assertIn('[metrics]\nlisten = "tcp:port=9466:interface=127.0.0.1"', text)
+        self.assertEqual(configFromDict(tomllib.loads(text)), config)
