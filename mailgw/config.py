@@ -73,6 +73,7 @@ class ServerConfig:
     sessionTimeout: float = 1800
     maxHeaderSize: int = 262144
     maxReceivedHeaders: int = 50
+    receivedClientAddress: bool = True
     preAuthTimeout: float = 30
     maxJunkCommands: int = 20
     closeTimeout: float = 5
@@ -156,6 +157,13 @@ class ProxyConfig:
 
     trusted: tuple[Network, ...] = ()
     headerTimeout: float = 5
+
+
+@attrs.frozen
+class MetricsConfig:
+    """The Prometheus and health endpoint (docs/metrics.md); "" is off."""
+
+    listen: str = ""
 
 
 @attrs.frozen
@@ -244,6 +252,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     policy: PolicyConfig = PolicyConfig()
     proxy: ProxyConfig = ProxyConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -329,6 +338,13 @@ def _smarthost(text: str, defaultPort: int) -> Smarthost:
     return Smarthost(host, number)
 
 
+def _endpoint(value: Any) -> str:
+    """One listener endpoint string, or "" for none."""
+    if not isinstance(value, str):
+        raise _Invalid(f"expected an endpoint string, got {value!r}")
+    return _listeners([value])[0] if value else ""
+
+
 def _server(t: _Table) -> ServerConfig:
     d = ServerConfig()
     return ServerConfig(
@@ -347,6 +363,7 @@ def _server(t: _Table) -> ServerConfig:
         # A header section must hold at least a few 998-octet lines (RFC 5322 2.1.1).
         maxHeaderSize=t.get("max_header_size", _size(4096), d.maxHeaderSize),
         maxReceivedHeaders=t.get("max_received_headers", _integer(1), d.maxReceivedHeaders),
+        receivedClientAddress=t.get("received_client_address", _boolean, d.receivedClientAddress),
         preAuthTimeout=t.get("pre_auth_timeout", _duration(), d.preAuthTimeout),
         maxJunkCommands=t.get("max_junk_commands", _integer(0), d.maxJunkCommands),
         closeTimeout=t.get("close_timeout", _duration(), d.closeTimeout),
@@ -547,6 +564,7 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "limits": _limits,
     "policy": _policy,
     "proxy": _proxy,
+    "metrics": lambda t: MetricsConfig(listen=t.get("listen", _endpoint, "")),
 }
 
 

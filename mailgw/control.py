@@ -11,7 +11,9 @@ can connect) carrying one JSON object per line each way::
     <- {"ok": false, "error": "unknown queue id 0005F1A2B3C4D5E6F7A8", "count": 0}
 
 Commands: ``flush`` (no ids: every message), ``hold``, ``release``,
-``delete`` (at least one id) and ``ping``. A connection may send several
+``delete`` (at least one id), ``ping`` and ``reload`` (as SIGHUP: the
+configuration, certificate and files read again; ``ok`` false when the new
+ones were refused, and the log says why). A connection may send several
 requests; they are answered one at a time, in order. docs/queue-cli.md is the
 operator's description.
 
@@ -26,7 +28,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application.service import Service
@@ -49,7 +51,7 @@ MAX_LINE_LENGTH = 64 * 1024
 MAX_IDS = 1000
 #: Commands that act on each named message, and need at least one.
 PER_MESSAGE_COMMANDS = ("hold", "release", "delete")
-COMMANDS = ("flush", *PER_MESSAGE_COMMANDS, "ping")
+COMMANDS = ("flush", *PER_MESSAGE_COMMANDS, "ping", "reload")
 
 _log = Logger()
 
@@ -152,9 +154,12 @@ async def _flushAll(control: IQueueControl) -> dict[str, Any]:
     return {"ok": True, "count": int(scheduled) if isinstance(scheduled, int) else 0}
 
 
-def handleRequest(control: IQueueControl, line: bytes) -> Deferred[dict[str, Any]]:
+def handleRequest(
+    control: IQueueControl, line: bytes, reload: Callable[[], Any] | None = None
+) -> Deferred[dict[str, Any]]:
     """
-    Carry out the request ``line`` on ``control``.
+    Carry out the request ``line`` on ``control``; ``reload`` reloads the
+    gateway (True: applied, False: refused).
 
     @return: a Deferred firing with the answer (never failing): ``count`` is
         how many messages were acted on (for ``flush``, scheduled), also in
@@ -166,9 +171,28 @@ def handleRequest(control: IQueueControl, line: bytes) -> Deferred[dict[str, Any
     command, ids = parsed
     if command == "ping":
         return succeed({"ok": True, "count": 0})
+    if command == "reload":
+        return _reload(reload)
     if command == "flush" and not ids:
         return Deferred.fromCoroutine(_flushAll(control))
     return Deferred.fromCoroutine(_perMessage(control, command, ids))
+
+
+def _reload(reload: Callable[[], Any] | None) -> Deferred[dict[str, Any]]:
+    if reload is None:
+        return succeed(_error("this gateway cannot reload over its control socket", 0))
+    _log.info("Control: reload")
+
+    def done(applied: Any) -> dict[str, Any]:
+        if applied:
+            return {"ok": True, "count": 0}
+        return _error("reload refused: the running configuration stays in force (see the log)", 0)
+
+    def failed(failure: Any) -> dict[str, Any]:
+        _log.failure("Control: reload failed", failure)
+        return _error("reload failed (see the log)", 0)
+
+    return maybeDeferred(reload).addCallbacks(done, failed)
 
 
 class ControlProtocol(LineReceiver, TimeoutMixin):
@@ -201,7 +225,7 @@ class ControlProtocol(LineReceiver, TimeoutMixin):
         self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
-        d = handleRequest(self.factory.control, line.rstrip(b"\r"))
+        d = handleRequest(self.factory.control, line.rstrip(b"\r"), self.factory.reload)
         d.addErrback(self._failed)
         if d.called:
             d.addCallback(self._answer)
@@ -235,8 +259,15 @@ class ControlFactory(Factory):
 
     noisy = False
 
-    def __init__(self, control: IQueueControl, reactor: Any, idleTimeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        control: IQueueControl,
+        reactor: Any,
+        idleTimeout: float = 60.0,
+        reload: Callable[[], Any] | None = None,
+    ) -> None:
         self.control = control
+        self.reload = reload
         self.reactor = reactor
         self.idleTimeout = idleTimeout
         self.connections: set[ControlProtocol] = set()
@@ -295,11 +326,16 @@ class ControlService(Service):
     """
 
     def __init__(
-        self, path: str, control: IQueueControl, reactor: Any, idleTimeout: float = 60.0
+        self,
+        path: str,
+        control: IQueueControl,
+        reactor: Any,
+        idleTimeout: float = 60.0,
+        reload: Callable[[], Any] | None = None,
     ) -> None:
         self.path = path
         self.reactor = reactor
-        self.factory = ControlFactory(control, reactor, idleTimeout)
+        self.factory = ControlFactory(control, reactor, idleTimeout, reload)
         self.port: Any = None
 
     def startService(self) -> None:

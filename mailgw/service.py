@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
@@ -29,8 +30,10 @@ from mailgw.auth.realm import makePortal
 from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
+from mailgw.health import MetricsService, gatewayChecks, makeSite
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
+from mailgw.metrics import Metrics
 from mailgw.policy.senders import SenderLoginPolicy
 from mailgw.proxy import ProxyFactory
 from mailgw.queue.runner import QueueRunner
@@ -38,6 +41,7 @@ from mailgw.queue.spool import Spool, SpoolError
 from mailgw.relay.relay import Relay
 from mailgw.reloading import SwappableContextFactory, restartOnly
 from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
+from mailgw.server.plaintext import PlaintextSniffingFactory
 
 
 def threadRunner(reactor: Any, pool: ThreadPool | None = None) -> Callable[..., Deferred[Any]]:
@@ -150,6 +154,7 @@ class GatewayService(MultiService):
         guards: Guards | None = None,
         controlSocket: str | None = None,
         exitOnListenFailure: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -185,8 +190,20 @@ class GatewayService(MultiService):
         self.runner.setServiceParent(self)
         if controlSocket is None and isinstance(self.spool, Spool):
             controlSocket = defaultSocketPath(config.spool.directory)
+        #: What ``mailgw reload`` calls (``twistd mailgw``: the SIGHUP reload,
+        #: which reads the configuration file again).
+        self.reloader: Callable[[], bool] = self.reload
         if controlSocket:
-            _OptionalControl(controlSocket, self.runner, reactor).setServiceParent(self)
+            control = _OptionalControl(
+                controlSocket, self.runner, reactor, reload=lambda: self.reloader()
+            )
+            control.setServiceParent(self)
+        if metrics is None and config.metrics.listen:
+            metrics = Metrics(CollectorRegistry())
+        self.metrics = metrics
+        self.metricsService: MetricsService | None = None
+        if metrics is not None:
+            self._watch(metrics)
         self.factories: list[SubmissionFactory] = []
         self._listeners: list[tuple[str, Any]] = []
         for description in config.server.submission:
@@ -195,6 +212,19 @@ class GatewayService(MultiService):
             self._addListener(description, implicitTLS=True)
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
+
+    def _watch(self, metrics: Metrics) -> None:
+        """Count into ``metrics``; serve them on ``[metrics] listen`` when set."""
+        metrics.watchQueue(self.runner, self.reactor)
+        self.runner.metrics = metrics
+        if isinstance(self.relay, Relay):
+            self.relay.metrics = metrics
+        if self.guards.auth is not None:
+            self.guards.auth.metrics = metrics
+        if self.config.metrics.listen:
+            site = makeSite(metrics.registry, gatewayChecks(self))
+            self.metricsService = MetricsService(self.reactor, self.config.metrics.listen, site)
+            self.metricsService.setServiceParent(self)
 
     def _checkTLS(self, config: Config) -> Any:
         """
@@ -285,12 +315,14 @@ class GatewayService(MultiService):
             implicitTLS=implicitTLS,
             policy=self.policy,
             guards=self.guards,
+            metrics=self.metrics,
         )
         self.factories.append(factory)
         # RFC 8314 3.3: on the submissions port TLS starts with the first byte.
         wrapped: Any = factory
         if implicitTLS:
             wrapped = TLSMemoryBIOFactory(self.tlsContext, False, factory)
+            wrapped = PlaintextSniffingFactory(wrapped, factory.listenerName)
         proxy = self.config.proxy
         if proxy.trusted:
             # Outermost: the PROXY header comes before TLS, from trusted peers only.

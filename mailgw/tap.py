@@ -18,7 +18,7 @@ from twisted.cred.strcred import AuthOptionMixin
 from twisted.logger import Logger
 from twisted.python import usage
 
-from mailgw import demo, fdlimit, logs
+from mailgw import demo, fdlimit, logs, ownership
 from mailgw.config import Config, ConfigError, configFromDict, mergeOverrides, readConfigFile
 
 
@@ -55,6 +55,7 @@ class Options(usage.Options, AuthOptionMixin):
         ["relay-auth", None, None, "USER:PASSWORDFILE to log in to the relay with."],
         ["demo-dir", None, "demo", "Directory the demo keeps its files in."],
         ["log-format", None, "text", "Log format: text or json (one JSON object per line)."],
+        ["metrics", None, None, "Endpoint for /metrics and /healthz, e.g. tcp:9466:interface=::1."],
     ]
 
     def __init__(self) -> None:
@@ -102,6 +103,7 @@ class Options(usage.Options, AuthOptionMixin):
             ("hostname", "server.hostname"),
             ("relay-tls", "relay.tls"),
             ("relay-ca", "relay.ca_file"),
+            ("metrics", "metrics.listen"),
         ]:
             if self[option] is not None:
                 values[key] = self[option]
@@ -190,6 +192,19 @@ def _raiseFileLimit(config: Config) -> None:
 _log = Logger()
 
 
+def _giveSpool(options: Options, config: Config) -> None:
+    """Under ``twistd -u/-g``: the spool tree to the user twistd becomes."""
+    parent: Any = getattr(options, "parent", None)
+    if parent is None:
+        return
+    try:
+        ownership.giveSpool(config.spool.directory, parent.get("uid"), parent.get("gid"))
+    except (OSError, KeyError) as e:
+        raise ConfigError(
+            config.source, "spool.directory", f"cannot give the spool to the service user: {e}"
+        ) from None
+
+
 def _loggingRoot(options: Options, reactor: Any) -> logs.LoggingRoot:
     """
     The service tree's root, with the log observer for twistd's --logfile
@@ -218,9 +233,12 @@ def makeService(options: Options) -> IService:
         config, password = buildConfig(options)
         _raiseFileLimit(config)
         service = GatewayService(config, reactor, exitOnListenFailure=True)
+        _giveSpool(options, config)
         root = _loggingRoot(options, reactor)
         service.setServiceParent(root)
-        ReloadOnHangup(service, options, reactor).setServiceParent(root)
+        hangup = ReloadOnHangup(service, options, reactor)
+        hangup.setServiceParent(root)
+        service.reloader = hangup.reload  # `mailgw reload` does what SIGHUP does
         if password is not None:
             demo.banner(config, password)
         return root

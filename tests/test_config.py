@@ -66,6 +66,7 @@ SCHEMA = {
         "session_timeout",
         "max_header_size",
         "max_received_headers",
+        "received_client_address",
         "pre_auth_timeout",
         "max_junk_commands",
         "close_timeout",
@@ -106,6 +107,7 @@ SCHEMA = {
     ],
     "policy": ["sender_login_maps", "check_header_from", "allow_null_sender"],
     "proxy": ["trusted", "header_timeout"],
+    "metrics": ["listen"],
     "relay": ROUTE_KEYS,
 }
 
@@ -138,6 +140,7 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
         "session_timeout": [0, "30m", False],
         "max_header_size": [0, 4095, "1K", "x", True],
         "max_received_headers": [0, -1, 1.5, "50"],
+        "received_client_address": [1, "no"],
         "pre_auth_timeout": [0, -1, "30", True],
         "max_junk_commands": [-1, 1.5, "20"],
         "close_timeout": [0, float("inf"), "5"],
@@ -189,6 +192,9 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
     "proxy": {
         "trusted": BAD_NETWORKS,
         "header_timeout": [0, -5, "5"],
+    },
+    "metrics": {
+        "listen": [9466, ["tcp:9466"], "bogus:9466", "ssl:9466"],
     },
     "relay": {
         "smarthosts": [
@@ -783,7 +789,7 @@ class ExampleFileTests(unittest.SynchronousTestCase):
                 self.assertIn(f"`{key}`", text, f"{section}.{key}")
         for option in ["--config", "--submission", "--submissions", "--certificate", "--key",
                        "--auth", "--spool", "--hostname", "--relay", "--relay-tls",
-                       "--relay-ca", "--relay-auth"]:  # fmt: skip
+                       "--relay-ca", "--relay-auth", "--metrics"]:  # fmt: skip
             self.assertIn(f"`{option}", text)
 
 

@@ -24,6 +24,7 @@ from mailgw.auth import passwd
 from mailgw.cli.check import addCheckConfigParser
 from mailgw.cli.errors import CommandError, Subparsers
 from mailgw.cli.queue import addQueueParser
+from mailgw.cli.reload import addReloadParser
 from mailgw.cli.show import addShowConfigParser
 
 DEFAULT_PASSWD_FILE = "/etc/mailgw/passwd"
@@ -38,6 +39,7 @@ def _parserAdders() -> list[ParserAdder]:
         addQueueParser,
         addCheckConfigParser,
         addShowConfigParser,
+        addReloadParser,
     ]
 
 

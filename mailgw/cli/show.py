@@ -21,7 +21,7 @@ from mailgw.cli.errors import CommandError
 
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
-_SECTIONS = ("server", "tls", "auth", "spool", "queue", "limits", "policy", "proxy")
+_SECTIONS = ("server", "tls", "auth", "spool", "queue", "limits", "policy", "proxy", "metrics")
 
 
 def addShowConfigParser(subparsers: Any) -> None:

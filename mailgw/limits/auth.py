@@ -15,6 +15,7 @@ users costs an attacker exactly what guessing at real ones does.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from typing import Any
 
 import attrs
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -244,6 +245,8 @@ class AuthThrottle:
         self._busyTrusted: dict[Hashable, int] = {}
         self._busyTotal = 0
         self._log = log if log is not None else Logger(namespace=__name__)
+        #: L{mailgw.metrics.Metrics}, or None: metrics are off.
+        self.metrics: Any = None
 
     def _classify(self, address: str, login: str | None) -> _Subject:
         who = client(address)
@@ -314,6 +317,8 @@ class AuthThrottle:
         if not decision.reason:
             return decision
         action = "disconnect" if decision.disconnect else "refuse" if decision.refuse else "delay"
+        if self.metrics is not None:
+            self.metrics.throttleDecision(decision.reason, action)
         line = formatLogLine(
             address=subject.who.address,
             network=subject.who.network,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -64,6 +64,7 @@ class Recording:
     _reportingMTA: str
     _rng: random.Random
     _schedule: Schedule
+    metrics: Any  # mailgw.metrics.Metrics, or None: metrics are off
 
     def begin(self, envelope: Envelope, session: Session) -> IMessageWriter:
         raise NotImplementedError
@@ -236,4 +237,6 @@ class Recording:
         _log.info(
             "Queue {queueId}: {kind} queued as {newId}", queueId=queueId, kind=kind, newId=newId
         )
+        if self.metrics is not None:
+            self.metrics.bounce(kind)
         return True

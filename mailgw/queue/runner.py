@@ -100,6 +100,13 @@ class QueueRunner(Recording, OperatorControl, Service):
         self._timer: IDelayedCall | None = None
         self._pumping = self._pumpAgain = False
         self._idleWaiters: list[Deferred[None]] = []
+        #: L{mailgw.metrics.Metrics}, or None: metrics are off.
+        self.metrics: Any = None
+
+    def queueGauges(self) -> tuple[int, float | None]:
+        """Messages queued, and the arrival time of the oldest (None: empty)."""
+        messages = self._messages.values()
+        return len(messages), min((m.arrival for m in messages), default=None)
 
     # -- intake (IQueue) ------------------------------------------------------
 

@@ -46,7 +46,7 @@ from mailgw.relay.client import (
     RelayTimeouts,
     deliverBatch,
 )
-from mailgw.relay.deliverylog import logAttempt, relayName, tlsName
+from mailgw.relay.deliverylog import logAttempt, relayName, status, tlsName
 from mailgw.relay.filecache import FileCache, RunBlocking, threadPoolRunner
 from mailgw.relay.results import INTERNAL, INTERNAL_ERROR, Part, Report, Results, splitParts
 from mailgw.relay.routing import (
@@ -137,6 +137,8 @@ class Relay:
         self.slots = ConnectionSlots(maxConcurrency, maxPerHost)
         self.tlsCreators: FileCache[IOpenSSLClientConnectionCreator] = FileCache(self.runBlocking)
         self.secrets: FileCache[str | None] = FileCache(self.runBlocking)
+        #: L{mailgw.metrics.Metrics}, or None: metrics are off.
+        self.metrics: Any = None
 
     def _hostnameEndpoint(self, destination: Destination, timeout: float) -> IStreamClientEndpoint:
         return HostnameEndpoint(self.reactor, destination.host, destination.port, timeout=timeout)
@@ -305,6 +307,8 @@ class Relay:
             tlsText = tlsName(attempt.tlsVersion, attempt.tlsCipher)
             for position, result in enumerate(partResults):
                 logAttempt(part.message, result, now, relay, tlsText)
+                if self.metrics is not None:
+                    self.metrics.delivery(destination.host.lower(), status(result))
                 # Success and permanent results are final; what is transient
                 # is tried at the next host, or stays after the last.
                 if result.transient and not last:
@@ -326,6 +330,7 @@ class Relay:
         host = destination.host.lower()
         await self.slots.acquire(host)
         seen: set[int] = set()
+        began = self.reactor.seconds()
 
         def once(index: int, partResults: list[DeliveryResult], attempt: Attempt) -> None:
             seen.add(index)
@@ -346,6 +351,8 @@ class Relay:
             everything = [p.deferred(INTERNAL, INTERNAL_ERROR, settings.hostname) for p in parts]
         finally:
             self.slots.release(host)
+            if self.metrics is not None:
+                self.metrics.relayAttempt(host, self.reactor.seconds() - began)
         for index, partResults in enumerate(everything):
             if index not in seen:
                 once(index, partResults, Attempt())

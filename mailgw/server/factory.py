@@ -42,6 +42,7 @@ class SubmissionFactory(Factory):
         implicitTLS: bool = False,
         policy: ISubmissionPolicy | None = None,
         guards: Guards | None = None,
+        metrics: Any = None,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -52,6 +53,8 @@ class SubmissionFactory(Factory):
         self.policy = policy if policy is not None else AcceptAll()
         self.guards = guards if guards is not None else Guards()
         self.connections: set[SubmissionServer] = set()
+        #: L{mailgw.metrics.Metrics}, or None: metrics are off.
+        self.metrics = metrics
 
     @property
     def mechanisms(self) -> tuple[str, ...]:

@@ -27,6 +27,8 @@ from mailgw.server.authentication import (
     LoginOutcome,
 )
 from mailgw.server.connection import PREAUTH, Connection
+from mailgw.replies import SMTPReply
+from mailgw.server.sessionlog import SessionRecord
 from mailgw.server.settings import Listener
 from mailgw.server.transaction import Stage, Transaction
 from mailgw.tls import describeTLS
@@ -56,6 +58,9 @@ class SubmissionServer(Connection):
         self._loggedInOnce = False
         self._auth = AuthPhase(listener, self._clientAddress)
         self._transaction = self._newTransaction()
+        self.record = SessionRecord(listener=listener.listenerName)
+        #: L{mailgw.metrics.Metrics}, or None: metrics are off.
+        self._metrics = getattr(listener, "metrics", None)
 
     @property
     def factory(self) -> Listener:
@@ -109,10 +114,14 @@ class SubmissionServer(Connection):
 
     def connectionOpened(self) -> None:
         limiter = self.listener.guards.connections
+        self.record.client = self._clientAddress()
         if limiter is not None:
             address = self._clientAddress()
             refusal = limiter.open(address)
             if refusal is not None:
+                self.record.closedWith(refusal, refusedByLimit=True)
+                if self._metrics is not None:
+                    self._metrics.throttleDecision("connection-limit", "refuse")
                 self._log.info(
                     "connection refused client={client}: {reason}",
                     client=address,
@@ -134,6 +143,27 @@ class SubmissionServer(Connection):
         if self._counted is not None and limiter is not None:
             limiter.close(self._counted, authenticated=self._loggedInOnce)
             self._counted = None
+        self._sawTLS()
+        record = self.record
+        outcome = record.ended(tlsExpected=self.listener.implicitTLS)
+        record.log()
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.connectionClosed(record.listener, outcome)
+            if record.tlsVersion is not None:
+                metrics.tlsHandshake(record.tlsVersion)
+            elif self._tls and outcome != "limit":
+                metrics.tlsFailed(record.listener)
+
+    def close(self, reply: SMTPReply | None = None) -> None:
+        if not self.closing:
+            self.record.closedWith(reply)
+        super().close(reply)
+
+    def _sawTLS(self) -> None:
+        """Note the TLS version and cipher once the handshake has finished."""
+        if self._tls and self.record.tlsVersion is None:
+            self.record.tlsVersion, self.record.tlsCipher = describeTLS(self.transport)
 
     def internalError(self) -> None:
         self._resetTransaction()
@@ -185,6 +215,8 @@ class SubmissionServer(Connection):
             return
         verb, _, argument = line.partition(" ")
         verb = verb.upper()
+        self.record.command(verb)
+        self._sawTLS()
         if verb in _HTTP_VERBS or verb.endswith(":"):
             self.close(replies.HTTP_REFUSED)
             return
@@ -291,6 +323,9 @@ class SubmissionServer(Connection):
         elif self._transaction.started:
             self.reply(replies.IN_TRANSACTION)
         else:
+            mechanism = argument.split(" ", 1)[0].upper()
+            if mechanism in self.listener.mechanisms:
+                self.record.mechanism = mechanism
             self._authStep(self._auth.start(argument))
 
     def _authStep(self, step: AuthStep) -> None:
@@ -309,7 +344,12 @@ class SubmissionServer(Connection):
 
     def _loggedIn(self, outcome: LoginOutcome) -> None:
         left, self._preAuthLeft = self._preAuthLeft, None
+        if self._metrics is not None:
+            code = outcome.reply.code
+            result = "success" if outcome.user else "failure" if code >= 500 else "tempfail"
+            self._metrics.authAttempt(self.record.mechanism or "unknown", result)
         if outcome.user is not None:
+            self.record.user, self.record.authOK = outcome.user, self.record.authOK + 1
             self._user = outcome.user
             self._loggedInOnce = True  # the limiter moved this connection (authenticated())
             self._resetTransaction()
@@ -351,6 +391,12 @@ class SubmissionServer(Connection):
     def _messageAnswered(self, reply: SMTPReply) -> None:
         if reply.code == 250:
             self._junk = 0  # a message queued: the session does work
+        if self._metrics is not None:
+            transaction = self._transaction
+            if reply.code == 250:
+                self._metrics.messageAccepted(transaction.size, transaction.commitSeconds)
+            else:
+                self._metrics.messageRefused(reply.code)
         self._resetTransaction()
         self.reply(reply)
 

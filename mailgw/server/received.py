@@ -32,10 +32,16 @@ def protocolKeyword(session: Session, envelope: Envelope) -> str:
 
 
 def receivedHeader(
-    session: Session, envelope: Envelope, hostname: str, queueId: str, when: float
+    session: Session,
+    envelope: Envelope,
+    hostname: str,
+    queueId: str,
+    when: float,
+    clientAddress: bool = True,
 ) -> bytes:
     """
-    The header, folded over several lines, CRLF-terminated.
+    The header, folded over several lines, CRLF-terminated; without the
+    client's IP address when ``clientAddress`` is false (privacy).
 
     Only one recipient is named (``for``), and only when there is exactly
     one, so a message to many recipients does not disclose the others
@@ -43,7 +49,7 @@ def receivedHeader(
     """
     address = _clean(session.clientAddress, 64)
     literal = f"[IPv6:{address}]" if ":" in address else f"[{address}]"
-    lines = [f"Received: from {_clean(session.helo)} ({literal})"]
+    lines = [f"Received: from {_clean(session.helo)}" + (f" ({literal})" if clientAddress else "")]
     lines.append(f"\tby {_clean(hostname)} (mailgw) with {protocolKeyword(session, envelope)}")
     lines.append(f"\tid {queueId}")
     if session.tlsProtocol:

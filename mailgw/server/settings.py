@@ -27,6 +27,8 @@ class ServerSettings:
     began is closed (421 4.7.0). ``maxJunkCommands``: commands that do
     nothing (NOOP, RSET, HELP, VRFY, EXPN, a repeated EHLO or HELO) allowed
     until a message is queued; one more closes the session (421 4.7.0).
+    ``receivedClientAddress``: name the client's IP address in our
+    ``Received:`` header (false: leave it out, for privacy).
     ``closeTimeout``: after the server closes a connection, the peer has
     this long to finish the close (answer the TLS close_notify) before the
     connection is aborted. ``acceptBareLF``: an authenticated client's
@@ -43,6 +45,7 @@ class ServerSettings:
     sessionTimeout: float = 1800.0
     maxHeaderSize: int = 262144
     maxReceivedHeaders: int = 50
+    receivedClientAddress: bool = True
     maxErrors: int = 20
     legacyAuthLine: bool = False
     preAuthTimeout: float = 30.0

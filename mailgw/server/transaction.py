@@ -29,6 +29,7 @@ from mailgw.interfaces import IMessageWriter
 from mailgw.queue.spool import SpoolError, SpoolFullError
 from mailgw.replies import SMTPReply
 from mailgw.server.data import DataReader
+from mailgw.server.headers import HeaderHold, messageId, missingFields
 from mailgw.server.received import receivedHeader
 from mailgw.server.settings import Listener
 
@@ -76,7 +77,12 @@ class Transaction:
         self._declaredSize: int | None = None
         self._writer: IMessageWriter | None = None
         self._reader: DataReader | None = None
+        self._hold: HeaderHold | None = None
         self._envelope: Envelope | None = None
+        #: The message's size and the seconds its commit took, once queued.
+        self.size, self.commitSeconds = 0, 0.0
+        #: The message's Message-ID (printable, bounded), once the data ended.
+        self.messageId = ""
 
     @property
     def started(self) -> bool:
@@ -228,11 +234,19 @@ class Transaction:
                     settings.hostname,
                     writer.queueId,
                     self._listener.clock.seconds(),
+                    settings.receivedClientAddress,
                 )
             )
         except Exception as e:
             self.abandon()
             return self._spoolReply(Failure(e))
+        # RFC 6409 8.2, 8.3: Date: and Message-ID: when the client left them out.
+        clock, hostname, queueId = self._listener.clock, settings.hostname, writer.queueId
+        self._hold = HeaderHold(
+            prefix=b"",
+            extra=lambda headers: missingFields(headers, queueId, hostname, clock.seconds()),
+            limit=settings.maxHeaderSize,
+        )
         self._reader = DataReader(
             sink=self._write,
             maxSize=settings.maxMessageSize,
@@ -246,7 +260,13 @@ class Transaction:
         return replies.START_DATA
 
     def _write(self, data: bytes) -> None:
+        assert self._hold is not None
+        self._writeOut(self._hold.feed(data))
+
+    def _writeOut(self, data: bytes) -> None:
         assert self._writer is not None and self._reader is not None
+        if not data:
+            return
         try:
             self._writer.write(data)
         except Exception as e:
@@ -262,9 +282,12 @@ class Transaction:
         The data has ended: check the message, then commit it. The answer
         is the reply to send (250 with the queue id once the commit fired).
         """
-        reader, envelope = self._reader, self._envelope
-        assert reader is not None and envelope is not None
+        reader, envelope, hold = self._reader, self._envelope, self._hold
+        assert reader is not None and envelope is not None and hold is not None
+        if reader.error is None:
+            self._writeOut(hold.finish())  # a message of headers only
         self._reader = None
+        self.messageId = messageId(hold.added + (hold.headers or b""))
         if reader.error is not None:
             self.abandon()
             return reader.error
@@ -287,8 +310,14 @@ class Transaction:
         writer, self._writer = self._writer, None
         assert writer is not None
         self.stage = Stage.COMMITTING
+        self.size, began = size, self._listener.clock.seconds()
         d = maybeDeferred(writer.commit)
+        d.addBoth(self._timed, began)
         return d.addBoth(self._committed, writer, envelope, size)
+
+    def _timed(self, result: Any, began: float) -> Any:
+        self.commitSeconds = self._listener.clock.seconds() - began
+        return result
 
     def _committed(
         self, result: Any, writer: IMessageWriter, envelope: Envelope, size: int
@@ -301,13 +330,17 @@ class Transaction:
         quota = self._listener.guards.quota
         if quota is not None and self._user is not None:
             quota.record(self._user, len(envelope.recipients))
+        recipients = [str(r) for r in envelope.recipients]
         self._log.info(
-            "queued {queueId} from=<{sender}> rcpts={count} size={size} user={user!r} "
-            "client={client}",
+            "queued {queueId} from=<{sender}> to=<{to}> rcpts={count} size={size} "
+            "msgid={messageId} user={user!r} client={client}",
             queueId=queueId,
-            sender=envelope.sender or "",
-            count=len(envelope.recipients),
+            sender=str(envelope.sender or ""),
+            to=">,<".join(recipients),
+            recipients=recipients,
+            count=len(recipients),
             size=size,
+            messageId=self.messageId or "none",
             user=self._user,
             client=self._session().clientAddress,
         )
