@@ -27,7 +27,6 @@ from mailgw.server.authentication import (
     LoginOutcome,
 )
 from mailgw.server.connection import PREAUTH, Connection
-from mailgw.replies import SMTPReply
 from mailgw.server.sessionlog import SessionRecord
 from mailgw.server.settings import Listener
 from mailgw.server.transaction import Stage, Transaction

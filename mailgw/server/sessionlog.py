@@ -19,8 +19,8 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from mailgw.server import replies
-from mailgw.server.replies import SMTPReply
+from mailgw import replies
+from mailgw.replies import SMTPReply
 
 _log = Logger(namespace="mailgw.server.session")
 
