@@ -29,7 +29,7 @@ from mailgw.interfaces import ISubmitter
 from mailgw.limits.auth import AuthAttempt
 from mailgw.server import replies
 from mailgw.server.replies import SMTPReply
-from mailgw.server.sasl import Challenge, Exchange, SASLFailure, makeExchange
+from mailgw.server.sasl import Challenge, Exchange, SASLFailure, fromClient, makeExchange
 from mailgw.server.settings import Listener
 
 
@@ -151,6 +151,7 @@ class AuthPhase:
     def _login(self, mechanism: str, credentials: Any) -> AuthStep:
         throttle = self._listener.guards.auth
         address = self._clientAddress()
+        credentials = fromClient(credentials, address)
         delay = 0.0
         attempt = None
         if throttle is not None:

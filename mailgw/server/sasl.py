@@ -25,6 +25,7 @@ __all__ = [
     "Exchange",
     "SASLFailure",
     "availableMechanisms",
+    "fromClient",
     "makeExchange",
     "portalMechanisms",
 ]
@@ -138,6 +139,29 @@ class CramMD5Exchange:
         self._credentials.username = username  # type: ignore[assignment]
         self._credentials.response = digest.lower()
         return Done(self._credentials)
+
+
+class ClientUsernamePassword(UsernamePassword):
+    """
+    A plain password, with the address of the client that sent it: a
+    backend that asks another service (Dovecot) passes it on, for that
+    service's logs and its own penalties.
+    """
+
+    def __init__(self, username: bytes, password: bytes, clientAddress: str) -> None:
+        super().__init__(username, password)
+        self.clientAddress = clientAddress
+
+
+def fromClient(credentials: ICredentials, clientAddress: str) -> ICredentials:
+    """C{credentials}, telling the client's address where they are a plain password."""
+    if type(credentials) is UsernamePassword:
+        return ClientUsernamePassword(
+            credentials.username,  # type: ignore[arg-type]
+            credentials.password,  # type: ignore[arg-type]
+            clientAddress,
+        )
+    return credentials
 
 
 def availableMechanisms(credentialInterfaces: list[type]) -> tuple[str, ...]:

@@ -71,3 +71,72 @@ class PasswdCheckerFactory:
 
 
 thePasswdCheckerFactory = PasswdCheckerFactory()
+
+
+_dovecotHelp = """
+Checks logins with a running Dovecot's auth service, as Postfix does with
+smtpd_sasl_type = dovecot:
+
+    dovecot:/var/spool/postfix/private/auth     a UNIX socket (unix_listener)
+    dovecot:tcp:127.0.0.1:12345                 TCP (inet_listener)
+
+PLAIN and LOGIN are passed to Dovecot as PLAIN with service=smtp, secured
+and the client's address; EHLO offers them while Dovecot lists PLAIN.
+While Dovecot cannot be reached or does not answer within 30 seconds,
+logins get 454 4.7.0 and mailgw reconnects by itself, with a back-off.
+"""
+
+
+@implementer(ICheckerFactory, IPlugin)
+class DovecotCheckerFactory:
+    """Makes L{mailgw.auth.dovecot.DovecotChecker}s on the global reactor."""
+
+    authType = "dovecot"
+    authHelp = _dovecotHelp
+    argStringFormat = "PATH or tcp:HOST:PORT"
+    credentialInterfaces = (IUsernamePassword,)
+
+    def generateChecker(self, argstring: str) -> Any:
+        """
+        @raise ValueError: no socket given, or a malformed C{tcp:} address.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            HostnameEndpoint,
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+            UNIXClientEndpoint,
+        )
+
+        from mailgw.auth.dovecot import DovecotChecker
+
+        endpoint: Any
+        if not argstring:
+            raise ValueError("dovecot: needs Dovecot's auth socket: --auth dovecot:PATH")
+        if argstring.startswith("tcp:"):
+            host, _, port = argstring[len("tcp:") :].rpartition(":")
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dovecot:{argstring}: expected dovecot:tcp:HOST:PORT")
+            kind = _ipVersion(host)
+            if kind == 4:
+                endpoint = TCP4ClientEndpoint(reactor, host, int(port), timeout=10)
+            elif kind == 6:
+                endpoint = TCP6ClientEndpoint(reactor, host, int(port), timeout=10)
+            else:
+                endpoint = HostnameEndpoint(reactor, host, int(port), timeout=10)
+        else:
+            endpoint = UNIXClientEndpoint(reactor, argstring, timeout=10)
+        return DovecotChecker(endpoint, reactor)
+
+
+def _ipVersion(host: str) -> int:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return 0
+
+
+theDovecotCheckerFactory = DovecotCheckerFactory()
