@@ -1,7 +1,8 @@
 """
 SASL exchanges for SMTP AUTH (RFC 4954): PLAIN (RFC 4616), LOGIN
-(draft-murchison-sasl-login) and CRAM-MD5 (RFC 2195), each turned into a
-L{twisted.cred} credentials object for the portal.
+(draft-murchison-sasl-login), CRAM-MD5 (RFC 2195) and SCRAM-SHA-256
+(L{mailgw.server.scram}), each turned into a L{twisted.cred} credentials
+object for the portal.
 
 An exchange sees only decoded bytes; base64, ``*`` (cancel) and line
 lengths are the protocol's business. No payload is ever logged.
@@ -194,4 +195,8 @@ def makeExchange(mechanism: str, hostname: str) -> Exchange:
         return LoginExchange()
     if mechanism == "CRAM-MD5":
         return CramMD5Exchange(hostname)
+    if mechanism == "SCRAM-SHA-256":
+        from mailgw.server.scram import ScramExchange  # it builds on this module
+
+        return ScramExchange()  # type: ignore[return-value]
     raise KeyError(mechanism)

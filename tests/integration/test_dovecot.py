@@ -243,11 +243,13 @@ class _DovecotGateway(GatewayTestCase):
 
 class DovecotUNIXTests(_DovecotGateway):
     skip = None
+
     def backend(self, dovecot: Dovecot) -> str:
         return f"dovecot:{dovecot.socket}"
 
 
 class DovecotTCPTests(_DovecotGateway):
     skip = None
+
     def backend(self, dovecot: Dovecot) -> str:
         return f"dovecot:tcp:127.0.0.1:{dovecot.port}"

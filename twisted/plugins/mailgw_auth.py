@@ -17,18 +17,20 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailgw.auth.passwd import PasswdChecker, PasswdFileError, readUsers
+from mailgw.auth.scram import IScramCredentials
 
 _passwdHelp = """
 Checks logins against a mailgw users file, one user a line:
 
     login:ARGON2ID-HASH
-    login:ARGON2ID-HASH:CRAM-MD5-SECRET
+    login:ARGON2ID-HASH[:CRAM-MD5-SECRET][:SCRAM-SHA-256-KEYS]
 
 Manage it with `mailgw passwd add|change|remove|list LOGIN --file FILE`.
 PLAIN and LOGIN work for every user; CRAM-MD5 only for users added with
 --cram, whose password is then stored base64-encoded (password-equivalent:
 keep the file readable by the server only), and EHLO offers CRAM-MD5 only
-while at least one user has such a secret.
+while at least one user has such a secret. SCRAM-SHA-256 likewise, for
+users added with --scram (salted keys, not the password).
 Changes to the file apply to the next login, without a restart.
 """
 
@@ -43,7 +45,7 @@ class PasswdCheckerFactory:
     authType = "passwd"
     authHelp = _passwdHelp
     argStringFormat = "FILE"
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IScramCredentials)
 
     def generateChecker(self, argstring: str) -> PasswdChecker:
         """
