@@ -158,10 +158,9 @@ class ScramExchange:
     def keysFound(self, found: tuple[ScramKeys, Any] | None) -> Challenge:
         """The lookup's answer: send the server-first message."""
         assert self._state == "keys"
-        if found is None:
-            self._keys, self._source = decoyKeys(_DECOY_SECRET, self._username), None
-        else:
-            self._keys, self._source = found
+        # Made for every user, so that a known one costs what an unknown one does.
+        decoy = decoyKeys(_DECOY_SECRET, self._username)
+        self._keys, self._source = found if found is not None else (decoy, None)
         salt = base64.b64encode(self._keys.salt)
         self._serverFirst = b"r=%s,s=%s,i=%d" % (self._nonce, salt, self._keys.iterations)
         self._state = "final"
