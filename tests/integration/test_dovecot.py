@@ -170,9 +170,12 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-class _DovecotGateway(GatewayTestCase):
-    skip: str | None = "a base class: see DovecotUNIXTests and DovecotTCPTests"
-    """A gateway whose only backend is a real Dovecot."""
+class _DovecotGateway:
+    """A gateway whose only backend is a real Dovecot (mixed into a GatewayTestCase)."""
+
+    service: Any
+    files: dict[str, str]
+    submissionPort: int
 
     def backend(self, dovecot: Dovecot) -> str:
         raise NotImplementedError
@@ -182,8 +185,8 @@ class _DovecotGateway(GatewayTestCase):
             raise SkipTest("dovecot-core is not installed (apt-get install dovecot-core)")
         self.dovecot = Dovecot(shortDirectory(self))
         self.dovecot.start()
-        self.addCleanup(self.dovecot.stop)
-        return super().setUp()
+        self.addCleanup(self.dovecot.stop)  # type: ignore[attr-defined]
+        return super().setUp()  # type: ignore[misc]
 
     def adjustConfig(self, data: dict[str, Any]) -> dict[str, Any]:
         data["auth"] = {"backends": [self.backend(self.dovecot)]}
@@ -241,15 +244,11 @@ class _DovecotGateway(GatewayTestCase):
         self.assertTrue(self.flushLoggedErrors(DovecotUnavailable))
 
 
-class DovecotUNIXTests(_DovecotGateway):
-    skip = None
-
+class DovecotUNIXTests(_DovecotGateway, GatewayTestCase):
     def backend(self, dovecot: Dovecot) -> str:
         return f"dovecot:{dovecot.socket}"
 
 
-class DovecotTCPTests(_DovecotGateway):
-    skip = None
-
+class DovecotTCPTests(_DovecotGateway, GatewayTestCase):
     def backend(self, dovecot: Dovecot) -> str:
         return f"dovecot:tcp:127.0.0.1:{dovecot.port}"
