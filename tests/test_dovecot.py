@@ -302,6 +302,31 @@ class CheckerTests(SynchronousTestCase):
         self.connected().answer(b"OK")
         self.successResultOf(d)
 
+    def test_idleConnectionClosed(self) -> None:
+        self.checker = DovecotChecker(self.endpoint, self.clock, timeout=1000.0)
+        first, second = self.login(), self.login()
+        server = self.connected()
+        server.answer(b"OK", index=0)
+        self.successResultOf(first)
+        self.clock.advance(60)
+        self.assertFalse(server.transport.disconnecting, "closed with a login in flight")
+        server.answer(b"OK", index=1)
+        self.successResultOf(second)
+        self.clock.advance(59)
+        d = self.login()  # a login in time keeps the connection
+        self.clock.advance(1)
+        self.assertFalse(server.transport.disconnecting)
+        server.answer(b"OK")
+        self.successResultOf(d)
+        self.clock.advance(60)
+        self.assertTrue(server.transport.disconnecting)
+        server.close()
+        d = self.login()
+        self.connected().answer(b"OK")
+        self.successResultOf(d)
+        self.checker.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_handshakeHangs(self) -> None:
         d = self.login()
         server = self.endpoint.accept(handshake=None)

@@ -55,6 +55,9 @@ class DovecotChecker:
     @param minBackoff: seconds before the first reconnection attempt
         after a failed one; each further failure doubles it, up to
         ``maxBackoff``. Logins in between fail at once.
+    @param idleTimeout: seconds without a login after which the connection
+        is closed (made again by the next login), so that a checker
+        replaced by a reload, or a quiet night, holds no connection.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -67,6 +70,7 @@ class DovecotChecker:
         minBackoff: float = 0.5,
         maxBackoff: float = 30.0,
         service: str = "smtp",
+        idleTimeout: float = 60.0,
     ) -> None:
         self.endpoint = endpoint
         self.clock = clock
@@ -74,6 +78,9 @@ class DovecotChecker:
         self.minBackoff = minBackoff
         self.maxBackoff = maxBackoff
         self.service = service
+        self.idleTimeout = idleTimeout
+        self._idle: Any = None
+        self._inFlight = 0
         self._connection: DovecotAuthProtocol | None = None
         self._connecting: list[Deferred[DovecotAuthProtocol]] | None = None
         self._backoff = 0.0
@@ -148,7 +155,21 @@ class DovecotChecker:
 
     def stop(self) -> None:
         """Close the connection (at shutdown, and in tests)."""
+        self._cancelIdle()
         self._dropConnection()
+
+    def _cancelIdle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and idle.active():
+            idle.cancel()
+
+    def _settled(self, result: Any) -> Any:
+        """A login is answered: with none left in flight, close the connection when idle."""
+        self._inFlight -= 1
+        if self._inFlight == 0 and self._connection is not None:
+            self._cancelIdle()
+            self._idle = self.clock.callLater(self.idleTimeout, self._dropConnection)
+        return result
 
     # -- logins -----------------------------------------------------------
 
@@ -176,8 +197,10 @@ class DovecotChecker:
             .addCallback(lambda protocol: protocol.authenticate("PLAIN", params))
             .addCallback(self._answered, user)
         )
+        self._cancelIdle()
+        self._inFlight += 1
         result.addTimeout(self.timeout, self.clock, onTimeoutCancel=self._timedOut)
-        return result
+        return result.addBoth(self._settled)
 
     def _timedOut(self, result: Any, timeout: float) -> Any:
         if isinstance(result, Failure) and result.check(defer.CancelledError):
