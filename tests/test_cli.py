@@ -188,6 +188,38 @@ class PasswdChangeRemoveListTests(CLITestCase):
         self.assertEqual(self.stdout.getvalue(), "alice\t-\nbob\tcram-md5\n")
         self.assertNotIn("argon2", self.stdout.getvalue())
 
+    def test_scram(self) -> None:
+        """
+        --scram stores SCRAM-SHA-256 keys (not the password); change keeps
+        them (new ones) unless --no-scram; list shows them in a third column.
+        """
+        self.assertEqual(
+            self.runFile("passwd", "add", "carol", "--scram", "--password-stdin", stdin="c\n"), 0
+        )
+        keys = readUsers(self.path)["carol"].scramKeys
+        self.assertIsNotNone(keys)
+        with open(self.path) as f:
+            self.assertNotIn(":c:", f.read())
+        self.assertEqual(
+            self.runFile("passwd", "change", "carol", "--password-stdin", stdin="d\n"), 0
+        )
+        changed = readUsers(self.path)["carol"].scramKeys
+        self.assertIsNotNone(changed)
+        self.assertNotEqual(changed, keys)
+        self.assertEqual(self.runFile("passwd", "list"), 0)
+        self.assertIn("carol\t-\tscram-sha-256\n", self.stdout.getvalue())
+        self.assertEqual(
+            self.runFile(
+                "passwd", "change", "carol", "--no-scram", "--password-stdin", stdin="d\n"
+            ),
+            0,
+        )
+        self.assertIsNone(readUsers(self.path)["carol"].scramKeys)
+        self.assertEqual(
+            self.runFile("passwd", "change", "alice", "--scram", "--password-stdin", stdin="e\n"), 0
+        )
+        self.assertIsNotNone(readUsers(self.path)["alice"].scramKeys)
+
     def test_missingFile(self) -> None:
         self.path = self.mktemp()
         for action in ["list", "remove alice", "change alice --password-stdin"]:

@@ -43,6 +43,7 @@ from mailgw.auth.passwd import (
     setPassword,
     writeUsers,
 )
+from mailgw.auth.scram import IScramCredentials
 
 # Cheap parameters keep the suite fast; production uses the defaults.
 CHEAP = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -355,7 +356,8 @@ class CheckerTests(SynchronousTestCase):
     def test_interface(self) -> None:
         verifyObject(ICredentialsChecker, self.checker)
         self.assertEqual(
-            self.checker.credentialInterfaces, (IUsernamePassword, IUsernameHashedPassword)
+            self.checker.credentialInterfaces,
+            (IUsernamePassword, IUsernameHashedPassword, IScramCredentials),
         )
 
     def test_rightPassword(self) -> None:
@@ -625,7 +627,10 @@ class PluginTests(TestCase):
         verifyObject(IPlugin, factory)
         self.assertEqual(type(factory).__module__, "twisted.plugins.mailgw_auth")
         self.assertEqual(factory.argStringFormat, "FILE")
-        self.assertEqual(factory.credentialInterfaces, (IUsernamePassword, IUsernameHashedPassword))
+        self.assertEqual(
+            factory.credentialInterfaces,
+            (IUsernamePassword, IUsernameHashedPassword, IScramCredentials),
+        )
         self.assertIn("mailgw passwd", factory.authHelp)
 
     def test_makeChecker(self) -> defer.Deferred[None]:

@@ -17,13 +17,16 @@ from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Interface
 
+from mailgw.auth.scram import IScramCredentials
+
 #: Every mechanism mailgw speaks, in the order EHLO offers them.
-MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256")
 
 #: The mechanisms whose credentials provide each interface.
 BY_INTERFACE: dict[type, tuple[str, ...]] = {
     IUsernamePassword: ("PLAIN", "LOGIN"),  # type: ignore[dict-item]
     IUsernameHashedPassword: ("CRAM-MD5",),  # type: ignore[dict-item]
+    IScramCredentials: ("SCRAM-SHA-256",),  # type: ignore[dict-item]
 }
 
 

@@ -10,6 +10,7 @@ C{mailgw passwd} apply without a restart.
 
 from __future__ import annotations
 
+import hmac
 import os
 import secrets
 from collections.abc import Callable
@@ -28,6 +29,13 @@ from zope.interface import implementer
 
 from mailgw.auth.cache import VerifiedCache
 from mailgw.auth.mechanisms import ISASLMechanisms, MechanismUnavailable
+from mailgw.auth.scram import (
+    DEFAULT_ITERATIONS,
+    IScramCredentials,
+    IScramKeys,
+    ScramKeys,
+    makeKeys,
+)
 from mailgw.auth.usersfile import (
     PasswdFileError,
     StrPath,
@@ -76,16 +84,23 @@ def _readOrEmpty(path: StrPath) -> dict[str, UserEntry]:
         return {}
 
 
+def _scram(password: str, scram: bool, iterations: int) -> ScramKeys | None:
+    return makeKeys(password, iterations) if scram else None
+
+
 def addUser(
     path: StrPath,
     login: str,
     password: str,
     cram: bool = False,
     hasher: PasswordHasher | None = None,
+    scram: bool = False,
+    scramIterations: int = DEFAULT_ITERATIONS,
 ) -> None:
     """
     Add a user to file C{path}, creating the file if missing. With C{cram},
-    also store the CRAM-MD5 secret (password-equivalent).
+    also store the CRAM-MD5 secret (password-equivalent); with C{scram},
+    SCRAM-SHA-256 keys (L{mailgw.auth.scram.makeKeys}).
 
     @raise ValueError: bad login or empty password, or the user exists (also
         under another case: sender ownership compares addresses regardless
@@ -100,7 +115,10 @@ def addUser(
         if existing.casefold() == login.casefold():
             raise ValueError(f"user {existing!r} already exists (logins differ only in case)")
     users[login] = UserEntry(
-        login, hashPassword(password, hasher), password.encode("utf-8") if cram else None
+        login,
+        hashPassword(password, hasher),
+        password.encode("utf-8") if cram else None,
+        _scram(password, scram, scramIterations),
     )
     writeUsers(path, users.values())
 
@@ -111,10 +129,13 @@ def setPassword(
     password: str,
     cram: bool | None = None,
     hasher: PasswordHasher | None = None,
+    scram: bool | None = None,
+    scramIterations: int = DEFAULT_ITERATIONS,
 ) -> None:
     """
     Change the password of user C{login}. C{cram} says whether to store a
-    CRAM-MD5 secret; C{None} keeps storing one if, and only if, one was.
+    CRAM-MD5 secret, C{scram} whether to store SCRAM-SHA-256 keys; C{None}
+    keeps storing one if, and only if, one was.
 
     @raise KeyError: no such user.
     @raise ValueError: empty password.
@@ -123,8 +144,12 @@ def setPassword(
     users = readUsers(path)
     old = users[login]
     keepCram = old.cramSecret is not None if cram is None else cram
+    keepScram = old.scramKeys is not None if scram is None else scram
     users[login] = UserEntry(
-        login, hashPassword(password, hasher), password.encode("utf-8") if keepCram else None
+        login,
+        hashPassword(password, hasher),
+        password.encode("utf-8") if keepCram else None,
+        _scram(password, keepScram, scramIterations),
     )
     writeUsers(path, users.values())
 
@@ -145,7 +170,7 @@ def _fileKey(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-@implementer(ICredentialsChecker, ISASLMechanisms)
+@implementer(ICredentialsChecker, ISASLMechanisms, IScramKeys)
 @attrs.define
 class PasswdChecker:
     """
@@ -162,7 +187,8 @@ class PasswdChecker:
     with the same L{UnauthorizedLogin} after the same work (an unknown user
     is verified against a dummy hash), so that replies and timing do not
     tell which logins exist; so do a user without a CRAM secret and an
-    unknown user trying CRAM-MD5 (both L{MechanismUnavailable}). A file
+    unknown user trying CRAM-MD5 (both L{MechanismUnavailable}); the same
+    holds for SCRAM-SHA-256 (L{scramKeys}, L{IScramCredentials}). A file
     that cannot be read or parsed fails with L{OSError} or
     L{PasswdFileError} instead: a transient, local problem (454 4.7.0), not
     a wrong password.
@@ -173,7 +199,7 @@ class PasswdChecker:
         digests, bounded, dropped when the file changes), or C{None}.
     """
 
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IScramCredentials)
 
     path: StrPath
     runInThread: RunInThread
@@ -272,6 +298,8 @@ class PasswdChecker:
             with L{UnauthorizedLogin} (permanent: 535), or with another
             exception when the file cannot be used (transient: 454).
         """
+        if IScramCredentials.providedBy(credentials):
+            return self._checkScram(credentials)
         isPassword = IUsernamePassword.providedBy(credentials)
         if not (isPassword or IUsernameHashedPassword.providedBy(credentials)):
             return defer.fail(UnhandledCredentials(f"cannot check {type(credentials).__name__}"))
@@ -317,11 +345,44 @@ class PasswdChecker:
             return defer.succeed(entry.login.encode("utf-8"))
         return defer.fail(UnauthorizedLogin())
 
+    def scramKeys(self, username: bytes) -> defer.Deferred[ScramKeys | None]:
+        """
+        The SCRAM-SHA-256 keys of C{username}, or C{None} (unknown, or
+        without keys); fails as L{requestAvatarId} does when the file
+        cannot be used.
+        """
+        try:
+            entry = _lookup(self._users(), username)
+        except Exception:
+            return defer.fail()
+        return defer.succeed(entry.scramKeys if entry is not None else None)
+
+    def _checkScram(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
+        """
+        The client's proof, against the keys this checker gave the
+        exchange, if they are still the user's: a proof made for keys of
+        another backend, or decoy keys (unknown user, or one without keys),
+        is L{MechanismUnavailable} after the same HMACs as a wrong one.
+        """
+        matched = credentials.checkProof()
+        try:
+            entry = _lookup(self._users(), credentials.username)
+        except Exception:
+            return defer.fail()
+        if credentials.source is not self or entry is None or entry.scramKeys is None:
+            return defer.fail(MechanismUnavailable())
+        if matched and hmac.compare_digest(entry.scramKeys.storedKey, credentials.keys.storedKey):
+            return defer.succeed(entry.login.encode("utf-8"))
+        return defer.fail(UnauthorizedLogin())
+
 
 def _mechanismsOf(users: dict[str, UserEntry]) -> tuple[str, ...]:
+    mechanisms = ["PLAIN", "LOGIN"]
     if any(entry.cramSecret is not None for entry in users.values()):
-        return ("PLAIN", "LOGIN", "CRAM-MD5")
-    return ("PLAIN", "LOGIN")
+        mechanisms.append("CRAM-MD5")
+    if any(entry.scramKeys is not None for entry in users.values()):
+        mechanisms.append("SCRAM-SHA-256")
+    return tuple(mechanisms)
 
 
 def _lookup(users: dict[str, UserEntry], username: bytes | str) -> UserEntry | None:

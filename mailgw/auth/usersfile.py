@@ -5,13 +5,15 @@ One user a line, C{#} comments and blank lines ignored::
 
     login:ARGON2ID-HASH
     login:ARGON2ID-HASH:CRAMSECRET
+    login:ARGON2ID-HASH[:CRAMSECRET]:SCRAM-SHA-256$ITER$SALT$STOREDKEY$SERVERKEY
 
 The hash is made by argon2-cffi's L{PasswordHasher} (its default
 parameters). CRAMSECRET, present only for users added with C{--cram}, is the
 base64 of the UTF-8 password itself: CRAM-MD5 (RFC 2195) needs the password
 on the server, so the secret is password-equivalent and the file must be
 readable by the server only (L{writeUsers} never leaves secrets readable by
-others).
+others). The SCRAM-SHA-256 keys, present only for users added with
+C{--scram}, are not the password (L{mailgw.auth.scram.ScramKeys}).
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ import argon2
 import attrs
 from argon2.exceptions import InvalidHashError
 
+from mailgw.auth.scram import ScramKeys
+
 StrPath = str | os.PathLike[str]
 
 _HEADER = (
-    "# mailgw users: login:ARGON2ID-HASH[:CRAM-MD5-SECRET]. Edit with `mailgw passwd`.\n"
+    "# mailgw users: login:ARGON2ID-HASH[:CRAM-MD5-SECRET][:SCRAM-KEYS]; see `mailgw passwd`.\n"
     "# A CRAM-MD5 secret is the password itself (base64): keep this file mode 0600.\n"
 )
 
@@ -71,18 +75,27 @@ class UserEntry:
     login: str
     passwordHash: str = attrs.field(repr=False)
     cramSecret: bytes | None = attrs.field(default=None, repr=False)
+    scramKeys: ScramKeys | None = attrs.field(default=None, repr=False)
 
     def toLine(self) -> str:
         fields = [checkLogin(self.login), self.passwordHash]
         if self.cramSecret is not None:
             fields.append(binascii.b2a_base64(self.cramSecret, newline=False).decode("ascii"))
+        if self.scramKeys is not None:
+            fields.append(self.scramKeys.toField())
         return ":".join(fields)
 
 
 def _parseLine(line: str) -> UserEntry:
     fields = line.split(":")
+    scramKeys = None
+    if len(fields) in (3, 4) and ScramKeys.isField(fields[-1]):
+        try:
+            scramKeys = ScramKeys.fromField(fields.pop())
+        except ValueError as e:
+            raise ValueError(f"user {fields[0]!r}: {e}") from None
     if len(fields) not in (2, 3):
-        raise ValueError("expected login:HASH or login:HASH:CRAMSECRET")
+        raise ValueError("expected login:HASH[:CRAMSECRET][:SCRAM-SHA-256$...]")
     login, passwordHash = fields[0], fields[1]
     checkLogin(login)
     try:
@@ -99,7 +112,7 @@ def _parseLine(line: str) -> UserEntry:
             raise ValueError(f"user {login!r}: the CRAM-MD5 secret is not base64") from None
         if not cramSecret:
             raise ValueError(f"user {login!r}: the CRAM-MD5 secret is empty")
-    return UserEntry(login, passwordHash, cramSecret)
+    return UserEntry(login, passwordHash, cramSecret, scramKeys)
 
 
 def parseUsers(data: bytes, path: StrPath = "<users>") -> dict[str, UserEntry]:

@@ -113,6 +113,12 @@ def addPasswdParser(subparsers: Subparsers) -> None:
         help="also store the password (base64) so the user can use CRAM-MD5; it is "
         "password-equivalent",
     )
+    add.add_argument(
+        "--scram",
+        action="store_true",
+        help="also store SCRAM-SHA-256 keys (salted, not the password) so the user can "
+        "use SCRAM-SHA-256",
+    )
     add.set_defaults(func=passwdAdd)
 
     change = actions.add_parser(
@@ -129,6 +135,13 @@ def addPasswdParser(subparsers: Subparsers) -> None:
         help="store (--cram) or drop (--no-cram) the CRAM-MD5 secret; by default keep "
         "storing one if one was stored",
     )
+    change.add_argument(
+        "--scram",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store (--scram) or drop (--no-scram) SCRAM-SHA-256 keys; by default keep "
+        "storing them if they were stored",
+    )
     change.set_defaults(func=passwdChange)
 
     remove = actions.add_parser(
@@ -141,7 +154,8 @@ def addPasswdParser(subparsers: Subparsers) -> None:
         "list",
         parents=[common],
         help="list the users",
-        description="List the users and whether each has a CRAM-MD5 secret.",
+        description="List the users and whether each has a CRAM-MD5 secret "
+        "(and, in a third column, SCRAM-SHA-256 keys).",
     )
     listUsers.set_defaults(func=passwdList)
 
@@ -204,7 +218,7 @@ def passwdAdd(args: argparse.Namespace) -> int:
     if login in _readUsers(path, missingOk=True):
         raise CommandError(f"{path}: user {login!r} already exists")
     password = _readPassword(args)
-    _write(path, lambda: passwd.addUser(path, login, password, cram=args.cram))
+    _write(path, lambda: passwd.addUser(path, login, password, cram=args.cram, scram=args.scram))
     if args.cram:
         print(
             f"mailgw: note: {path} now holds a CRAM-MD5 secret, which is as good as the "
@@ -219,7 +233,10 @@ def passwdChange(args: argparse.Namespace) -> int:
     if login not in _readUsers(path):
         raise CommandError(f"{path}: no user {login!r}")
     password = _readPassword(args)
-    _write(path, lambda: passwd.setPassword(path, login, password, cram=args.cram))
+    _write(
+        path,
+        lambda: passwd.setPassword(path, login, password, cram=args.cram, scram=args.scram),
+    )
     return 0
 
 
@@ -235,7 +252,8 @@ def passwdList(args: argparse.Namespace) -> int:
     for entry in _readUsers(args.file).values():
         # Never the hash nor the secret: only whether a secret is stored.
         cram = "cram-md5" if entry.cramSecret is not None else "-"
-        print(f"{entry.login}\t{cram}")
+        scram = "\tscram-sha-256" if entry.scramKeys is not None else ""
+        print(f"{entry.login}\t{cram}{scram}")
     return 0
 
 

@@ -19,17 +19,19 @@ from typing import Any
 
 import attrs
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw import replies
 from mailgw.auth import MechanismUnavailable
+from mailgw.auth.scram import IScramCredentials
 from mailgw.interfaces import ISubmitter
 from mailgw.limits.auth import AuthAttempt
 from mailgw.replies import SMTPReply
-from mailgw.server.sasl import Challenge, Exchange, SASLFailure, makeExchange
+from mailgw.server.sasl import Challenge, Exchange, SASLFailure, fromClient, makeExchange
+from mailgw.server.scram import NeedKeys, ScramExchange, lookupKeys
 from mailgw.server.settings import Listener
 
 
@@ -45,6 +47,13 @@ class CloseWith:
     """Send ``reply`` and close the connection."""
 
     reply: SMTPReply
+
+
+@attrs.frozen
+class _ServerFinal:
+    """A login succeeded; the client acknowledges the server's final data, then gets ``outcome``."""
+
+    outcome: LoginOutcome
 
 
 @attrs.frozen
@@ -78,7 +87,7 @@ class AuthPhase:
     def __init__(self, listener: Listener, clientAddress: Callable[[], str]) -> None:
         self._listener = listener
         self._clientAddress = clientAddress
-        self._exchange: Exchange | None = None
+        self._exchange: Exchange | _ServerFinal | None = None
         self._mechanism = ""
         self._attempt: AuthAttempt | None = None
         # The delay before the check, while it runs: cancelled by abandon().
@@ -117,6 +126,9 @@ class AuthPhase:
         if response is None:
             self._exchange = None
             return replies.AUTH_BAD_BASE64
+        if isinstance(exchange, _ServerFinal):
+            self._exchange = None  # RFC 4954 4: the client answers final data with nothing
+            return succeed(exchange.outcome) if response == b"" else replies.AUTH_BAD_BASE64
         return self._step(self._mechanism, lambda: exchange.respond(response))
 
     def cancel(self) -> None:
@@ -145,12 +157,37 @@ class AuthPhase:
         if isinstance(result, Challenge):
             encoded = base64.b64encode(result.data).decode("ascii")
             return ChallengeLine(f"334 {encoded}\r\n".encode("ascii"))
+        if isinstance(result, NeedKeys):
+            return self._lookup(result.username)
         self._exchange = None
         return self._login(mechanism, result.credentials)
+
+    def _lookup(self, name: bytes) -> Deferred[LoginOutcome]:
+        """
+        SCRAM: the user's salt and iterations, from the backends, mid-exchange.
+        Nothing is verified yet, so the throttle is not asked.
+        """
+        exchange = self._exchange
+        assert isinstance(exchange, ScramExchange)
+
+        def found(keys: Any) -> LoginOutcome:
+            if self._exchange is not exchange:
+                return LoginOutcome(replies.AUTH_TEMPFAIL)  # the session ended meanwhile
+            encoded = base64.b64encode(exchange.keysFound(keys).data).decode("ascii")
+            return LoginOutcome(SMTPReply(334, "", encoded))
+
+        def failed(failure: Failure) -> LoginOutcome:
+            if self._exchange is exchange:
+                self._exchange = None
+            self._log.failure("Authentication backend failed", failure)
+            return LoginOutcome(replies.AUTH_TEMPFAIL)
+
+        return lookupKeys(self._listener.portal, name).addCallbacks(found, failed)
 
     def _login(self, mechanism: str, credentials: Any) -> AuthStep:
         throttle = self._listener.guards.auth
         address = self._clientAddress()
+        credentials = fromClient(credentials, address)
         delay = 0.0
         attempt = None
         if throttle is not None:
@@ -195,7 +232,15 @@ class AuthPhase:
                 user=avatar.login,
                 client=self._clientAddress(),
             )
-            return LoginOutcome(replies.AUTH_OK, avatar.login)
+            outcome = LoginOutcome(replies.AUTH_OK, avatar.login)
+            if IScramCredentials.providedBy(credentials):
+                # SMTP has no data on 235: the server signature goes in a 334.
+                self._exchange = _ServerFinal(outcome)
+                signature = base64.b64encode(
+                    b"v=" + base64.b64encode(credentials.serverSignature())
+                )
+                return LoginOutcome(SMTPReply(334, "", signature.decode("ascii")))
+            return outcome
         if result.check(MechanismUnavailable):
             if attempt is not None:
                 attempt.notApplicable()

@@ -1,7 +1,8 @@
 """
 SASL exchanges for SMTP AUTH (RFC 4954): PLAIN (RFC 4616), LOGIN
-(draft-murchison-sasl-login) and CRAM-MD5 (RFC 2195), each turned into a
-L{twisted.cred} credentials object for the portal.
+(draft-murchison-sasl-login), CRAM-MD5 (RFC 2195) and SCRAM-SHA-256
+(L{mailgw.server.scram}), each turned into a L{twisted.cred} credentials
+object for the portal.
 
 An exchange sees only decoded bytes; base64, ``*`` (cancel) and line
 lengths are the protocol's business. No payload is ever logged.
@@ -25,6 +26,7 @@ __all__ = [
     "Exchange",
     "SASLFailure",
     "availableMechanisms",
+    "fromClient",
     "makeExchange",
     "portalMechanisms",
 ]
@@ -140,6 +142,29 @@ class CramMD5Exchange:
         return Done(self._credentials)
 
 
+class ClientUsernamePassword(UsernamePassword):
+    """
+    A plain password, with the address of the client that sent it: a
+    backend that asks another service (Dovecot) passes it on, for that
+    service's logs and its own penalties.
+    """
+
+    def __init__(self, username: bytes, password: bytes, clientAddress: str) -> None:
+        super().__init__(username, password)
+        self.clientAddress = clientAddress
+
+
+def fromClient(credentials: ICredentials, clientAddress: str) -> ICredentials:
+    """C{credentials}, telling the client's address where they are a plain password."""
+    if type(credentials) is UsernamePassword:
+        return ClientUsernamePassword(
+            credentials.username,  # type: ignore[arg-type]
+            credentials.password,  # type: ignore[arg-type]
+            clientAddress,
+        )
+    return credentials
+
+
 def availableMechanisms(credentialInterfaces: list[type]) -> tuple[str, ...]:
     """
     The mechanisms checkers of these credential interfaces can verify:
@@ -170,4 +195,8 @@ def makeExchange(mechanism: str, hostname: str) -> Exchange:
         return LoginExchange()
     if mechanism == "CRAM-MD5":
         return CramMD5Exchange(hostname)
+    if mechanism == "SCRAM-SHA-256":
+        from mailgw.server.scram import ScramExchange  # it builds on this module
+
+        return ScramExchange()  # type: ignore[return-value]
     raise KeyError(mechanism)

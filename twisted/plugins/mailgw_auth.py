@@ -17,18 +17,20 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailgw.auth.passwd import PasswdChecker, PasswdFileError, readUsers
+from mailgw.auth.scram import IScramCredentials
 
 _passwdHelp = """
 Checks logins against a mailgw users file, one user a line:
 
     login:ARGON2ID-HASH
-    login:ARGON2ID-HASH:CRAM-MD5-SECRET
+    login:ARGON2ID-HASH[:CRAM-MD5-SECRET][:SCRAM-SHA-256-KEYS]
 
 Manage it with `mailgw passwd add|change|remove|list LOGIN --file FILE`.
 PLAIN and LOGIN work for every user; CRAM-MD5 only for users added with
 --cram, whose password is then stored base64-encoded (password-equivalent:
 keep the file readable by the server only), and EHLO offers CRAM-MD5 only
-while at least one user has such a secret.
+while at least one user has such a secret. SCRAM-SHA-256 likewise, for
+users added with --scram (salted keys, not the password).
 Changes to the file apply to the next login, without a restart.
 """
 
@@ -43,7 +45,7 @@ class PasswdCheckerFactory:
     authType = "passwd"
     authHelp = _passwdHelp
     argStringFormat = "FILE"
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IScramCredentials)
 
     def generateChecker(self, argstring: str) -> PasswdChecker:
         """
@@ -172,3 +174,72 @@ class LDAPCheckerFactory:
 
 
 theLDAPCheckerFactory = LDAPCheckerFactory()
+
+
+_dovecotHelp = """
+Checks logins with a running Dovecot's auth service, as Postfix does with
+smtpd_sasl_type = dovecot:
+
+    dovecot:/var/spool/postfix/private/auth     a UNIX socket (unix_listener)
+    dovecot:tcp:127.0.0.1:12345                 TCP (inet_listener)
+
+PLAIN and LOGIN are passed to Dovecot as PLAIN with service=smtp, secured
+and the client's address; EHLO offers them while Dovecot lists PLAIN.
+While Dovecot cannot be reached or does not answer within 30 seconds,
+logins get 454 4.7.0 and mailgw reconnects by itself, with a back-off.
+"""
+
+
+@implementer(ICheckerFactory, IPlugin)
+class DovecotCheckerFactory:
+    """Makes L{mailgw.auth.dovecot.DovecotChecker}s on the global reactor."""
+
+    authType = "dovecot"
+    authHelp = _dovecotHelp
+    argStringFormat = "PATH or tcp:HOST:PORT"
+    credentialInterfaces = (IUsernamePassword,)
+
+    def generateChecker(self, argstring: str) -> Any:
+        """
+        @raise ValueError: no socket given, or a malformed C{tcp:} address.
+        """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import (
+            HostnameEndpoint,
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+            UNIXClientEndpoint,
+        )
+
+        from mailgw.auth.dovecot import DovecotChecker
+
+        endpoint: Any
+        if not argstring:
+            raise ValueError("dovecot: needs Dovecot's auth socket: --auth dovecot:PATH")
+        if argstring.startswith("tcp:"):
+            host, _, port = argstring[len("tcp:") :].rpartition(":")
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dovecot:{argstring}: expected dovecot:tcp:HOST:PORT")
+            kind = _ipVersion(host)
+            if kind == 4:
+                endpoint = TCP4ClientEndpoint(reactor, host, int(port), timeout=10)
+            elif kind == 6:
+                endpoint = TCP6ClientEndpoint(reactor, host, int(port), timeout=10)
+            else:
+                endpoint = HostnameEndpoint(reactor, host, int(port), timeout=10)
+        else:
+            endpoint = UNIXClientEndpoint(reactor, argstring, timeout=10)
+        return DovecotChecker(endpoint, reactor)
+
+
+def _ipVersion(host: str) -> int:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return 0
+
+
+theDovecotCheckerFactory = DovecotCheckerFactory()

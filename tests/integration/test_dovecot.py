@@ -1,0 +1,254 @@
+"""
+The C{dovecot:} backend against a real Dovecot (Debian's dovecot-core):
+started by each test in its own directory, with its own configuration
+(auth service only, a passwd-file passdb and userdb, a UNIX listener and a
+TCP listener on 127.0.0.1), in the foreground, and stopped by its pid. A
+real gateway in front; smtplib logs in over STARTTLS.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import signal
+import smtplib
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest
+
+from mailgw.auth.dovecot import DovecotUnavailable
+from tests.integration.support import (
+    GatewayTestCase,
+    clientContext,
+    freePort,
+    shortDirectory,
+)
+
+DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
+USER = "carol@example.com"
+PASSWORD = "dovecot horse staple"
+
+
+def _config(base: Path, port: int) -> str:
+    user = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.getgrgid(os.getgid()).gr_name
+    return f"""
+base_dir = {base}/run
+state_dir = {base}/state
+log_path = {base}/dovecot.log
+protocols =
+listen = 127.0.0.1
+ssl = no
+auth_mechanisms = plain login
+default_internal_user = {user}
+default_internal_group = {group}
+default_login_user = {user}
+passdb {{
+  driver = passwd-file
+  args = {base}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = {base}/users
+}}
+service auth {{
+  unix_listener auth-client {{
+    path = {base}/auth-client
+    mode = 0600
+  }}
+  inet_listener auth-inet {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service stats {{
+  chroot =
+}}
+"""
+
+
+class Dovecot:
+    """A Dovecot auth service of our own, in ``base``."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = freePort()
+        self.socket = str(base / "auth-client")
+        self.process: subprocess.Popen[bytes] | None = None
+        (base / "run").mkdir()
+        (base / "state").mkdir()
+        scheme = subprocess.run(
+            [DOVEADM, "pw", "-s", "SHA512-CRYPT", "-p", PASSWORD],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout.strip()
+        (base / "users").write_text(f"{USER}:{scheme}::::::\n")
+        (base / "dovecot.conf").write_text(_config(base, self.port))
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [DOVECOT, "-F", "-c", str(self.base / "dovecot.conf")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        import socket
+
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"dovecot exited:\n{self.log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                if os.path.exists(self.socket):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"dovecot did not listen:\n{self.log()}")
+
+    def stop(self) -> None:
+        """Stop the master by its pid, and wait until its children (auth) are gone too."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        children = _children(process.pid)
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        # Its auth process serves the connections it has until they close:
+        # stopped too (by pid), as when Dovecot goes down for good.
+        for pid in children:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        path = self.base / "dovecot.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+class _DovecotGateway:
+    """A gateway whose only backend is a real Dovecot (mixed into a GatewayTestCase)."""
+
+    service: Any
+    files: dict[str, str]
+    submissionPort: int
+
+    def backend(self, dovecot: Dovecot) -> str:
+        raise NotImplementedError
+
+    def setUp(self) -> Any:
+        if not os.access(DOVECOT, os.X_OK) or not os.access(DOVEADM, os.X_OK):
+            raise SkipTest("dovecot-core is not installed (apt-get install dovecot-core)")
+        self.dovecot = Dovecot(shortDirectory(self))
+        self.dovecot.start()
+        self.addCleanup(self.dovecot.stop)  # type: ignore[attr-defined]
+        return super().setUp()  # type: ignore[misc]
+
+    def adjustConfig(self, data: dict[str, Any]) -> dict[str, Any]:
+        data["auth"] = {"backends": [self.backend(self.dovecot)]}
+        return data
+
+    def tearDown(self) -> None:
+        for checker in self.service.checkers:
+            getattr(checker, "stop", lambda: None)()
+
+    def authenticate(self, mechanism: str, password: str = PASSWORD) -> tuple[int, Any]:
+        with smtplib.SMTP("127.0.0.1", self.submissionPort, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            smtp.starttls(context=clientContext(self.files["cert"]))
+            smtp.ehlo("client.test")
+            offered = smtp.esmtp_features["auth"].split()
+            if mechanism not in offered:
+                raise AssertionError(f"{mechanism} not offered: {offered}")
+            smtp.user, smtp.password = USER, password
+            method = {"PLAIN": smtp.auth_plain, "LOGIN": smtp.auth_login}[mechanism]
+            try:
+                return smtp.auth(mechanism, method)
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code, e.smtp_error
+
+    @inlineCallbacks
+    def test_plainAndLogin(self) -> Any:
+        for mechanism in ("PLAIN", "LOGIN"):
+            code, _ = yield deferToThread(self.authenticate, mechanism)
+            self.assertEqual(code, 235, self.dovecot.log())
+
+    @inlineCallbacks
+    def test_wrongPassword(self) -> Any:
+        code, text = yield deferToThread(self.authenticate, "PLAIN", "wrong")
+        self.assertEqual(code, 535)
+        self.assertIn(b"5.7.8", text)
+
+    @inlineCallbacks
+    def test_downThenBack(self) -> Any:
+        code, _ = yield deferToThread(self.authenticate, "PLAIN")
+        self.assertEqual(code, 235)
+        yield deferToThread(self.dovecot.stop)
+        code, text = yield deferToThread(self.authenticate, "PLAIN")
+        self.assertEqual(code, 454, text)
+        self.assertIn(b"4.7.0", text)
+        yield deferToThread(self.dovecot.start)
+        # The gateway reconnects by itself once its back-off has passed.
+        for _ in range(100):
+            code, _ = yield deferToThread(self.authenticate, "LOGIN")
+            if code == 235:
+                break
+            self.assertEqual(code, 454)
+            yield deferToThread(time.sleep, 0.2)
+        self.assertEqual(code, 235, self.dovecot.log())
+        # Each 454 logged the backend's failure.
+        self.assertTrue(self.flushLoggedErrors(DovecotUnavailable))
+
+
+class DovecotUNIXTests(_DovecotGateway, GatewayTestCase):
+    def backend(self, dovecot: Dovecot) -> str:
+        return f"dovecot:{dovecot.socket}"
+
+
+class DovecotTCPTests(_DovecotGateway, GatewayTestCase):
+    def backend(self, dovecot: Dovecot) -> str:
+        return f"dovecot:tcp:127.0.0.1:{dovecot.port}"
