@@ -178,6 +178,17 @@ class PlaintextTests(SynchronousTestCase):
         self.connect()[0].dataReceived(b"GET / HTTP/1.1\r\n")
         self.assertEqual(len(log.lines("plaintext")), 2)
 
+    def test_authPayloadNotLogged(self) -> None:
+        """Of an AUTH line sent to the wrong port only the verb and mechanism are logged."""
+        log = LogCapture(self)
+        self.connect()[0].dataReceived(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+        self.connect()[0].dataReceived(b"auth login\r\n")
+        self.assertEqual(
+            [line.rpartition(" first=")[2] for line in log.lines("plaintext")],
+            ["'AUTH PLAIN ...'", "'auth login'"],
+        )
+        self.assertNotIn("AGFsaWNl", " ".join(log.lines("plaintext")))
+
     def test_tlsNotLogged(self) -> None:
         log = LogCapture(self)
         protocol, received = self.connect()

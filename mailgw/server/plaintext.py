@@ -25,8 +25,16 @@ SHOWN = 40
 
 
 def shown(data: bytes) -> str:
-    """``data``'s first line, printable ASCII only, at most L{SHOWN} characters."""
-    first = data.split(b"\n", 1)[0].rstrip(b"\r")[:SHOWN]
+    """
+    ``data``'s first line, printable ASCII only, at most L{SHOWN} characters;
+    of an AUTH command only its verb and mechanism (AUTH payloads are never
+    logged, not even sent in the clear to the wrong port).
+    """
+    first = data.split(b"\n", 1)[0].rstrip(b"\r")
+    words = first.split(b" ")
+    if words[0].upper() == b"AUTH":
+        first = b" ".join(words[:2]) + (b" ..." if len(words) > 2 else b"")
+    first = first[:SHOWN]
     return "".join(chr(b) if 32 <= b < 127 else "?" for b in first)
 
 
