@@ -65,4 +65,4 @@ class HelpAuthTests(SynchronousTestCase):
             env=environment(),
         )
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("passwd\tFILE", result.stdout)
+        self.assertRegex(result.stdout, r"passwd\s+\tFILE")
