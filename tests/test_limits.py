@@ -753,6 +753,34 @@ class AuthAttemptTests(SynchronousTestCase):
         attempts[0].failed()
         self.begun(throttle, "192.0.2.9", "user8")
 
+    def test_identicalAttemptsShareASlot(self) -> None:
+        """
+        Identical attempts under way (one login, one password: a relay
+        client opening 20 sessions at once with a cold cache) share one
+        verification slot, so none is refused; each still counts as a
+        failure until its outcome, and every slot comes back. Different
+        passwords for the account are still capped.
+        """
+        throttle = self.throttle(authFreeFailures=50, authFailuresPerAddress=100,
+                                 authFailuresPerAccount=100)  # fmt: skip
+        same = [
+            throttle.begin("192.0.2.9", "relay", "PLAIN", fingerprint=b"F" * 32) for _ in range(20)
+        ]
+        self.assertEqual([d.refuse for d in same], [False] * 20)
+        self.assertEqual(throttle.inFlight, 1)
+        guesses = [
+            throttle.begin("192.0.2.9", "relay", "PLAIN", fingerprint=bytes([i]) * 32)
+            for i in range(20)
+        ]
+        refused = [d for d in guesses if d.refuse]
+        self.assertEqual(len(guesses) - len(refused), 7)  # the cap of 8, one held by F
+        self.assertEqual({d.reason for d in refused}, {"address-concurrency"})
+        for decision in same + guesses:
+            if decision.attempt is not None:
+                decision.attempt.succeeded() if decision in same else decision.attempt.failed()
+        self.assertEqual(throttle.inFlight, 0)
+        self.assertEqual(throttle._shared, {})
+
     def test_concurrencyPerAccount(self) -> None:
         """
         At most auth_concurrent_per_account attempts at one login are under

@@ -107,12 +107,16 @@ class AuthAttempt:
         login: str | None,
         mechanism: str,
         amounts: Amounts,
+        shared: tuple[Hashable, bytes] | None = None,
+        holdsSlot: bool = True,
     ) -> None:
         self._throttle = throttle
         self._subject = subject
         self.login = login
         self.mechanism = mechanism
         self._amounts = amounts
+        self._shared = shared
+        self._holdsSlot = holdsSlot
         #: None while pending, then the name of the method that ended it.
         self.outcome: str | None = None
 
@@ -123,7 +127,7 @@ class AuthAttempt:
         if self.outcome is not None:
             return False
         self.outcome = outcome
-        self._throttle._release(self._subject)
+        self._throttle._release(self._subject, self._shared, self._holdsSlot)
         return True
 
     def succeeded(self) -> None:
@@ -244,6 +248,8 @@ class AuthThrottle:
         # Attempts begun by trusted (address, account) pairs.
         self._busyTrusted: dict[Hashable, int] = {}
         self._busyTotal = 0
+        # (account, fingerprint) of identical attempts in flight: they share one slot.
+        self._shared: dict[Hashable, int] = {}
         self._log = log if log is not None else Logger(namespace=__name__)
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
         self.metrics: Any = None
@@ -334,24 +340,46 @@ class AuthThrottle:
             self._log.info("{logLine}", logLine=line)
         return attrs.evolve(decision, logLine=line)
 
-    def begin(self, address: str, login: str | None, mechanism: str) -> AuthDecision:
+    def begin(
+        self,
+        address: str,
+        login: str | None,
+        mechanism: str,
+        fingerprint: bytes | None = None,
+    ) -> AuthDecision:
         """
         The decision for an AUTH attempt by ``login`` (None: not known)
         from ``address`` with ``mechanism``. Unless it refuses, the attempt
         is counted as a failure at once and holds a slot in flight:
         ``decision.attempt`` is the L{AuthAttempt} whose outcome the caller
         must report, exactly once, whatever happens to the connection.
+
+        ``fingerprint`` (a keyed digest of the login and its secret, or
+        None) lets identical attempts under way share one slot: the
+        backends verify identical logins in flight once (a relay client
+        opening 20 sessions at once with a cold cache costs one password
+        check), so they count once against the caps on verifications in
+        flight. Each still counts against the failure budgets.
         """
         subject = self._classify(address, login)
         decision = self._budgets(subject)
-        if not decision.refuse:
+        shared = None
+        if fingerprint is not None and subject.account is not None:
+            shared = (subject.account, fingerprint)
+        joins = shared is not None and self._shared.get(shared, 0) > 0
+        if not decision.refuse and not joins:
             busy = self._concurrency(subject, decision.delay)
             if busy is not None:
                 decision = busy
         if not decision.refuse:
             amounts = self._count(subject)
-            self._hold(subject)
-            attempt = AuthAttempt(self, subject, login, mechanism, amounts)
+            if not joins:
+                self._hold(subject)
+            if shared is not None:
+                self._shared[shared] = self._shared.get(shared, 0) + 1
+            attempt = AuthAttempt(
+                self, subject, login, mechanism, amounts, shared, holdsSlot=not joins
+            )
             decision = attrs.evolve(decision, attempt=attempt)
         return self._logged(decision, subject, login)
 
@@ -408,7 +436,16 @@ class AuthThrottle:
         if subject.trusted:
             self._busyTrusted[subject.pair] = self._busyTrusted.get(subject.pair, 0) + 1
 
-    def _release(self, subject: _Subject) -> None:
+    def _release(
+        self,
+        subject: _Subject,
+        shared: tuple[Hashable, bytes] | None = None,
+        holdsSlot: bool = True,
+    ) -> None:
+        if shared is not None:
+            _decrement(self._shared, shared)
+        if not holdsSlot:
+            return
         self._busyTotal = max(0, self._busyTotal - 1)
         _decrement(self._busyAddresses, subject.who.key)
         if subject.account is not None:

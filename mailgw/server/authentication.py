@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -67,6 +70,23 @@ class LoginOutcome:
 # What one step of AUTH asks the session to do: answer now, send a
 # challenge, close, or wait for the portal's answer.
 AuthStep = SMTPReply | ChallengeLine | CloseWith | Deferred[LoginOutcome]
+
+
+#: The key of L{fingerprint}'s digests: per process, never stored.
+_FINGERPRINT_KEY = secrets.token_bytes(32)
+
+
+def fingerprint(credentials: Any) -> bytes | None:
+    """
+    A keyed digest of a login and its password (PLAIN, LOGIN), so that the
+    throttle can tell identical attempts under way apart from guesses
+    without holding the password; None for other credentials (a CRAM-MD5
+    or SCRAM answer is unique to its session anyway).
+    """
+    name, password = getattr(credentials, "username", None), getattr(credentials, "password", None)
+    if not isinstance(name, bytes) or not isinstance(password, bytes):
+        return None
+    return hmac.new(_FINGERPRINT_KEY, name + b"\0" + password, hashlib.sha256).digest()
 
 
 def username(credentials: Any) -> str | None:
@@ -191,7 +211,9 @@ class AuthPhase:
         delay = 0.0
         attempt = None
         if throttle is not None:
-            decision = throttle.begin(address, username(credentials), mechanism)
+            decision = throttle.begin(
+                address, username(credentials), mechanism, fingerprint(credentials)
+            )
             if decision.disconnect and decision.reply is not None:
                 return CloseWith(decision.reply)
             if decision.refuse and decision.reply is not None:
