@@ -165,7 +165,8 @@ class _Reporter:
     def __init__(self, transactions: list[Transaction], onFinished: OnFinished | None) -> None:
         self.transactions = transactions
         self.onFinished = onFinished
-        self.reported = [False] * len(transactions)
+        # Indices not reported yet: each report looks at these alone.
+        self.unreported = list(range(len(transactions)))
         self.protocol: SMTPClientProtocol | None = None
         self._tls: tuple[str | None, str | None] = (None, None)
 
@@ -184,13 +185,16 @@ class _Reporter:
     def report(self) -> None:
         if self.onFinished is None:
             return
-        for index, transaction in enumerate(self.transactions):
-            if transaction.finished and not self.reported[index]:
-                self.reported[index] = True
-                try:
-                    self.onFinished(index, transaction.results(), self.attempt())
-                except Exception:
-                    log.failure("error reporting a relay result")
+        done: list[int] = []
+        rest: list[int] = []
+        for index in self.unreported:
+            (done if self.transactions[index].finished else rest).append(index)
+        self.unreported = rest
+        for index in done:
+            try:
+                self.onFinished(index, self.transactions[index].results(), self.attempt())
+            except Exception:
+                log.failure("error reporting a relay result")
 
 
 class _Body:

@@ -23,6 +23,8 @@ from email.utils import format_datetime
 import attrs
 
 _FIELD = re.compile(rb"(?im)^(date|message-id)[ \t]*:")
+#: Bytes 33-126 as themselves, every other byte as "?".
+_PRINTABLE_NO_SPACE = bytes(b if 32 < b < 127 else ord("?") for b in range(256))
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
 #: Characters of a Message-ID shown in the log.
 MAX_LOGGED_ID = 200
@@ -56,7 +58,7 @@ def messageId(headers: bytes) -> str:
         return ""
     value = re.sub(rb"\r\n[ \t]+", b" ", match.group(1)).strip()[:MAX_LOGGED_ID]
     # No spaces either: the value stays one field of the log line.
-    return "".join(chr(b) if 32 < b < 127 else "?" for b in value)
+    return value.translate(_PRINTABLE_NO_SPACE).decode("ascii")
 
 
 def headerSection(data: bytes | bytearray, start: int = 0) -> int | None:
