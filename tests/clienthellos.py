@@ -20,9 +20,15 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+try:  # cryptography >= 46; the oldest declared version has no ML-KEM
+    from cryptography.hazmat.primitives.asymmetric import mlkem
+except ImportError:  # pragma: no cover - depends on the installed version
+    mlkem = None  # type: ignore[assignment]
 
 
 def _u8(data: bytes) -> bytes:
@@ -56,8 +62,18 @@ def _x25519Share() -> bytes:
 
 def _hybridShare() -> bytes:
     # X25519MLKEM768 (draft-ietf-tls-ecdhe-mlkem): the ML-KEM-768
-    # encapsulation key, then the X25519 share.
+    # encapsulation key, then the X25519 share ("" without ML-KEM: see _pq).
+    if mlkem is None:
+        return b""
     return mlkem.MLKEM768PrivateKey.generate().public_key().public_bytes_raw() + _x25519Share()
+
+
+def _pq(entries: list[Any]) -> list[Any]:
+    """``entries`` without the hybrid group when this cryptography has no ML-KEM."""
+    if mlkem is not None:
+        return entries
+    return [e for e in entries if e != X25519MLKEM768 and not (
+        isinstance(e, tuple) and e[0] == X25519MLKEM768)]  # fmt: skip
 
 
 X25519, SECP256R1, SECP384R1, SECP521R1, X448 = 0x001D, 0x0017, 0x0018, 0x0019, 0x001E
@@ -114,8 +130,8 @@ def _chrome() -> tuple[list[int], list[bytes]]:
     ciphers = [g1, *TLS13, *MODERN12, *LEGACY12]
     extensions = [
         _ext(g2, b""),
-        *_common([g3, X25519MLKEM768, X25519, SECP256R1, SECP384R1], SIGALGS),
-        _keyShare([(g3, b"\x00"), (X25519MLKEM768, _hybridShare()), (X25519, _x25519Share())]),
+        *_common(_pq([g3, X25519MLKEM768, X25519, SECP256R1, SECP384R1]), SIGALGS),
+        _keyShare(_pq([(g3, b"\x00"), (X25519MLKEM768, _hybridShare()), (X25519, _x25519Share())])),
         _ext(45, b"\x01\x01"),  # psk_key_exchange_modes: psk_dhe_ke
         _versions([_grease(), 0x0304, 0x0303]),
         _ext(27, b"\x02\x00\x02"),  # compress_certificate: brotli
@@ -133,13 +149,19 @@ def _chrome() -> tuple[list[int], list[bytes]]:
 
 def _firefox() -> tuple[list[int], list[bytes]]:
     ciphers = [0x1301, 0x1303, 0x1302, *MODERN12, 0xC00A, 0xC009, *LEGACY12]
-    groups = [X25519MLKEM768, X25519, SECP256R1, SECP384R1, SECP521R1, FFDHE2048, FFDHE3072]
+    groups = _pq([X25519MLKEM768, X25519, SECP256R1, SECP384R1, SECP521R1, FFDHE2048, FFDHE3072])
     sigalgs = [*SIGALGS, 0x0203, 0x0201]
     extensions = [
         *_common(groups, sigalgs),
         _ext(34, _list16([0x0403, 0x0503, 0x0603, 0x0203])),  # delegated_credentials
         _keyShare(
-            [(X25519MLKEM768, _hybridShare()), (X25519, _x25519Share()), (SECP256R1, _p256Share())]
+            _pq(
+                [
+                    (X25519MLKEM768, _hybridShare()),
+                    (X25519, _x25519Share()),
+                    (SECP256R1, _p256Share()),
+                ]
+            )
         ),
         _versions([0x0304, 0x0303]),
         _ext(45, b"\x01\x01"),
@@ -181,12 +203,12 @@ def _go() -> tuple[list[int], list[bytes]]:
     ciphers = [0xC02B, 0xC02F, 0xC02C, 0xC030, 0xCCA9, 0xCCA8, *LEGACY12[:2], *TLS13]
     extensions = [
         *_common(
-            [X25519MLKEM768, X25519, SECP256R1, SECP384R1, SECP521R1],
+            _pq([X25519MLKEM768, X25519, SECP256R1, SECP384R1, SECP521R1]),
             _ids("0804 0403 0807 0805 0806 0401 0501 0601 0503 0603 0201 0203"),
         ),
         _versions([0x0304, 0x0303]),
         _ext(45, b"\x01\x01"),
-        _keyShare([(X25519MLKEM768, _hybridShare()), (X25519, _x25519Share())]),
+        _keyShare(_pq([(X25519MLKEM768, _hybridShare()), (X25519, _x25519Share())])),
     ]
     return ciphers, extensions
 
