@@ -757,7 +757,7 @@ class SingleFlightTests(SynchronousTestCase):
         for login in logins:
             self.assertEqual(self.successResultOf(login), b"alice")
         self.failureResultOf(wrong, UnauthorizedLogin)
-        self.assertEqual(checker._inflight, {})
+        self.assertEqual(len(checker._inflight), 0)
 
 
 class CaseTests(SynchronousTestCase):

@@ -16,7 +16,11 @@ import hmac
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 
 class VerifiedCache:
@@ -71,3 +75,35 @@ class VerifiedCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class InFlight:
+    """
+    Identical requests under way share one answer: the first starts the
+    work, the others wait for its result (a burst of logins with the same
+    password, a client opening many connections at once, hashes once).
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[Hashable, list[Deferred[Any]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def run(self, key: Hashable, start: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        """``start()``'s result, or that of the one under way for ``key``."""
+        waiting: Deferred[Any] = Deferred()
+        if key in self._waiting:
+            self._waiting[key].append(waiting)
+            return waiting
+        self._waiting[key] = [waiting]
+
+        def done(result: object) -> None:
+            for d in self._waiting.pop(key, []):
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        start().addBoth(done)
+        return waiting

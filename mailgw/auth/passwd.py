@@ -24,10 +24,9 @@ from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgw.auth.cache import VerifiedCache
+from mailgw.auth.cache import InFlight, VerifiedCache
 from mailgw.auth.mechanisms import ISASLMechanisms, MechanismUnavailable
 from mailgw.auth.scram import (
     DEFAULT_ITERATIONS,
@@ -216,9 +215,7 @@ class PasswdChecker:
     _dummyCram: bytes = attrs.field(init=False, factory=lambda: secrets.token_bytes(16))
     # Verifications under way, by cache key: a burst of logins with the same
     # password (a client opening many connections at once) hashes once.
-    _inflight: dict[bytes, list[defer.Deferred[bool]]] = attrs.field(
-        init=False, factory=dict, repr=False
-    )
+    _inflight: InFlight = attrs.field(init=False, factory=InFlight, repr=False)
 
     def __attrs_post_init__(self) -> None:
         # Made once: hashing costs as much as verifying.
@@ -276,21 +273,9 @@ class PasswdChecker:
 
     def _verifyOnce(self, key: bytes, passwordHash: str, password: bytes) -> defer.Deferred[bool]:
         """L{_verify} in a thread, shared by identical requests under way."""
-        waiting: defer.Deferred[bool] = defer.Deferred()
-        if key in self._inflight:
-            self._inflight[key].append(waiting)
-            return waiting
-        self._inflight[key] = [waiting]
-
-        def done(result: Any) -> None:
-            for d in self._inflight.pop(key, []):
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(result)
-
-        defer.maybeDeferred(self.runInThread, self._verify, passwordHash, password).addBoth(done)
-        return waiting
+        return self._inflight.run(
+            key, lambda: defer.maybeDeferred(self.runInThread, self._verify, passwordHash, password)
+        )
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
         """

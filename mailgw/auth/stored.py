@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgw.auth.cache import VerifiedCache
+from mailgw.auth.cache import InFlight, VerifiedCache
 from mailgw.auth.hashes import HashFormatError, hashScheme, verifyStored
 
 __all__ = ["Fetch", "StoredHashChecker", "StoredUser"]
@@ -73,9 +73,7 @@ class StoredHashChecker:
     cache: VerifiedCache | None = attrs.field(factory=VerifiedCache)
     name: str = "stored"
     _dummy: str = attrs.field(init=False, repr=False)
-    _inflight: dict[bytes, list[defer.Deferred[bool]]] = attrs.field(
-        init=False, factory=dict, repr=False
-    )
+    _inflight: InFlight = attrs.field(init=False, factory=InFlight, repr=False)
     log = Logger()
 
     def __attrs_post_init__(self) -> None:
@@ -94,21 +92,9 @@ class StoredHashChecker:
 
     def _verifyOnce(self, key: bytes, stored: str, password: bytes) -> defer.Deferred[bool]:
         """L{_verify} in a thread, shared by identical requests under way."""
-        waiting: defer.Deferred[bool] = defer.Deferred()
-        if key in self._inflight:
-            self._inflight[key].append(waiting)
-            return waiting
-        self._inflight[key] = [waiting]
-
-        def done(result: Any) -> None:
-            for d in self._inflight.pop(key, []):
-                if isinstance(result, Failure):
-                    d.errback(result)
-                else:
-                    d.callback(result)
-
-        defer.maybeDeferred(self.runInThread, self._verify, stored, password).addBoth(done)
-        return waiting
+        return self._inflight.run(
+            key, lambda: defer.maybeDeferred(self.runInThread, self._verify, stored, password)
+        )
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
         """
