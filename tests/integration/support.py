@@ -140,6 +140,31 @@ def twistdCommand(*args: str) -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *args]
 
 
+def spawnTwistd(
+    testCase: TestCase, config: Path, log: Path, *options: str
+) -> subprocess.Popen[bytes]:
+    """
+    ``twistd mailgw --config CONFIG`` in the foreground (twistd ``options``
+    before ``mailgw``), its output in ``log``, stopped at the test's end.
+    """
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            twistdCommand(
+                "--nodaemon",
+                "--pidfile=",
+                "--logfile=-",
+                *options,
+                "mailgw",
+                "--config",
+                str(config),
+            ),  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    testCase.addCleanup(stopProcess, process)
+    return process
+
+
 def waitForPort(
     port: int, process: subprocess.Popen[bytes], log: str | None = None, limit: float = 30
 ) -> None:

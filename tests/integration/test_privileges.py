@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import smtplib
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from tests.integration.support import (
     clientContext,
     freePort,
     shortDirectory,
+    spawnTwistd,
     waitForPort,
 )
 
@@ -70,35 +69,7 @@ directory = "{spool}"
 """
         )
         log = base / "twistd.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from twisted.scripts.twistd import run; run()",
-                    "--nodaemon",
-                    "--pidfile=",
-                    "--logfile=-",
-                    f"--uid={NOBODY}",
-                    f"--gid={NOBODY}",
-                    "mailgw",
-                    "--config",
-                    str(config),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-        def stop() -> None:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-        self.addCleanup(stop)
+        process = spawnTwistd(self, config, log, f"--uid={NOBODY}", f"--gid={NOBODY}")
         yield deferToThread(waitForPort, port, process, str(log))
         socketPath = spool / "control.sock"
 

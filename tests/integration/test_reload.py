@@ -10,8 +10,6 @@ import os
 import signal
 import smtplib
 import ssl
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from tests.integration.support import (
     GatewayTestCase,
     freePort,
     shortDirectory,
-    stopProcess,
+    spawnTwistd,
     waitForPort,
 )
 
@@ -214,24 +212,7 @@ directory = "{base}/spool"
 """
         )
         log = base / "twistd.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from twisted.scripts.twistd import run; run()",
-                    "--nodaemon",
-                    "--pidfile=",
-                    "--logfile=-",
-                    "mailgw",
-                    "--config",
-                    str(config),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-        self.addCleanup(stopProcess, process)
+        process = spawnTwistd(self, config, log)
         yield deferToThread(waitForPort, port, process, str(log))
         old = fileDER(cert)
         session = yield deferToThread(openSession, port)

@@ -7,7 +7,6 @@ the gateway keeps serving. And the control socket's ``reload`` in process.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from typing import Any
 
@@ -25,6 +24,7 @@ from tests.integration.support import (
     freePort,
     run,
     shortDirectory,
+    spawnTwistd,
     waitForPort,
 )
 from tests.integration.test_reload import fileDER, replaceCertificate, served
@@ -77,33 +77,7 @@ directory = "{base}/spool"
 """
         )
         log = base / "twistd.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from twisted.scripts.twistd import run; run()",
-                    "--nodaemon",
-                    "--pidfile=",
-                    "--logfile=-",
-                    "mailgw",
-                    "--config",
-                    str(config),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-        def stop() -> None:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-        self.addCleanup(stop)
+        process = spawnTwistd(self, config, log)
         yield deferToThread(waitForPort, port, process, str(log))
         replaceCertificate(base, cert, key)
         new = fileDER(cert)
