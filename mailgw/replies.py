@@ -64,11 +64,12 @@ HELP = reply(
     214,
     "2.0.0",
     "See RFC 5321 and RFC 6409; commands: EHLO HELO STARTTLS AUTH "
-    "MAIL RCPT DATA RSET NOOP QUIT HELP VRFY",
+    "MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY",
 )
 VRFY = reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 AUTH_OK = reply(235, "2.7.0", "Authentication successful")
 READY_TLS = reply(220, "2.0.0", "Ready to start TLS")
+CHUNK_OK = reply(250, "2.0.0", "{size} octets received")
 
 # intermediate (no enhanced code, RFC 2034)
 START_DATA = reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -94,6 +95,8 @@ NEED_EHLO = reply(503, "5.5.1", "Send EHLO first")
 NESTED_MAIL = reply(503, "5.5.1", "Sender already given")
 NEED_MAIL = reply(503, "5.5.1", "Send MAIL first")
 NEED_RCPT = reply(503, "5.5.1", "Send RCPT first")
+DATA_AFTER_BDAT = reply(503, "5.5.1", "DATA not allowed after BDAT; transaction failed")
+BAD_CHUNK_SIZE = reply(501, "5.5.4", "BDAT needs a chunk size (and LAST); closing connection")
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")
 IN_TRANSACTION = reply(503, "5.5.1", "Not allowed during a mail transaction")
 ALREADY_TLS = reply(503, "5.5.1", "TLS already active")

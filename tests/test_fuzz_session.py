@@ -59,7 +59,9 @@ def _corpusLines() -> list[bytes]:
             if raw.startswith("C: "):
                 data = raw[3:].encode("utf-8").decode("unicode_escape").encode("latin-1")
                 for line in data.split(b"\r\n"):
-                    if not line.upper().startswith(b"STARTTLS"):
+                    # STARTTLS and BDAT have rules of their own (a BDAT
+                    # line is followed by its chunk's bytes).
+                    if not line.upper().startswith((b"STARTTLS", b"BDAT")):
                         lines.add(line)
     return sorted(lines)
 
@@ -78,6 +80,7 @@ EXTRA = [
 POOL = CORPUS + EXTRA * 8  # the commands that make progress come up often
 
 _REPLY = re.compile(rb"^(\d{3})([ -])(.*)$")
+_BDAT = re.compile(rb"^BDAT (\d{1,18})( LAST)?\r?$", re.IGNORECASE)
 
 
 class Held:
@@ -245,6 +248,14 @@ class SessionMachine(RuleBasedStateMachine):
                 assert len(self.stream) <= MAX_COMMAND_LINE, "the model sends whole lines"
                 break
             line, self.stream = self.stream[:end], self.stream[end + 1 :]
+            chunk = _BDAT.match(line)
+            if chunk is not None:
+                # RFC 3030: the chunk's bytes follow the line, then its reply.
+                size = int(chunk.group(1))
+                if len(self.stream) < size:
+                    self.stream = line + b"\n" + self.stream
+                    break
+                self.stream = self.stream[size:]
             reply = self.nextReply(line)
             if len(line.rstrip(b"\r")) > MAX_COMMAND_LINE:
                 assert reply.startswith(b"500 5.5.6"), reply
@@ -310,6 +321,30 @@ class SessionMachine(RuleBasedStateMachine):
         self.held.later = later
         data = b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
         data += b"".join(line + b"\r\n" for line in body) + b".\r\n"
+        self.send(data, cuts)
+        self.walk()
+
+    @precondition(
+        lambda self: not self.gone and not self.inData and not self.h.protocol._auth.exchanging
+    )
+    @rule(
+        body=st.lists(
+            st.sampled_from([b"Subject: x", b"", b".", b"..", b"QUIT", b"refuse", b"x" * 120]),
+            max_size=20,
+        ),
+        sizes=st.lists(st.integers(0, 60), max_size=3),
+        cuts=st.lists(st.integers(0, 10_000), max_size=4),
+        later=st.booleans(),
+    )
+    def chunked(self, body: list[bytes], sizes: list[int], cuts: list[int], later: bool) -> None:
+        """A transaction in BDAT chunks (RFC 3030), pipelined: MAIL, RCPT, the chunks."""
+        self.held.later = later
+        message = b"".join(line + b"\r\n" for line in body)
+        data = b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.org>\r\n"
+        for size in sizes:
+            piece, message = message[:size], message[size:]
+            data += b"BDAT %d\r\n" % len(piece) + piece
+        data += b"BDAT %d LAST\r\n" % len(message) + message
         self.send(data, cuts)
         self.walk()
 

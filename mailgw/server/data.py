@@ -18,6 +18,12 @@ stuffed again on relay). A bare LF is not a line boundary for
 dot-stuffing either: only a "." after CRLF (or at the very start) is
 taken as one the client added. A bare CR or a NUL still refuses the
 message.
+
+BDAT chunks (RFC 3030) go through the same checks with L{DataReader.feedChunk}:
+their bytes are the message as it is, with no end marker and no
+dot-stuffing, so only the line splitting differs; a message whose last
+chunk does not end in CRLF gets one (it is relayed with DATA, where the
+end of data needs it).
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class DataReader:
     ``maxReceived`` mean a mail loop (RFC 5321 6.3). ``acceptBareLF``: lines
     ending in a bare LF are converted to CRLF (see the module docstring);
     ``size`` then counts each added CR too, so ``maxSize`` bounds what is
-    stored.
+    stored. ``stuffed``: the bytes come from DATA and carry dot-stuffing;
+    False for BDAT chunks.
     """
 
     sink: Callable[[bytes], None]
@@ -54,6 +61,7 @@ class DataReader:
     maxHeaderSize: int = 262144
     maxReceived: int = 50
     acceptBareLF: bool = False
+    stuffed: bool = True
     size: int = 0
     error: SMTPReply | None = None
     headers: bytearray = attrs.field(factory=bytearray)
@@ -73,12 +81,41 @@ class DataReader:
         @return: ``None`` while the data goes on; once the end is seen, the
             bytes that followed it (the next commands), possibly empty.
         """
+        buf = self._take(data)
+        if buf is None:
+            return None
+        if self._afterCRLF and buf.startswith(b".\r\n"):
+            return buf[3:]
+        end = buf.find(_END)
+        if end != -1:
+            self._consume(buf[: end + 2])
+            return buf[end + 5 :]
+        self._lines(buf)
+        return None
+
+    def feedChunk(self, data: bytes, last: bool) -> None:
+        """
+        Consume the bytes of a BDAT chunk; ``last``: the chunk ends the
+        message (its last line, if it lacks one, is given a CRLF).
+        """
+        buf = self._take(data)
+        if buf is not None:
+            self._lines(buf)
+        if last:
+            rest, self._partial = self._partial, b""
+            if self._atLineStart and rest:
+                self._consume(rest + b"\r\n")
+
+    def _take(self, data: bytes) -> bytes | None:
+        """
+        ``data`` after what is held over from the last read, less the rest
+        of an overlong line; None when nothing of it is left.
+        """
         buf = self._partial + data if self._partial else data
         self._partial = b""
-        eol = b"\n" if self.acceptBareLF else b"\r\n"
         if not self._atLineStart:
             # The rest of an overlong line: drop it up to its end.
-            i = buf.find(eol)
+            i = buf.find(self._eol)
             if i == -1:
                 self._partial = b"\r" if buf.endswith(b"\r") else b""
                 return None
@@ -87,12 +124,15 @@ class DataReader:
             self._afterCRLF = cut >= 2 and buf[cut - 2 : cut] == b"\r\n"
             buf = buf[cut:]
             self._atLineStart = True
-        if self._afterCRLF and buf.startswith(b".\r\n"):
-            return buf[3:]
-        end = buf.find(_END)
-        if end != -1:
-            self._consume(buf[: end + 2])
-            return buf[end + 5 :]
+        return buf
+
+    @property
+    def _eol(self) -> bytes:
+        return b"\n" if self.acceptBareLF else b"\r\n"
+
+    def _lines(self, buf: bytes) -> None:
+        """Consume the complete lines of ``buf``; keep its last, partial line."""
+        eol = self._eol
         last = buf.rfind(eol)
         if last != -1:
             cut = last + len(eol)
@@ -108,7 +148,6 @@ class DataReader:
             self._partial = b"\r" if buf.endswith(b"\r") else b""
         else:
             self._partial = buf
-        return None
 
     def _fail(self, reply: SMTPReply) -> None:
         if self.error is None:
@@ -153,9 +192,12 @@ class DataReader:
         # RFC 5321 4.5.2: a line's leading dot was added by the client. Only
         # a line that follows CRLF counts: the dots are removed before the
         # conversion, so a "." after a bare LF stays.
-        if afterCRLF and lines.startswith(b"."):
-            lines = lines[1:]
-        data = lines.replace(b"\r\n.", b"\r\n")
+        if not self.stuffed:
+            data = lines
+        else:
+            if afterCRLF and lines.startswith(b"."):
+                lines = lines[1:]
+            data = lines.replace(b"\r\n.", b"\r\n")
         if lf != crlf:
             data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         if self._inHeaders and not self._header(data):

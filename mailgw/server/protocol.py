@@ -259,6 +259,7 @@ class SubmissionServer(Connection):
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
+            "CHUNKING",
         ]
         if not self._tls and self.listener.tlsContext is not None:
             lines.append("STARTTLS")
@@ -378,6 +379,52 @@ class SubmissionServer(Connection):
             self._resetTransaction()
         self.reply(answer)
 
+    def do_BDAT(self, argument: str) -> None:
+        # RFC 3030: "BDAT size [LAST]". The chunk's bytes follow the line
+        # whatever we answer: they are read, and dropped when the command is
+        # refused, never taken for commands. Without a size nothing tells
+        # where they end: close.
+        sizeText, _, flag = argument.partition(" ")
+        last = flag.upper() == "LAST"
+        if not sizeText.isdigit() or len(sizeText) > 18 or (flag and not last):
+            self.close(replies.BAD_CHUNK_SIZE)
+            return
+        size = int(sizeText)
+        if self._helo is None:
+            refusal: SMTPReply | None = replies.NEED_HELO
+        elif self._user is None:
+            refusal = replies.AUTH_REQUIRED
+        else:
+            refusal = self._transaction.chunk()
+        consume = self._transaction.feedChunk if refusal is None else _drop
+
+        def read() -> None:
+            self.rawSink = None
+            self._chunkRead(size, last, refusal)
+
+        if size:
+            self.rawSink = _Chunk(size, consume, last, read)
+        else:
+            consume(b"", last)
+            read()
+
+    def _chunkRead(self, size: int, last: bool, refusal: SMTPReply | None) -> None:
+        if refusal is not None:
+            if self._transaction.stage is not Stage.ENVELOPE:
+                self._resetTransaction()
+            self.reply(refusal)
+            return
+        answer = self._transaction.chunkEnded(size, last)
+        if last:
+            self._answer(answer, self._messageAnswered)
+        elif isinstance(answer, SMTPReply) and answer.isError:
+            # RFC 3030 2: a failed chunk fails the transaction; the chunks
+            # already pipelined after it are read and refused (503).
+            self._resetTransaction()
+            self.reply(answer)
+        else:
+            self._answer(answer, self.reply)
+
     def _messageData(self, data: bytes) -> bytes | None:
         transaction = self._transaction
         rest = transaction.feed(data)
@@ -400,6 +447,36 @@ class SubmissionServer(Connection):
         self.reply(reply)
 
     _commands: dict[str, Callable[[SubmissionServer, str], None]] = {}
+
+
+def _drop(data: bytes, last: bool) -> None:
+    """The bytes of a refused chunk."""
+
+
+class _Chunk:
+    """
+    The raw sink that reads one BDAT chunk: exactly ``size`` bytes to
+    ``consume`` (``last`` with its final bytes when the chunk is LAST),
+    then ``read``.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        consume: Callable[[bytes, bool], None],
+        last: bool,
+        read: Callable[[], None],
+    ) -> None:
+        self._left, self._consume, self._last, self._read = size, consume, last, read
+
+    def __call__(self, data: bytes) -> bytes | None:
+        take = data[: self._left]
+        self._left -= len(take)
+        self._consume(take, self._last and not self._left)
+        if self._left:
+            return None
+        self._read()
+        return data[len(take) :]
 
 
 SubmissionServer._commands = {

@@ -83,6 +83,8 @@ class Transaction:
         self.size, self.commitSeconds = 0, 0.0
         #: The message's Message-ID (printable, bounded), once the data ended.
         self.messageId = ""
+        #: The message comes in BDAT chunks (RFC 3030), not after DATA.
+        self.chunked = False
 
     @property
     def started(self) -> bool:
@@ -163,6 +165,8 @@ class Transaction:
         sender = self.sender
         if isinstance(sender, _NoSender):
             return replies.NEED_MAIL
+        if self.stage is not Stage.ENVELOPE:
+            return replies.IN_TRANSACTION
         if argument[:3].upper() != "TO:":
             return replies.SYNTAX
         self._rcptTried = True
@@ -205,9 +209,57 @@ class Transaction:
 
     def data(self, argument: str) -> SMTPReply:
         """DATA: 354 and the message is read (L{feed}), or an error."""
-        sender = self.sender
         if argument:
             return replies.SYNTAX
+        if self.stage is Stage.DATA:
+            # RFC 3030 3: DATA after BDAT fails the transaction.
+            self.abandon()
+            return replies.DATA_AFTER_BDAT
+        return self._begin() or replies.START_DATA
+
+    def chunk(self) -> SMTPReply | None:
+        """
+        A BDAT command (RFC 3030) whose size parsed: None when its chunk
+        is read into the message (L{feedChunk}, then L{chunkEnded}), or
+        the error to answer once the chunk has been read and dropped.
+        """
+        if self.stage is Stage.ENVELOPE:
+            refusal = self._begin()
+            if refusal is not None:
+                return refusal
+            assert self._reader is not None
+            self._reader.stuffed = False
+            self.chunked = True
+            return None
+        if self.stage is Stage.DATA and self.chunked:
+            return None
+        return replies.NEED_MAIL
+
+    def feedChunk(self, data: bytes, last: bool) -> None:
+        """Bytes of the current chunk; ``last`` with the last of a LAST chunk."""
+        assert self._reader is not None
+        self._reader.feedChunk(data, last)
+
+    def chunkEnded(self, size: int, last: bool) -> Answer:
+        """
+        A chunk was read: 250 for a chunk that does not end the message,
+        the outcome of L{finish} for the last one, an error at once (the
+        transaction then fails: RFC 3030 2).
+        """
+        reader = self._reader
+        assert reader is not None
+        if last:
+            return self.finish()
+        if reader.error is not None:
+            self.abandon()
+            return reader.error
+        return _format(replies.CHUNK_OK, size=str(size))
+
+    def _begin(self) -> SMTPReply | None:
+        """Start the message: the writer, the trace header, the reader; or the error."""
+        sender = self.sender
+        if self.stage is not Stage.ENVELOPE:
+            return replies.NEED_MAIL
         if isinstance(sender, _NoSender):
             return replies.NEED_MAIL
         if not self.recipients:
@@ -257,7 +309,7 @@ class Transaction:
         )
         self._envelope = envelope
         self.stage = Stage.DATA
-        return replies.START_DATA
+        return None
 
     def _write(self, data: bytes) -> None:
         assert self._hold is not None

@@ -135,6 +135,36 @@ class VerifiedTLSAndAuthTests(RelayTestCase):
         self.assertEqual(self.spooled(), [])
 
     @inlineCallbacks
+    def test_chunkedByteForByte(self) -> Any:
+        """
+        A message sent in BDAT chunks (RFC 3030), pipelined, with a chunk
+        boundary inside a line and lines that DATA would have to stuff,
+        arrives as sent; the chunks were answered in order.
+        """
+        body = b"Subject: chunked\r\n\r\n.\r\n..\r\nQUIT\r\n" + b"y" * 3000 + b"\r\nend\r\n"
+        chunks = [body[:20], body[20:1500], body[1500:]]
+
+        def send() -> list[tuple[int, bytes]]:
+            with smtplib.SMTP("localhost", self.submissionPort, timeout=60) as smtp:
+                smtp.starttls(context=clientContext(self.files["cert"]))
+                smtp.login(USER, PASSWORD)
+                assert smtp.has_extn("chunking")
+                smtp.mail(USER)
+                smtp.rcpt("bob@example.org")
+                wire = b"".join(
+                    b"BDAT %d%s\r\n" % (len(c), b" LAST" if i == len(chunks) - 1 else b"") + c
+                    for i, c in enumerate(chunks)
+                )
+                smtp.send(wire)
+                return [smtp.getreply() for _ in chunks]
+
+        answers = yield deferToThread(send)
+        self.assertEqual([code for code, _ in answers], [250, 250, 250])
+        self.assertIn(b"queued as", answers[-1][1])
+        [received] = yield self.upstream.waitForTransactions(1)
+        self.assertEqual(stripTrace(received.data), body)
+
+    @inlineCallbacks
     def test_twentyMiB(self) -> Any:
         line = b"0123456789" * 99 + b"\r\n"
         body = b"Subject: big\r\n\r\n" + line * (20 * 1024 * 1024 // len(line))
