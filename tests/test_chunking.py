@@ -103,7 +103,8 @@ class ChunkingTests(SynchronousTestCase):
         self.h.send(b"BDAT 3\r\nabc")
         self.h.take()
         self.assertEqual(
-            self.h.command(b"DATA"), b"503 5.5.1 DATA not allowed after BDAT; transaction failed\r\n"
+            self.h.command(b"DATA"),
+            b"503 5.5.1 DATA not allowed after BDAT; transaction failed\r\n",
         )
         self.assertEqual(self.h.command(b"RCPT TO:<c@d.e>"), b"503 5.5.1 Send MAIL first\r\n")
         self.assertEqual(self.h.spool.committed, {})
