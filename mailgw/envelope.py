@@ -180,7 +180,7 @@ class Envelope:
         return dict(zip(self.recipients, self.dsn, strict=True))
 
     def toJSON(self) -> dict[str, Any]:
-        data = {
+        data: dict[str, Any] = {
             "sender": None if self.sender is None else str(self.sender),
             "recipients": [str(r) for r in self.recipients],
             "body": self.body.value,

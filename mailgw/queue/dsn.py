@@ -21,10 +21,7 @@ import quopri
 import re
 import secrets
 import textwrap
-import unicodedata
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import BinaryIO
 
 from mailgw.dsnparams import Notify, Ret
@@ -36,6 +33,11 @@ from mailgw.envelope import (
     RecipientState,
     RecipientStatus,
 )
+from mailgw.queue.reporttext import addressField as _addressField
+from mailgw.queue.reporttext import asciiOnly as _ascii
+from mailgw.queue.reporttext import clean as _clean
+from mailgw.queue.reporttext import date as _date
+from mailgw.queue.reporttext import remoteHost as _remoteHost
 from mailgw.queue.returned import HEADERS_LIMIT, readHeaders, returnedPart
 
 __all__ = [
@@ -54,8 +56,6 @@ DIAGNOSTIC_LIMIT = 400
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
-# RFC 6533 3: QCHAR, the ASCII characters an xtext address keeps as is.
-_QCHAR = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
 _CRLF = b"\r\n"
 _BOUNCED = "Undelivered Mail Returned to Sender"
 _DELAYED = "Delayed Mail (still being retried)"
@@ -416,54 +416,6 @@ def _replyText(state: RecipientState) -> str:
         text = text[len(state.enhanced) :].lstrip()
     enhanced = _clean(state.enhanced, 16) if _ENHANCED.match(state.enhanced) else ""
     return " ".join(p for p in (str(state.code), enhanced, text) if p)
-
-
-def _remoteHost(remote: str) -> str:
-    """The upstream's host name, safe for a field; empty when unknown."""
-    host = _ascii(_clean(remote, 255)).split(" ")[0]
-    # "mx.example.com[192.0.2.1]" -> Remote-MTA names the host (RFC 3464 2.3.5).
-    if "[" in host and not host.startswith("["):
-        host = host[: host.index("[")]
-    return host
-
-
-def _addressField(address: Address) -> str:
-    """An RFC 3464 address field; utf-8 type in xtext form (RFC 6533 3)."""
-    text = _clean(str(address), 512)
-    if text.isascii():
-        return f"rfc822; {text}"
-    encoded = "".join(c if _QCHAR.match(c) else f"\\x{{{ord(c):X}}}" for c in text)
-    return f"utf-8; {encoded}"
-
-
-def _clean(text: str, limit: int) -> str:
-    """
-    ``text`` on one line: control, format and line/paragraph separator
-    characters removed (CR and LF become spaces), runs of white space
-    collapsed, cut to ``limit`` characters.
-    """
-    chars = []
-    for c in text:
-        category = unicodedata.category(c)
-        if category in ("Cc", "Zl", "Zp"):
-            chars.append(" ")
-        elif category in ("Cf", "Cs", "Co", "Cn"):
-            continue
-        else:
-            chars.append(c)
-    cleaned = " ".join("".join(chars).split())
-    if len(cleaned) > limit:
-        cleaned = cleaned[: limit - 3].rstrip() + "..."
-    return cleaned
-
-
-def _date(when: float) -> str:
-    """An RFC 5322 date-time in UTC, "+0000" (RFC 5322 3.3)."""
-    return format_datetime(datetime.fromtimestamp(when, UTC))
-
-
-def _ascii(text: str) -> str:
-    return text.encode("ascii", "replace").decode("ascii")
 
 
 def _part(headers: list[bytes], body: bytes) -> bytes:

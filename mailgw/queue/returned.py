@@ -8,7 +8,7 @@ it fits in the limit; else its header section (``text/rfc822-headers``).
 from __future__ import annotations
 
 import re
-from typing import BinaryIO
+from typing import Protocol
 
 #: At most this many bytes of the original message are read for a report:
 #: its header section, or the whole message when it is no larger.
@@ -19,7 +19,7 @@ _CRLF = b"\r\n"
 _MAX_LINE = 998
 
 
-def returnedPart(original: BinaryIO, full: bool, limit: int, label: str) -> tuple[bytes, bool]:
+def returnedPart(original: Readable, full: bool, limit: int, label: str) -> tuple[bytes, bool]:
     """
     The returned-content part, headers and body, CRLF line endings: the
     whole of ``original`` when ``full`` and it is at most ``limit`` bytes,
@@ -57,13 +57,22 @@ def returnedPart(original: BinaryIO, full: bool, limit: int, label: str) -> tupl
     return part, False
 
 
+class Readable(Protocol):
+    """A binary file, as far as reading goes."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class _Replay:
     """Gives back bytes already read, then the rest of the file."""
 
-    def __init__(self, data: bytes, rest: BinaryIO) -> None:
+    def __init__(self, data: bytes, rest: Readable) -> None:
         self._data, self._rest = data, rest
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1, /) -> bytes:
+        if size < 0:
+            data, self._data = self._data, b""
+            return data + self._rest.read()
         data, self._data = self._data[:size], self._data[size:]
         if len(data) < size:
             data += self._rest.read(size - len(data))
@@ -92,7 +101,7 @@ def _isUTF8(data: bytes) -> bool:
     return True
 
 
-def readHeaders(original: BinaryIO, limit: int = HEADERS_LIMIT) -> bytes:
+def readHeaders(original: Readable, limit: int = HEADERS_LIMIT) -> bytes:
     """
     The header section of the message in ``original``: the lines before
     the first empty line, CRLF-terminated, never more than ``limit`` bytes
