@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from mailgw.dsnparams import NO_DSN, RecipientDSN, Ret
+
 
 @attrs.frozen
 class Address:
@@ -67,7 +69,19 @@ def _withExtra(extra: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
 _SESSION_KEYS = frozenset(
     ["clientAddress", "clientPort", "helo", "user", "tlsProtocol", "tlsCipher", "listener"]
 )
-_ENVELOPE_KEYS = frozenset(["sender", "recipients", "body", "smtputf8", "declaredSize"])
+_ENVELOPE_KEYS = frozenset(
+    [
+        "sender",
+        "recipients",
+        "body",
+        "smtputf8",
+        "declaredSize",
+        "ret",
+        "envid",
+        "requireTLS",
+        "dsn",
+    ]
+)
 _RECIPIENT_KEYS = frozenset(
     ["address", "status", "attempts", "lastAttempt", "code", "enhanced", "diagnostic", "remote"]
 )
@@ -126,12 +140,21 @@ class Session:
         return cls(**known, extra=extra)
 
 
+def _dsnTuple(value: Any) -> tuple[RecipientDSN, ...]:
+    """Empty when no recipient asked for anything: one form for "nothing"."""
+    value = tuple(value)
+    return value if any(not d.isDefault for d in value) else ()
+
+
 @attrs.frozen
 class Envelope:
     """
     One SMTP transaction's envelope: reverse-path and forward-paths.
 
     ``sender`` is ``None`` for the null reverse-path ``<>`` (bounces).
+    ``ret``, ``envid`` and ``dsn`` are the DSN parameters (RFC 3461):
+    ``dsn`` is empty, or one L{RecipientDSN} per recipient, in order.
+    ``requireTLS``: MAIL had REQUIRETLS (RFC 8689).
     """
 
     sender: Address | None
@@ -139,19 +162,42 @@ class Envelope:
     body: BodyType = BodyType.SEVENBIT
     smtputf8: bool = False
     declaredSize: int | None = None
+    ret: Ret | None = None
+    envid: str | None = None
+    requireTLS: bool = False
+    dsn: tuple[RecipientDSN, ...] = attrs.field(default=(), kw_only=True, converter=_dsnTuple)
     extra: dict[str, Any] = _EXTRA
 
+    @dsn.validator
+    def _checkDSN(self, attribute: Any, value: tuple[RecipientDSN, ...]) -> None:
+        if value and len(value) != len(self.recipients):
+            raise ValueError("dsn must be empty or one per recipient")
+
+    def dsnFor(self) -> dict[Address, RecipientDSN]:
+        """Each recipient's DSN requests (the default for those without)."""
+        if not self.dsn:
+            return dict.fromkeys(self.recipients, NO_DSN)
+        return dict(zip(self.recipients, self.dsn, strict=True))
+
     def toJSON(self) -> dict[str, Any]:
-        return _withExtra(
-            self.extra,
-            {
-                "sender": None if self.sender is None else str(self.sender),
-                "recipients": [str(r) for r in self.recipients],
-                "body": self.body.value,
-                "smtputf8": self.smtputf8,
-                "declaredSize": self.declaredSize,
-            },
-        )
+        data: dict[str, Any] = {
+            "sender": None if self.sender is None else str(self.sender),
+            "recipients": [str(r) for r in self.recipients],
+            "body": self.body.value,
+            "smtputf8": self.smtputf8,
+            "declaredSize": self.declaredSize,
+        }
+        # Written only when used: the files of messages without them stay
+        # as older versions wrote them.
+        if self.ret is not None:
+            data["ret"] = self.ret.value
+        if self.envid is not None:
+            data["envid"] = self.envid
+        if self.requireTLS:
+            data["requireTLS"] = True
+        if self.dsn:
+            data["dsn"] = [d.toJSON() for d in self.dsn]
+        return _withExtra(self.extra, data)
 
     @classmethod
     def fromJSON(cls, data: dict[str, Any]) -> Envelope:
@@ -162,6 +208,10 @@ class Envelope:
             body=BodyType(data.get("body", "7BIT")),
             smtputf8=bool(data.get("smtputf8", False)),
             declaredSize=data.get("declaredSize"),
+            ret=None if data.get("ret") is None else Ret(data["ret"]),
+            envid=data.get("envid"),
+            requireTLS=bool(data.get("requireTLS", False)),
+            dsn=tuple(RecipientDSN.fromJSON(d) for d in data.get("dsn", ())),
             extra=_split(data, _ENVELOPE_KEYS)[1],
         )
 
@@ -202,6 +252,9 @@ class DeliveryResult:
     enhanced: str = ""
     text: str = ""
     remote: str = ""
+    #: The upstream offered DSN and was given this recipient's NOTIFY/ORCPT
+    #: (RFC 3461 5.2): it reports on its own, so we send no "relayed" report.
+    dsnPassed: bool = False
 
     @property
     def transient(self) -> bool:

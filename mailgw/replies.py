@@ -104,6 +104,8 @@ NO_TLS_HERE = reply(502, "5.5.1", "STARTTLS not available")
 ALREADY_AUTHENTICATED = reply(503, "5.5.1", "Already authenticated")
 UNKNOWN_PARAMETER = reply(555, "5.5.4", "Unsupported parameter: {name}")
 BAD_PARAMETER = reply(501, "5.5.4", "Bad value for parameter {name}")
+# RFC 3461 parameters: the text is the parser's own words (never the client's).
+BAD_DSN_PARAMETER = reply(501, "5.5.4", "{problem}")
 HTTP_REFUSED = reply(421, "4.7.0", "This is an SMTP server, not a web server")
 
 # 5xx: addresses
@@ -125,6 +127,8 @@ DATA_LINE_TOO_LONG = reply(554, "5.6.0", "Message has a line longer than {limit}
 
 # 5xx: security
 AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")
+# RFC 8689 4.1: REQUIRETLS is offered, and taken, only on a TLS session.
+REQUIRETLS_NEEDS_TLS = reply(530, "5.7.10", "REQUIRETLS needs a TLS session: use STARTTLS first")
 AUTH_INVALID = reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_CANCELLED = reply(501, "5.7.0", "Authentication cancelled")
 AUTH_BAD_BASE64 = reply(501, "5.5.2", "Cannot decode response")

@@ -272,11 +272,12 @@ class ScriptedOutcome:
     enhanced: str = ""
     text: str = ""
     remote: str = "upstream.example"
+    dsnPassed: bool = False  # the upstream took the DSN parameters (RFC 3461)
 
     def resultFor(self, recipient: Address) -> DeliveryResult:
         """This outcome as the L{DeliveryResult} of ``recipient``."""
         return DeliveryResult(recipient, self.success, self.permanent, self.code,
-                              self.enhanced, self.text, self.remote)  # fmt: skip
+                              self.enhanced, self.text, self.remote, self.dsnPassed)  # fmt: skip
 
 
 def _outcome(success: bool, permanent: bool, reply: str, remote: str) -> ScriptedOutcome:
@@ -289,9 +290,11 @@ def _outcome(success: bool, permanent: bool, reply: str, remote: str) -> Scripte
     return ScriptedOutcome(success, permanent, code, enhanced, text, remote)
 
 
-def success(reply: str = "250 2.0.0 Ok", remote: str = "upstream.example") -> ScriptedOutcome:
-    """The upstream took the recipient."""
-    return _outcome(True, False, reply, remote)
+def success(
+    reply: str = "250 2.0.0 Ok", remote: str = "upstream.example", dsnPassed: bool = False
+) -> ScriptedOutcome:
+    """The upstream took the recipient (and its DSN requests, with ``dsnPassed``)."""
+    return attrs.evolve(_outcome(True, False, reply, remote), dsnPassed=dsnPassed)
 
 
 def transient(

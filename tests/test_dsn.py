@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailgw.dsnparams import Ret
 from mailgw.envelope import (
     Address,
     BodyType,
@@ -51,10 +52,10 @@ def state(address: Address, status: RecipientStatus, **kw: Any) -> RecipientStat
     return RecipientState(address, status, **kw)
 
 
-def queued(*states: RecipientState, sender: Address | None = SENDER) -> QueuedMessage:
+def queued(*states: RecipientState, sender: Address | None = SENDER, **kw: Any) -> QueuedMessage:
     return QueuedMessage(
         queueId="4Fq9sX",
-        envelope=Envelope(sender, tuple(s.address for s in states)),
+        envelope=Envelope(sender, tuple(s.address for s in states), **kw),
         session=Session("192.0.2.7", user="alice"),
         arrival=ARRIVAL,
         size=len(ORIGINAL),
@@ -124,7 +125,7 @@ class BounceTestCase(SynchronousTestCase):
         self.assertEqual(message.get_param("report-type"), "delivery-status")
         self.assertEqual(
             [p.get_content_type() for p in message.iter_parts()],
-            ["text/plain", "message/delivery-status", "text/rfc822-headers"],
+            ["text/plain", "message/delivery-status", "message/rfc822"],
         )
         self.assertEqual(message.defects, [])
         for part in message.walk():
@@ -175,8 +176,11 @@ class BounceTestCase(SynchronousTestCase):
         self.assertNotIn("dave", text)
 
     def test_originalHeadersOnly(self) -> None:
-        _, data = self.bounce()
+        """RET=HDRS (RFC 3461 4.3): the header section only, never the body."""
+        message = queued(BOUNCED_BOB, DELIVERED_CAROL, ret=Ret.HDRS)
+        _, data = self.bounce(message)
         part = list(parse(data).iter_parts())[2]
+        self.assertEqual(part.get_content_type(), "text/rfc822-headers")
         self.assertEqual(part.get_payload(decode=True), ORIGINAL[: ORIGINAL.index(b"\r\n\r\n") + 2])
         self.assertNotIn(b"SECRET BODY", data)
 
@@ -235,7 +239,7 @@ class BounceTestCase(SynchronousTestCase):
     def test_eightBitHeaders(self) -> None:
         original = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nbody\r\n"
         envelope, data = buildBounce(
-            queued(BOUNCED_BOB), io.BytesIO(original), "mail.example.org", NOW
+            queued(BOUNCED_BOB, ret=Ret.HDRS), io.BytesIO(original), "mail.example.org", NOW
         )
         self.assertEqual(envelope.body, BodyType.EIGHTBITMIME)
         self.assertFalse(envelope.smtputf8)
@@ -304,7 +308,7 @@ class InjectionTestCase(SynchronousTestCase):
         )
         self.assertEqual(
             [p.get_content_type() for p in message.iter_parts()],
-            ["text/plain", "message/delivery-status", "text/rfc822-headers"],
+            ["text/plain", "message/delivery-status", "message/rfc822"],
         )
         blocks = statusBlocks(message)
         self.assertEqual(len(blocks), 2)

@@ -158,7 +158,9 @@ class RunnerTestCase(SynchronousTestCase):
         self.assertEqual(writer.session.listener, "bounce")
         data = bytes(writer.data)
         self.assertIn(b"Subject: " + subject, data)
-        self.assertNotIn(b"SECRET BODY TEXT", data)
+        # A bounce returns the whole (small) message unless RET=HDRS; a warning only headers.
+        bounce = subject.startswith(b"Undelivered")
+        self.assertEqual(b"SECRET BODY TEXT" in data, bounce)
         for word in words:
             self.assertIn(word, data)
 

@@ -73,6 +73,8 @@ class Knobs:
     eightBitMIME: bool = True
     smtputf8: bool = True
     size: int | None = None  # advertise SIZE n (0: SIZE without a limit)
+    dsn: bool = False  # advertise DSN (RFC 3461)
+    requireTLS: bool = False  # advertise REQUIRETLS (RFC 8689), under TLS only
     authMechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     credentials: tuple[str, str] | None = None  # offer AUTH, require it before MAIL
     authWithoutTLS: bool = False  # offer AUTH without TLS too
@@ -199,6 +201,10 @@ class UpstreamProtocol(Protocol):
         if k.smtputf8:
             lines.append("SMTPUTF8")
         lines.append("ENHANCEDSTATUSCODES")
+        if k.dsn:
+            lines.append("DSN")
+        if k.requireTLS and self.tls:
+            lines.append("REQUIRETLS")
         if k.tlsOptions is not None and k.starttls and not self.tls:
             lines.append("STARTTLS")
         if k.credentials is not None and (self.tls or k.authWithoutTLS):

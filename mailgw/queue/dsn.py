@@ -1,13 +1,18 @@
 """
-Delivery status notifications: bounces and delay warnings (RFC 3464,
-RFC 3461, RFC 6522), built as the bytes of a new message to the original
-envelope sender, from the null reverse-path.
+Delivery status notifications: bounces, delay warnings and "relayed"
+reports (RFC 3464, RFC 3461, RFC 6522), built as the bytes of a new message
+to the original envelope sender, from the null reverse-path. Which
+recipients a report names follows their NOTIFY (L{wanted}); ENVID and ORCPT
+come back in Original-Envelope-Id and Original-Recipient.
 
 Upstream diagnostics are attacker-controlled text: every piece of it is
 stripped of control characters and line breaks and cut to a bounded length
 before it goes anywhere near a header field, and the MIME boundary is random
 and checked against the content, so nothing in it can add header fields or
-parts. Only the original message's header section is quoted, never its body.
+parts. A bounce returns the whole original message when it fits in
+L{HEADERS_LIMIT} and the sender did not ask for headers only (RET=HDRS) nor
+sent it with REQUIRETLS (the report travels without it, RFC 8689 5); every
+other report returns the header section only (L{mailgw.queue.returned}).
 """
 
 from __future__ import annotations
@@ -16,12 +21,10 @@ import quopri
 import re
 import secrets
 import textwrap
-import unicodedata
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import BinaryIO
 
+from mailgw.dsnparams import Notify, Ret
 from mailgw.envelope import (
     Address,
     BodyType,
@@ -30,10 +33,22 @@ from mailgw.envelope import (
     RecipientState,
     RecipientStatus,
 )
+from mailgw.queue.reporttext import addressField as _addressField
+from mailgw.queue.reporttext import asciiOnly as _ascii
+from mailgw.queue.reporttext import clean as _clean
+from mailgw.queue.reporttext import date as _date
+from mailgw.queue.reporttext import remoteHost as _remoteHost
+from mailgw.queue.returned import HEADERS_LIMIT, readHeaders, returnedPart
 
-#: At most this many bytes of the original message are read for its header
-#: section (RFC 6522 text/rfc822-headers); the body is never read.
-HEADERS_LIMIT = 64 * 1024
+__all__ = [
+    "DIAGNOSTIC_LIMIT",
+    "HEADERS_LIMIT",
+    "buildBounce",
+    "buildDelayWarning",
+    "buildRelayed",
+    "readHeaders",
+    "wanted",
+]
 
 #: Upstream diagnostics are cut to this many characters: a reply line is at
 #: most 512 octets (RFC 5321 4.5.3.1.5), and a field stays far below 998.
@@ -41,13 +56,23 @@ DIAGNOSTIC_LIMIT = 400
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
-# RFC 6533 3: QCHAR, the ASCII characters an xtext address keeps as is.
-_QCHAR = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
 _CRLF = b"\r\n"
 _BOUNCED = "Undelivered Mail Returned to Sender"
 _DELAYED = "Delayed Mail (still being retried)"
-# RFC 5322 2.1.1: a line is at most 998 octets; longer ones may be refused.
-_MAX_LINE = 998
+_RELAYED = "Successful Mail Delivery Report"
+# What a report says of its recipients: RFC 3464 2.3.3 actions.
+_FAILED, _DELAYED_ACTION, _RELAYED_ACTION = "failed", "delayed", "relayed"
+
+
+def wanted(message: QueuedMessage, addresses: Iterable[Address], event: Notify) -> set[Address]:
+    """
+    Those of ``addresses`` whose NOTIFY asks for a report on ``event``
+    (RFC 3461 4.1: without NOTIFY, on FAILURE and DELAY only).
+    """
+    if not message.envelope.dsn:
+        return set() if event is Notify.SUCCESS else set(addresses)
+    requests = message.envelope.dsnFor()
+    return {a for a in addresses if a in requests and requests[a].wants(event)}
 
 
 def buildBounce(
@@ -72,7 +97,9 @@ def buildBounce(
         or ``reportingMTA`` is not a host name.
     """
     states = _select(message, RecipientStatus.BOUNCED, recipients)
-    return _build(message, original, reportingMTA, now, states, None, headersLimit)
+    envelope = message.envelope
+    full = envelope.ret is not Ret.HDRS and not envelope.requireTLS
+    return _build(message, original, reportingMTA, now, states, None, headersLimit, full=full)
 
 
 def buildDelayWarning(
@@ -97,19 +124,61 @@ def buildDelayWarning(
     return _build(message, original, reportingMTA, now, states, willRetryUntil, headersLimit)
 
 
+def buildRelayed(
+    message: QueuedMessage,
+    original: BinaryIO,
+    reportingMTA: str,
+    now: float,
+    *,
+    recipients: Iterable[Address] | None = None,
+    headersLimit: int = HEADERS_LIMIT,
+) -> tuple[Envelope, bytes]:
+    """
+    A success report (RFC 3464 Action: relayed) for the DELIVERED
+    recipients of ``message`` (or only those of them in ``recipients``):
+    they asked for NOTIFY=SUCCESS and went to an upstream that does not
+    offer DSN, so no report will come from further on (RFC 3461 5.2.2).
+
+    @return: the envelope and the message bytes, as L{buildBounce}.
+    @raise ValueError: as L{buildBounce}, for delivered recipients.
+    """
+    states = _select(message, RecipientStatus.DELIVERED, recipients)
+    return _build(
+        message, original, reportingMTA, now, states, None, headersLimit, action=_RELAYED_ACTION
+    )
+
+
 def _intro(
-    message: QueuedMessage, reportingMTA: str, now: float, count: int, retryUntil: float | None
+    message: QueuedMessage,
+    reportingMTA: str,
+    now: float,
+    count: int,
+    retryUntil: float | None,
+    action: str,
+    whole: bool,
 ) -> list[str]:
     """The paragraphs that open the human-readable part."""
     first = f"This is the mail system at host {reportingMTA}."
+    if action == _RELAYED_ACTION:
+        return [
+            first,
+            "Your message was delivered to the mail servers of the recipients"
+            " listed below, as you asked to be told. Those servers do not send"
+            " delivery reports, so this is the last report you will get about"
+            " these recipients.",
+        ]
     if retryUntil is None:
         return [
             first,
             "Your message could not be delivered to "
             + ("one recipient." if count == 1 else f"{count} recipients.")
             + " This is a permanent error; the mail system has given up. The"
-            " recipients and the reasons are listed below, and the headers of"
-            " your message are attached.",
+            " recipients and the reasons are listed below, and "
+            + (
+                "your message is attached."
+                if whole
+                else "the headers of your message are attached."
+            ),
             "If you need help, please contact your postmaster and include this report.",
         ]
     hours = max(0.0, now - message.arrival) / 3600
@@ -146,37 +215,36 @@ def _build(
     states: list[RecipientState],
     willRetryUntil: float | None,
     headersLimit: int,
+    *,
+    full: bool = False,
+    action: str = _FAILED,
 ) -> tuple[Envelope, bytes]:
-    """A bounce, or a delay warning when ``willRetryUntil`` is given."""
+    """
+    A bounce, a delay warning when ``willRetryUntil`` is given, or a
+    success report (``action`` relayed); ``full``: return the whole message
+    when it fits in ``headersLimit``.
+    """
     delayed = willRetryUntil is not None
+    if delayed:
+        action = _DELAYED_ACTION
     if not _HOSTNAME.match(reportingMTA):
         raise ValueError(f"reporting MTA {reportingMTA!r} is not a host name")
     sender = message.envelope.sender
     assert sender is not None  # _select refused bounces
     senderText = _clean(str(sender), 512)
 
-    intro = _intro(message, reportingMTA, now, len(states), willRetryUntil)
-    human = _humanPart(intro, states, delayed)
-    report = _reportPart(message, reportingMTA, states, willRetryUntil)
-    headers = readHeaders(original, headersLimit)
-    headersPart = _part(
-        [
-            b"Content-Description: "
-            + (b"Delayed" if delayed else b"Undelivered")
-            + b" Message Headers",
-            b"Content-Type: text/rfc822-headers"
-            + (b'; charset="utf-8"' if _isUTF8(headers) else b""),
-            b"Content-Transfer-Encoding: " + (b"7bit" if headers.isascii() else b"8bit"),
-        ],
-        headers,
-    )
-    parts = [human, report, headersPart]
+    label = {_FAILED: "Undelivered", _DELAYED_ACTION: "Delayed"}.get(action, "Delivered")
+    returned, whole = returnedPart(original, full, headersLimit, label)
+    intro = _intro(message, reportingMTA, now, len(states), willRetryUntil, action, whole)
+    human = _humanPart(intro, states, action)
+    report = _reportPart(message, reportingMTA, states, willRetryUntil, action)
+    parts = [human, report, returned]
     boundary = _boundary(parts)
 
     top = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reportingMTA}>",
         f"To: <{senderText}>",
-        f"Subject: {_DELAYED if delayed else _BOUNCED}",
+        f"Subject: {_SUBJECTS[action]}",
         f"Date: {_date(now)}",
         f"Message-ID: <{int(now)}.{secrets.token_hex(12)}@{reportingMTA}>",
         # RFC 3834 5: an automatic response; RFC 3464 needs no reply to it.
@@ -206,7 +274,10 @@ def _build(
     return envelope, data
 
 
-def _humanPart(intro: list[str], states: list[RecipientState], delayed: bool) -> bytes:
+_SUBJECTS = {_FAILED: _BOUNCED, _DELAYED_ACTION: _DELAYED, _RELAYED_ACTION: _RELAYED}
+
+
+def _humanPart(intro: list[str], states: list[RecipientState], action: str) -> bytes:
     lines: list[str] = []
     for paragraph in intro:
         if lines:
@@ -214,7 +285,7 @@ def _humanPart(intro: list[str], states: list[RecipientState], delayed: bool) ->
         lines.extend(textwrap.wrap(paragraph, 72))
     for state in states:
         address = _clean(str(state.address), 512)
-        reason = _humanReason(state, delayed)
+        reason = _humanReason(state, action)
         lines.append("")
         lines.extend(textwrap.wrap(f"<{address}>: {reason}", 72, subsequent_indent="    "))
     text = "\r\n".join(lines) + "\r\n"
@@ -236,9 +307,11 @@ def _humanPart(intro: list[str], states: list[RecipientState], delayed: bool) ->
     )
 
 
-def _humanReason(state: RecipientState, delayed: bool) -> str:
+def _humanReason(state: RecipientState, action: str) -> str:
     remote = _clean(state.remote, 255)
     diagnostic = _clean(state.diagnostic, DIAGNOSTIC_LIMIT)
+    if action == _RELAYED_ACTION:
+        return f"relayed to {remote or 'the next mail server'}"
     if state.code:
         said = _replyText(state)
         if remote:
@@ -246,7 +319,7 @@ def _humanReason(state: RecipientState, delayed: bool) -> str:
         return f"the mail server said: {said}"
     if diagnostic:
         return diagnostic
-    if delayed:
+    if action == _DELAYED_ACTION:
         return "delivery has not succeeded yet"
     return "delivery failed"
 
@@ -256,17 +329,29 @@ def _reportPart(
     reportingMTA: str,
     states: list[RecipientState],
     willRetryUntil: float | None,
+    action: str,
 ) -> bytes:
-    delayed = willRetryUntil is not None
     # RFC 3464 2.2: the per-message fields, then one block per recipient.
     fields = [
         f"Reporting-MTA: dns; {reportingMTA}",
         f"X-Mailgw-Queue-ID: {_ascii(_clean(message.queueId, 64))}",
         f"Arrival-Date: {_date(message.arrival)}",
     ]
+    envid = message.envelope.envid
+    if envid is not None:
+        # RFC 3464 2.2.1, RFC 3461 4.4: the ENVID, first (printable ASCII, checked on the way in).
+        fields.insert(0, f"Original-Envelope-Id: {_ascii(_clean(envid, 100))}")
+    requests = message.envelope.dsnFor() if message.envelope.dsn else {}
     blocks = ["\r\n".join(fields)]
     for state in states:
-        blocks.append("\r\n".join(_recipientFields(state, delayed, willRetryUntil)))
+        recipientFields = _recipientFields(state, action, willRetryUntil)
+        request = requests.get(state.address)
+        if request is not None and request.orcpt is not None:
+            # RFC 3464 2.3.1, RFC 3461 4.2: the ORCPT, before Final-Recipient.
+            addrType, address = request.orcpt
+            original = f"{_ascii(_clean(addrType, 30))};{_ascii(_clean(address, 500))}"
+            recipientFields.insert(0, f"Original-Recipient: {original}")
+        blocks.append("\r\n".join(recipientFields))
     text = "\r\n\r\n".join(blocks) + "\r\n"
     return _part(
         [
@@ -277,13 +362,11 @@ def _reportPart(
     )
 
 
-def _recipientFields(
-    state: RecipientState, delayed: bool, willRetryUntil: float | None
-) -> list[str]:
+def _recipientFields(state: RecipientState, action: str, willRetryUntil: float | None) -> list[str]:
     fields = [
         f"Final-Recipient: {_addressField(state.address)}",
-        f"Action: {'delayed' if delayed else 'failed'}",
-        f"Status: {_status(state, delayed)}",
+        f"Action: {action}",
+        f"Status: {_status(state, action)}",
     ]
     remote = _remoteHost(state.remote)
     if remote:
@@ -301,12 +384,19 @@ def _recipientFields(
     return fields
 
 
-def _status(state: RecipientState, delayed: bool) -> str:
+def _status(state: RecipientState, action: str) -> str:
     """
     The RFC 3463 status: the upstream's enhanced code when it gave a valid
     one, else the class of its reply code, else a generic one. A delay is
-    never reported with a permanent (5.x.x) status.
+    never reported with a permanent (5.x.x) status, a success always 2.x.x.
     """
+    if action == _RELAYED_ACTION:
+        return (
+            state.enhanced
+            if _ENHANCED.match(state.enhanced) and state.enhanced[0] == "2"
+            else "2.0.0"
+        )
+    delayed = action == _DELAYED_ACTION
     if _ENHANCED.match(state.enhanced) and not (delayed and state.enhanced[0] == "5"):
         return state.enhanced
     if not delayed and 500 <= state.code < 600:
@@ -326,92 +416,6 @@ def _replyText(state: RecipientState) -> str:
         text = text[len(state.enhanced) :].lstrip()
     enhanced = _clean(state.enhanced, 16) if _ENHANCED.match(state.enhanced) else ""
     return " ".join(p for p in (str(state.code), enhanced, text) if p)
-
-
-def _remoteHost(remote: str) -> str:
-    """The upstream's host name, safe for a field; empty when unknown."""
-    host = _ascii(_clean(remote, 255)).split(" ")[0]
-    # "mx.example.com[192.0.2.1]" -> Remote-MTA names the host (RFC 3464 2.3.5).
-    if "[" in host and not host.startswith("["):
-        host = host[: host.index("[")]
-    return host
-
-
-def _addressField(address: Address) -> str:
-    """An RFC 3464 address field; utf-8 type in xtext form (RFC 6533 3)."""
-    text = _clean(str(address), 512)
-    if text.isascii():
-        return f"rfc822; {text}"
-    encoded = "".join(c if _QCHAR.match(c) else f"\\x{{{ord(c):X}}}" for c in text)
-    return f"utf-8; {encoded}"
-
-
-def _clean(text: str, limit: int) -> str:
-    """
-    ``text`` on one line: control, format and line/paragraph separator
-    characters removed (CR and LF become spaces), runs of white space
-    collapsed, cut to ``limit`` characters.
-    """
-    chars = []
-    for c in text:
-        category = unicodedata.category(c)
-        if category in ("Cc", "Zl", "Zp"):
-            chars.append(" ")
-        elif category in ("Cf", "Cs", "Co", "Cn"):
-            continue
-        else:
-            chars.append(c)
-    cleaned = " ".join("".join(chars).split())
-    if len(cleaned) > limit:
-        cleaned = cleaned[: limit - 3].rstrip() + "..."
-    return cleaned
-
-
-def _date(when: float) -> str:
-    """An RFC 5322 date-time in UTC, "+0000" (RFC 5322 3.3)."""
-    return format_datetime(datetime.fromtimestamp(when, UTC))
-
-
-def _ascii(text: str) -> str:
-    return text.encode("ascii", "replace").decode("ascii")
-
-
-def _isUTF8(data: bytes) -> bool:
-    if data.isascii():
-        return False
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def readHeaders(original: BinaryIO, limit: int = HEADERS_LIMIT) -> bytes:
-    """
-    The header section of the message in ``original``: the lines before
-    the first empty line, CRLF-terminated, never more than ``limit`` bytes
-    (a longer section is cut after its last whole line), each line cut to
-    998 octets. Nothing past the first ``limit + 2`` bytes is read.
-    """
-    # Two bytes more than the limit: a section of exactly ``limit`` bytes
-    # is then seen to end (its empty line starts within them).
-    data = original.read(limit + 2)
-    atEnd = len(data) < limit + 2
-    # Normalise line endings: the spool holds CRLF, but a stray CR or LF
-    # must never end up as a line of its own in our MIME structure.
-    lines = re.split(rb"\r\n|\r|\n", data)
-    if not atEnd:
-        # The last piece was cut by the read: not a whole line.
-        del lines[-1]
-    kept: list[bytes] = []
-    size = 0
-    for line in lines:
-        if not line or size + len(line) + 2 > limit:
-            break
-        line = line[:_MAX_LINE]
-        kept.append(line)
-        size += len(line) + 2
-    return b"".join(line + _CRLF for line in kept)
 
 
 def _part(headers: list[bytes], body: bytes) -> bytes:

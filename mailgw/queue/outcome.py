@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw.config import QueueConfig
+from mailgw.dsnparams import Notify
 from mailgw.envelope import (
     Address,
     DeliveryResult,
@@ -60,12 +61,15 @@ class Outcome:
     """
     ``message`` with the attempt's results applied; ``bounced``: the
     recipients that became bounced now (refused or expired), ``expired``
-    those of them that expired.
+    those of them that expired; ``relayed``: those delivered now that asked
+    for NOTIFY=SUCCESS to an upstream that took no DSN parameters (we owe
+    them a "relayed" report, RFC 3461 5.2.2).
     """
 
     message: QueuedMessage
     bounced: frozenset[Address]
     expired: tuple[Address, ...]
+    relayed: frozenset[Address] = frozenset()
 
 
 def applyResults(
@@ -110,10 +114,27 @@ def applyResults(
         if new.status is _BOUNCED and old.status is _PENDING
     )
     updated = attrs.evolve(message, recipients=tuple(states))
+    relayed = _relayed(message, states, results)
     if updated.pendingRecipients:
         attempts = max(r.attempts for r in updated.pendingRecipients)
         updated = attrs.evolve(updated, nextAttempt=now + backoff(attempts, config, rng))
-    return Outcome(updated, bounced, tuple(expired))
+    return Outcome(updated, bounced, tuple(expired), relayed)
+
+
+def _relayed(
+    message: QueuedMessage, states: list[RecipientState], results: dict[Address, DeliveryResult]
+) -> frozenset[Address]:
+    if not message.envelope.dsn or message.isBounce:
+        return frozenset()  # nobody asked for NOTIFY=SUCCESS
+    requests = message.envelope.dsnFor()
+    return frozenset(
+        new.address
+        for new, old in zip(states, message.recipients, strict=True)
+        if new.status is RecipientStatus.DELIVERED
+        and old.status is _PENDING
+        and not results[new.address].dsnPassed
+        and requests[new.address].wants(Notify.SUCCESS)
+    )
 
 
 def logOutcome(result: Outcome, now: float) -> None:

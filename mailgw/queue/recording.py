@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw.config import QueueConfig
+from mailgw.dsnparams import Notify
 from mailgw.envelope import Address, Envelope, QueuedMessage, RecipientStatus, Session
 from mailgw.interfaces import IMessageWriter, ISpool
 from mailgw.queue import dsn
@@ -55,6 +56,7 @@ class Recording:
 
     _messages: dict[str, QueuedMessage]
     _owed: dict[str, set[Address]]
+    _relayedOwed: dict[str, set[Address]]
     _unsettled: set[str]
     _deleting: set[str]
     _flushed: set[str]
@@ -114,27 +116,43 @@ class Recording:
             changed = True
         elif owed:
             mta = self._reportingMTA
-            if await self._inject(
+            # RFC 3461 4.1: only those whose NOTIFY asks for failures.
+            notify = dsn.wanted(message, owed, Notify.FAILURE)
+            if owed - notify:
+                _log.info(
+                    "Queue {queueId}: no bounce for {rcpts}: NOTIFY does not ask for one",
+                    queueId=queueId,
+                    rcpts=sorted(map(str, owed - notify)),
+                )
+            if not notify or await self._inject(
                 queueId,
                 "bounce",
-                lambda m, f, now: dsn.buildBounce(m, f, mta, now, recipients=owed),
+                lambda m, f, now: dsn.buildBounce(m, f, mta, now, recipients=notify),
             ):
                 del self._owed[queueId]
                 changed = True
-        if self._wantsWarning(self._messages[queueId]):
+        relayed = self._relayedOwed.get(queueId)
+        if relayed and await self._inject(
+            queueId,
+            "success report",
+            lambda m, f, now: dsn.buildRelayed(m, f, self._reportingMTA, now, recipients=relayed),
+        ):
+            del self._relayedOwed[queueId]
+        warn = self._wantsWarning(self._messages[queueId])
+        if warn:
             until = message.arrival + self._config.maxLifetime
             if await self._inject(
                 queueId,
                 "delay warning",
                 lambda m, f, now: dsn.buildDelayWarning(
-                    m, f, self._reportingMTA, now, willRetryUntil=until
+                    m, f, self._reportingMTA, now, willRetryUntil=until, recipients=warn
                 ),
             ):
                 self._messages[queueId] = attrs.evolve(self._messages[queueId], warned=True)
                 changed = True
         if changed:
             await self._save(queueId)
-        if queueId in self._owed:
+        if queueId in self._owed or queueId in self._relayedOwed:
             raise _RetryLater()
         message = self._messages[queueId]
         if message.finished:
@@ -153,15 +171,19 @@ class Recording:
         self._flushed.discard(queueId)
         self._schedule.put(queueId, when)
 
-    def _wantsWarning(self, message: QueuedMessage) -> bool:
+    def _wantsWarning(self, message: QueuedMessage) -> set[Address]:
+        """The recipients a delay warning is due for now (NOTIFY allowing), or none."""
         delay = self._config.delayWarning
-        return (
+        if (
             delay > 0
             and not message.isBounce
             and not message.warned
             and bool(message.pendingRecipients)
             and self._clock.seconds() - message.arrival >= delay
-        )
+        ):
+            pending = (r.address for r in message.pendingRecipients)
+            return dsn.wanted(message, pending, Notify.DELAY)
+        return set()
 
     def _durable(self, message: QueuedMessage) -> QueuedMessage:
         """What the spool may say of ``message``: no "bounced" before its bounce."""

@@ -93,6 +93,7 @@ class QueueRunner(Recording, OperatorControl, Service):
         self._busy: set[str] = set()  # in a relay call, or being recorded
         self._unsettled: set[str] = set()  # learnt more than the spool knows yet
         self._owed: dict[str, set[Address]] = {}  # bounced, but no bounce committed yet
+        self._relayedOwed: dict[str, set[Address]] = {}  # owed a "relayed" report (NOTIFY)
         self._deleting: set[str] = set()  # deleted while busy
         self._flushed: set[str] = set()  # flushed or released while busy
         self._sent = 0  # messages handed to the relay, not reported yet
@@ -303,6 +304,8 @@ class QueueRunner(Recording, OperatorControl, Service):
             return
         if result.bounced:
             self._owed.setdefault(queueId, set()).update(result.bounced)
+        if result.relayed:
+            self._relayedOwed.setdefault(queueId, set()).update(result.relayed)
         self._messages[queueId] = result.message
         logOutcome(result, now)
         self._startSettle(queueId)
@@ -318,6 +321,7 @@ class QueueRunner(Recording, OperatorControl, Service):
     def _forget(self, queueId: str) -> None:
         self._messages.pop(queueId, None)
         self._owed.pop(queueId, None)
+        self._relayedOwed.pop(queueId, None)
         self._schedule.discard(queueId)
         self._unsettled.discard(queueId)
         self._flushed.discard(queueId)

@@ -250,6 +250,14 @@ class _Session:
         self.capabilities = Capabilities()
         self.tls = settings.tlsMode is TLSMode.IMPLICIT
 
+    def verifiedTLS(self) -> bool:
+        """
+        Whether this session runs over TLS that verified the upstream's
+        certificate (REQUIRETLS needs it). Every TLS of the relay verifies
+        today, so TLS on is verified.
+        """
+        return self.tls
+
     async def command(self, line: str, timeout: float, waitingFor: str) -> Reply:
         self.protocol.send(line.encode("utf-8") + b"\r\n", 1)
         return await self.protocol.nextReply(timeout, waitingFor)
@@ -339,7 +347,7 @@ class _Session:
         raise _refused("AUTH", reply)
 
     async def deliver(self, transaction: Transaction, opener: MessageOpener) -> None:
-        if transaction.refuse(self.capabilities):
+        if transaction.refuse(self.capabilities, self.verifiedTLS()):
             return
         try:
             # One trip to a thread opens the file and reads its first
@@ -365,7 +373,7 @@ class _Session:
         protocol, timeouts = self.protocol, self.timeouts
         mail = transaction.mailCommand(self.capabilities)
         toSend = transaction.unfinished()
-        rcpts = [f"RCPT TO:<{address}>" for _, address in toSend]
+        rcpts = [transaction.rcptCommand(address, self.capabilities) for _, address in toSend]
         pipelining = self.capabilities.offers("PIPELINING")
         if pipelining:
             # RFC 2920 3.1: MAIL, every RCPT and DATA in one group.

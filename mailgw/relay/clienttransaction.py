@@ -16,6 +16,7 @@ import re
 
 import attrs
 
+from mailgw.dsnparams import NO_DSN, RecipientDSN, encodeXtext
 from mailgw.envelope import Address, BodyType, DeliveryResult, QueuedMessage
 from mailgw.relay.clientprotocol import RelayError, Reply
 
@@ -104,6 +105,23 @@ CANNOT_UTF8 = Outcome(
 TOO_BIG = Outcome(False, True, 552, "5.3.4", "message too big for upstream")
 BAD_SENDER = Outcome(False, True, 553, "5.1.7", "sender address cannot be sent safely")
 BAD_RECIPIENT = Outcome(False, True, 553, "5.1.3", "recipient address cannot be sent safely")
+# RFC 8689 4.2.1: a REQUIRETLS message goes only over verified TLS to an
+# upstream that offers REQUIRETLS; else it is returned (5.7.30, RFC 8689 7.2).
+REQUIRETLS_NO_TLS = Outcome(
+    False,
+    True,
+    550,
+    "5.7.30",
+    "REQUIRETLS support required: the message requires TLS with a verified certificate,"
+    " and the connection to the upstream had none",
+)
+REQUIRETLS_NOT_OFFERED = Outcome(
+    False,
+    True,
+    550,
+    "5.7.30",
+    "REQUIRETLS support required: the upstream does not offer REQUIRETLS",
+)
 
 
 @attrs.define
@@ -117,6 +135,9 @@ class Transaction:
     remote: str
     recipients: list[Address]
     outcomes: list[Outcome | None]
+    #: The upstream offered DSN and was given the DSN parameters (RFC 3461 5.2).
+    dsnPassed: bool = False
+    _requests: dict[Address, RecipientDSN] | None = attrs.field(default=None, init=False)
 
     @classmethod
     def forMessage(cls, message: QueuedMessage, remote: str) -> Transaction:
@@ -145,7 +166,9 @@ class Transaction:
     def results(self) -> list[DeliveryResult]:
         missing = Outcome(False, False, 0, "", "not attempted")
         return [
-            DeliveryResult(a, o.success, o.permanent, o.code, o.enhanced, o.text, self.remote)
+            DeliveryResult(
+                a, o.success, o.permanent, o.code, o.enhanced, o.text, self.remote, self.dsnPassed
+            )
             for a, o in zip(self.recipients, (o or missing for o in self.outcomes), strict=True)
         ]
 
@@ -155,15 +178,21 @@ class Transaction:
         addresses = [*self.recipients, *([envelope.sender] if envelope.sender else [])]
         return envelope.smtputf8 or not all(a.isASCII for a in addresses)
 
-    def refuse(self, capabilities: Capabilities) -> bool:
+    def refuse(self, capabilities: Capabilities, verifiedTLS: bool) -> bool:
         """
         Finish, permanently, what cannot go to this upstream (RFC 6152 3,
-        RFC 6531 3.4, RFC 1870 6, addresses with control characters).
+        RFC 6531 3.4, RFC 1870 6, RFC 8689 4.2.1, addresses with control
+        characters); ``verifiedTLS``: the session's TLS verified the
+        upstream's certificate.
 
         @return: whether nothing is left to send.
         """
         envelope, size = self.message.envelope, self.message.size
-        if envelope.body is BodyType.EIGHTBITMIME and not capabilities.offers("8BITMIME"):
+        if envelope.requireTLS and not verifiedTLS:
+            self.finishAll(REQUIRETLS_NO_TLS)
+        elif envelope.requireTLS and not capabilities.offers("REQUIRETLS"):
+            self.finishAll(REQUIRETLS_NOT_OFFERED)
+        elif envelope.body is BodyType.EIGHTBITMIME and not capabilities.offers("8BITMIME"):
             self.finishAll(CANNOT_8BIT)
         elif self.needsUTF8 and not capabilities.offers("SMTPUTF8"):
             self.finishAll(CANNOT_UTF8)
@@ -186,4 +215,27 @@ class Transaction:
             params.append("BODY=8BITMIME")
         if self.needsUTF8:
             params.append("SMTPUTF8")
+        envelope = self.message.envelope
+        if capabilities.offers("DSN"):
+            # RFC 3461 5.2: the requests travel on with the message.
+            self.dsnPassed = True
+            if envelope.ret is not None:
+                params.append(f"RET={envelope.ret.value}")
+            if envelope.envid is not None:
+                params.append(f"ENVID={encodeXtext(envelope.envid)}")
+        if envelope.requireTLS:
+            params.append("REQUIRETLS")  # refuse() made sure it is offered
         return " ".join(params)
+
+    def rcptCommand(self, address: Address, capabilities: Capabilities) -> str:
+        """RCPT TO, with NOTIFY and ORCPT when the upstream offers DSN."""
+        command = f"RCPT TO:<{address}>"
+        if not capabilities.offers("DSN"):
+            return command
+        return command + self._dsn().get(address, NO_DSN).parameters()
+
+    def _dsn(self) -> dict[Address, RecipientDSN]:
+        if self._requests is None:
+            envelope = self.message.envelope
+            self._requests = envelope.dsnFor() if envelope.dsn else {}
+        return self._requests

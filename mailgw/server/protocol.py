@@ -27,6 +27,7 @@ from mailgw.server.authentication import (
     LoginOutcome,
 )
 from mailgw.server.connection import PREAUTH, Connection
+from mailgw.server.extensions import DSN_KEYWORD, REQUIRETLS_KEYWORD
 from mailgw.server.sessionlog import SessionRecord
 from mailgw.server.settings import Listener
 from mailgw.server.transaction import Stage, Transaction
@@ -260,7 +261,10 @@ class SubmissionServer(Connection):
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
             "CHUNKING",
+            DSN_KEYWORD,
         ]
+        if self._tls:
+            lines.append(REQUIRETLS_KEYWORD)  # RFC 8689 4.1: only under TLS
         if not self._tls and self.listener.tlsContext is not None:
             lines.append("STARTTLS")
         # RFC 4954 4 and RFC 8314 3.3: credentials travel only under TLS.

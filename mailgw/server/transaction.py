@@ -24,11 +24,13 @@ from twisted.python.failure import Failure
 
 from mailgw import replies
 from mailgw.address import AddressError, ParameterError, parsePath, splitPathAndParameters
+from mailgw.dsnparams import RecipientDSN
 from mailgw.envelope import Address, BodyType, Envelope, Session
 from mailgw.interfaces import IMessageWriter
 from mailgw.queue.spool import SpoolError, SpoolFullError
 from mailgw.replies import SMTPReply
 from mailgw.server.data import DataReader
+from mailgw.server.extensions import MAIL_PARAMETERS, MailOptions, recipientDSN
 from mailgw.server.headers import HeaderHold, messageId, missingFields
 from mailgw.server.received import receivedHeader
 from mailgw.server.settings import Listener
@@ -71,6 +73,9 @@ class Transaction:
         self.stage = Stage.ENVELOPE
         self.sender: Address | None | _NoSender = NO_SENDER
         self.recipients: list[Address] = []
+        self._dsn: list[RecipientDSN] = []  # one per recipient (RFC 3461)
+        self._options = MailOptions()
+        self._esmtp = False
         self._rcptTried = False
         self._body = BodyType.SEVENBIT
         self._smtputf8 = False
@@ -123,6 +128,7 @@ class Transaction:
         except ParameterError:
             return replies.SYNTAX
         body, smtputf8, size = BodyType.SEVENBIT, False, None
+        options = MailOptions()
         for name, value in parameters.items():
             if not esmtp:
                 return _format(replies.UNKNOWN_PARAMETER, name=name)
@@ -140,6 +146,10 @@ class Transaction:
                 smtputf8 = True
             elif name == "AUTH" and value is not None:
                 pass  # RFC 4954 5: optional; we trust only our own AUTH.
+            elif name in MAIL_PARAMETERS:
+                refusal = options.take(name, value, self._session().tlsProtocol is not None)
+                if refusal is not None:
+                    return refusal
             else:
                 return _format(replies.UNKNOWN_PARAMETER, name=name)
         try:
@@ -154,6 +164,7 @@ class Transaction:
                 return refusal
             self.sender = sender
             self._body, self._smtputf8, self._declaredSize = body, smtputf8, size
+            self._options, self._esmtp = options, esmtp
             return replies.SENDER_OK
 
         policy = self._listener.policy
@@ -176,8 +187,11 @@ class Transaction:
             return replies.BAD_RECIPIENT
         except ParameterError:
             return replies.SYNTAX
-        if parameters:
+        if parameters and not self._esmtp:
             return _format(replies.UNKNOWN_PARAMETER, name=next(iter(parameters)))
+        dsn = recipientDSN(parameters)
+        if isinstance(dsn, SMTPReply):
+            return dsn
         try:
             recipient = parsePath(pathText, utf8=self._smtputf8)
         except AddressError:
@@ -199,6 +213,7 @@ class Transaction:
                 return refusal
             if recipient not in self.recipients:
                 self.recipients.append(recipient)
+                self._dsn.append(dsn)
             return replies.RECIPIENT_OK
 
         policy = self._listener.policy
@@ -270,6 +285,10 @@ class Transaction:
             body=self._body,
             smtputf8=self._smtputf8,
             declaredSize=self._declaredSize,
+            ret=self._options.ret,
+            envid=self._options.envid,
+            requireTLS=self._options.requireTLS,
+            dsn=self._dsn,
         )
         session, settings = self._session(), self._listener.settings
         try:
