@@ -554,7 +554,10 @@ def configFromDict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         sections[name] = build(table)
         table.finish()
     top.finish()
-    return Config(source=source, **sections)
+    config = Config(source=source, **sections)
+    if config.api.tokenFile and not config.metrics.listen:
+        raise ConfigError(source, "api.token_file", "the API is served on [metrics] listen: set it")
+    return config
 
 
 _SECTIONS: dict[str, Callable[[_Table], Any]] = {

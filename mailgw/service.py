@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailgw.api import ApiResource, makeApi
 from mailgw.apiconfig import readSecret
 from mailgw.auth.realm import makePortal
 from mailgw.certcheck import configuredCertificateReport
@@ -209,6 +210,8 @@ class GatewayService(MultiService):
             metrics = Metrics(CollectorRegistry())
         self.metrics = metrics
         self.metricsService: MetricsService | None = None
+        #: The queue API (docs/api.md), or None: ``[api] token_file`` not set.
+        self.api: ApiResource | None = None
         if metrics is not None:
             self._watch(metrics)
         self.factories: list[SubmissionFactory] = []
@@ -231,7 +234,8 @@ class GatewayService(MultiService):
         if self.guards.auth is not None:
             self.guards.auth.metrics = metrics
         if self.config.metrics.listen:
-            site = makeSite(metrics.registry, gatewayChecks(self))
+            self.api = makeApi(self.config, self.runner, lambda: self.guards.quota)
+            site = makeSite(metrics.registry, gatewayChecks(self), self.api)
             self.metricsService = MetricsService(self.reactor, self.config.metrics.listen, site)
             self.metricsService.setServiceParent(self)
 
