@@ -21,7 +21,19 @@ from mailgw.cli.errors import CommandError
 
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
-_SECTIONS = ("server", "tls", "auth", "spool", "queue", "limits", "policy", "proxy", "metrics")
+_SECTIONS = (
+    "server",
+    "tls",
+    "auth",
+    "spool",
+    "queue",
+    "limits",
+    "policy",
+    "proxy",
+    "metrics",
+    "api",
+    "webhooks",
+)
 
 
 def addShowConfigParser(subparsers: Any) -> None:
