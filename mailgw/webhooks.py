@@ -214,8 +214,15 @@ class WebhookSender(Service):
         d.addBoth(self._settled, d, delivery)
 
     def _response(self, response: IResponse) -> Deferred[None]:
-        done: Deferred[None] = Deferred()
-        response.deliverBody(_Discard(done))
+        def stop(_: Deferred[None]) -> None:
+            # The timeout while the body trickles in: drop the connection.
+            transport = getattr(reader, "transport", None)
+            if transport is not None:
+                transport.stopProducing()
+
+        done: Deferred[None] = Deferred(stop)
+        reader = _Discard(done)
+        response.deliverBody(reader)
         code = response.code
 
         def check(_: None) -> None:

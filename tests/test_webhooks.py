@@ -234,3 +234,47 @@ class WebhooksConfigTests(unittest.TestCase):
         self.assertIn("empty", str(e.exception))
         with self.assertRaises(ConfigError):
             readSecret("c.toml", "webhooks.secret_file", path + ".missing")
+
+
+class Trickle(Resource):
+    """Answers 200 at once, then sends its body a byte at a time, never finishing."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+
+    def render_POST(self, request: Any) -> Any:
+        from twisted.web.server import NOT_DONE_YET
+
+        request.setHeader(b"content-length", b"1000000")
+        request.write(b"x")
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class TrickleTests(unittest.TestCase):
+    @inlineCallbacks
+    def test_slowBodyTimesOut(self) -> Any:
+        resource = Trickle()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(resource))
+        self.addCleanup(port.stopListening)
+        sender = WebhookSender(
+            reactor, [f"http://127.0.0.1:{port.getHost().port}/"], SECRET, timeout=0.3, retries=0
+        )
+        sender.startService()
+        self.addCleanup(sender.stopService)
+        sender.send("message.delivered", {"queueId": "Q5"})
+        for _ in range(300):
+            if sender.counts["failed"]:
+                break
+            yield deferLater(0.01)
+        self.assertEqual((sender.counts["failed"], sender.counts["sent"]), (1, 0))
+        # The connection was dropped by the sender, not left open.
+        for _ in range(300):
+            if all(r.channel is None or r._disconnected for r in resource.requests):
+                break
+            yield deferLater(0.01)
+        self.assertTrue(resource.requests)
+        self.assertTrue(all(r._disconnected for r in resource.requests))

@@ -17,13 +17,21 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
+from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.server import Site
 
 from mailgw import logs
 from mailgw.cli.app import main
+from mailgw.webhooks import verify
 from tests.integration.support import PASSWORD, USER, GatewayTestCase, clientContext
+from tests.test_webhooks import SECRET, Receiver
 from tests.upstream import startUpstream
+
+TOKEN = b"an-api-token-for-the-tests"
 
 
 class ExplainTests(GatewayTestCase):
@@ -33,6 +41,12 @@ class ExplainTests(GatewayTestCase):
         self.addCleanup(self.refusing.stop)
         self.accepting = yield startUpstream(reactor)
         self.addCleanup(self.accepting.stop)
+        self.receiver = Receiver()
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Site(self.receiver)
+        )
+        self.addCleanup(port.stopListening)
+        self.hookURL = f"http://127.0.0.1:{port.getHost().port}/hook"
         self.logPath = Path(self.mktemp())
         self.logPath.parent.mkdir(parents=True, exist_ok=True)
         logFile = logs.ReopeningFile(str(self.logPath))
@@ -50,6 +64,13 @@ class ExplainTests(GatewayTestCase):
             ],
             "tls": "none",
         }
+        secrets = self.base / "secrets"
+        secrets.mkdir(parents=True, exist_ok=True)
+        (secrets / "hook").write_bytes(SECRET + b"\n")
+        (secrets / "token").write_bytes(TOKEN + b"\n")
+        data["webhooks"] = {"urls": [self.hookURL], "secret_file": str(secrets / "hook")}
+        data["metrics"] = {"listen": "tcp:0:interface=127.0.0.1"}
+        data["api"] = {"token_file": str(secrets / "token")}
         return data
 
     def submit(self) -> str:
@@ -131,6 +152,28 @@ class ExplainTests(GatewayTestCase):
         self.assertIn(f"Session {session['session']}", text)
         self.assertIn(f"AUTH ok: {USER} with PLAIN", text)
         self.assertIn(f"Message {queueId}", text)
+
+    @inlineCallbacks
+    def test_webhookAndApi(self) -> Any:
+        """The gateway sends the webhooks and serves the API it is configured for."""
+        queueId = yield deferToThread(self.submit)
+        yield self.receiver.whenReceived(1)
+        body, headers = self.receiver.received[0]
+        self.assertTrue(verify(SECRET, body, headers[b"x-mailgw-signature"].decode()))
+        event = json.loads(body)
+        self.assertEqual((event["event"], event["data"]["queueId"]), ("message.delivered", queueId))
+        self.assertEqual(event["data"]["account"], USER)
+        assert self.service.metricsService is not None
+        port = yield self.service.metricsService.whenListening()
+        url = f"http://127.0.0.1:{port.getHost().port}/api/v1/accounts/{USER}"
+        agent = Agent(reactor)
+        response = yield agent.request(b"GET", url.encode())
+        self.assertEqual(response.code, 401)
+        yield readBody(response)
+        headers = Headers({b"authorization": [b"Bearer " + TOKEN]})
+        response = yield agent.request(b"GET", url.encode(), headers)
+        account = json.loads((yield readBody(response)))
+        self.assertEqual((response.code, account["quota"]["messages"]), (200, 1))
 
     @inlineCallbacks
     def test_unknown(self) -> Any:
