@@ -7,6 +7,8 @@ gateway is built.
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -85,10 +87,13 @@ def readSecret(source: str, key: str, path: str) -> bytes:
     The first line of ``path`` (a token or webhook secret), read now.
 
     @raise ConfigError: naming ``source`` and ``key``, when the file cannot
-        be read or its first line is empty (the secret itself is never shown).
+        be read, is readable by others, or its first line is empty (the
+        secret itself is never shown).
     """
     try:
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_mode & stat.S_IROTH:
+                raise ConfigError(source, key, f"{path} must not be readable by others")
             secret = f.readline(4096).rstrip(b"\r\n")
     except OSError as e:
         raise ConfigError(source, key, f"cannot read {path}: {e.strerror or e}") from None

@@ -8,6 +8,7 @@ delete, accounts, JSON errors; and the [api] configuration.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -191,6 +192,7 @@ class ApiConfigTests(unittest.TestCase):
             makeApi(config, None)  # no such file
         with open(path, "w") as f:
             f.write("short\n")
+        os.chmod(path, 0o600)
         with self.assertRaises(ConfigError) as e:
             makeApi(config, None)
         self.assertIn(str(MIN_TOKEN), str(e.exception))
@@ -200,3 +202,44 @@ class ApiConfigTests(unittest.TestCase):
         api = makeApi(config, None)
         assert api is not None
         self.assertEqual((api.token, api.allowChanges), (TOKEN, False))
+
+
+class ApiCheckConfigTests(unittest.SynchronousTestCase):
+    """``mailgw check-config`` reads the token and the webhook secret as a start would."""
+
+    from tests.test_checkcli import CheckConfigTests as _Check
+
+    setUp = _Check.setUp
+    run_ = _Check.run_
+    extraArgs: list[str] = []
+    EXTRA = """
+[metrics]
+listen = "tcp:0:interface=127.0.0.1"
+[api]
+token_file = "{base}/token"
+[webhooks]
+urls = ["http://127.0.0.1:9/hook"]
+secret_file = "{base}/hook"
+"""
+
+    def write(self, name: str, text: str, mode: int) -> None:
+        path = self.base / name  # type: ignore[attr-defined]
+        path.write_text(text)
+        path.chmod(mode)
+
+    def test_secrets(self) -> None:
+        self.write("token", TOKEN.decode() + "\n", 0o640)
+        self.write("hook", "hook-secret\n", 0o640)
+        code, out, err = self.run_(self._Check.GOOD + self.EXTRA)
+        self.assertEqual((code, err), (0, ""))
+        self.write("token", "short\n", 0o600)
+        self.write("hook", "hook-secret\n", 0o644)
+        code, out, err = self.run_(self._Check.GOOD + self.EXTRA)
+        self.assertEqual(code, 1)
+        self.assertIn("api.token_file: ", err)
+        self.assertNotIn("hook-secret", err)
+        self.write("token", TOKEN.decode() + "\n", 0o600)
+        code, out, err = self.run_(self._Check.GOOD + self.EXTRA)
+        self.assertEqual(code, 1)
+        self.assertIn("webhooks.secret_file: ", err)
+        self.assertIn("must not be readable by others", err)

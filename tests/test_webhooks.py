@@ -7,6 +7,7 @@ the backlog bound), and the config section.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from twisted.internet import reactor
@@ -226,6 +227,11 @@ class WebhooksConfigTests(unittest.TestCase):
         path = self.mktemp()
         with open(path, "wb") as f:
             f.write(b"abc\nignored\n")
+        os.chmod(path, 0o644)
+        with self.assertRaises(ConfigError) as e:
+            readSecret("c.toml", "webhooks.secret_file", path)
+        self.assertIn("readable by others", str(e.exception))
+        os.chmod(path, 0o640)
         self.assertEqual(readSecret("c.toml", "webhooks.secret_file", path), b"abc")
         with open(path, "wb") as f:
             f.write(b"\n")

@@ -11,7 +11,7 @@ from mailgw.api.resource import ApiResource
 from mailgw.apiconfig import readSecret
 from mailgw.config import Config, ConfigError
 
-__all__ = ["MIN_TOKEN", "ApiResource", "makeApi"]
+__all__ = ["MIN_TOKEN", "ApiResource", "checkSecrets", "makeApi"]
 
 #: The shortest token taken, in characters.
 MIN_TOKEN = 16
@@ -33,3 +33,15 @@ def makeApi(config: Config, queue: Any, quota: Any = None) -> ApiResource | None
             f"{config.api.tokenFile}: the token must be at least {MIN_TOKEN} characters",
         )
     return ApiResource(token, queue, allowChanges=config.api.allowChanges, quota=quota)
+
+
+def checkSecrets(config: Config) -> None:
+    """
+    Read the API token and the webhook secret as a start would
+    (``mailgw check-config``).
+
+    @raise ConfigError: the first problem.
+    """
+    makeApi(config, None)
+    if config.webhooks.urls:
+        readSecret(config.source, "webhooks.secret_file", config.webhooks.secretFile)

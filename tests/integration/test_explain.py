@@ -68,6 +68,8 @@ class ExplainTests(GatewayTestCase):
         secrets.mkdir(parents=True, exist_ok=True)
         (secrets / "hook").write_bytes(SECRET + b"\n")
         (secrets / "token").write_bytes(TOKEN + b"\n")
+        for name in ("hook", "token"):
+            (secrets / name).chmod(0o600)
         data["webhooks"] = {"urls": [self.hookURL], "secret_file": str(secrets / "hook")}
         data["metrics"] = {"listen": "tcp:0:interface=127.0.0.1"}
         data["api"] = {"token_file": str(secrets / "token")}
