@@ -18,11 +18,13 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
+from zope.interface.verify import verifyObject
 
 from mailgw.api import MIN_TOKEN, ApiResource, makeApi
 from mailgw.config import ConfigError, LimitsConfig, QueueConfig, configFromDict
 from mailgw.envelope import Address, Envelope, Session
 from mailgw.health import makeSite
+from mailgw.interfaces import IQueueControl, IQueueView
 from mailgw.limits import SubmissionQuota
 from mailgw.queue.runner import QueueRunner
 from mailgw.testing import FakeRelay, MemorySpool, transient
@@ -68,6 +70,10 @@ class ApiTests(unittest.TestCase):
         body = yield readBody(response)
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
         return response.code, json.loads(body)
+
+    def test_queueView(self) -> None:
+        self.assertTrue(verifyObject(IQueueView, self.runner))
+        self.assertTrue(verifyObject(IQueueControl, self.runner))
 
     @inlineCallbacks
     def test_token(self) -> Any:
