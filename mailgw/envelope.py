@@ -65,17 +65,8 @@ def _withExtra(extra: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
 
 
 _SESSION_KEYS = frozenset(
-    [
-        "clientAddress",
-        "clientPort",
-        "helo",
-        "user",
-        "tlsProtocol",
-        "tlsCipher",
-        "listener",
-        "sessionId",
-    ]
-)
+    ["clientAddress", "clientPort", "helo", "user", "tlsProtocol", "tlsCipher", "listener"]
+) | {"sessionId"}
 _ENVELOPE_KEYS = frozenset(["sender", "recipients", "body", "smtputf8", "declaredSize"])
 _RECIPIENT_KEYS = frozenset(
     ["address", "status", "attempts", "lastAttempt", "code", "enhanced", "diagnostic", "remote"]
@@ -119,17 +110,19 @@ class Session:
 
     def toJSON(self) -> dict[str, Any]:
         # By hand: attrs.asdict is several times slower, once per message.
-        record = {
-            "clientAddress": self.clientAddress,
-            "clientPort": self.clientPort,
-            "helo": self.helo,
-            "user": self.user,
-            "tlsProtocol": self.tlsProtocol,
-            "tlsCipher": self.tlsCipher,
-            "listener": self.listener,
-            "sessionId": self.sessionId,
-        }
-        return _withExtra(self.extra, record)
+        return _withExtra(
+            self.extra,
+            {
+                "clientAddress": self.clientAddress,
+                "clientPort": self.clientPort,
+                "helo": self.helo,
+                "user": self.user,
+                "tlsProtocol": self.tlsProtocol,
+                "tlsCipher": self.tlsCipher,
+                "listener": self.listener,
+                "sessionId": self.sessionId,
+            },
+        )
 
     @classmethod
     def fromJSON(cls, data: dict[str, Any]) -> Session:

@@ -21,19 +21,8 @@ from mailgw.cli.errors import CommandError
 
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
-_SECTIONS = (
-    "server",
-    "tls",
-    "auth",
-    "spool",
-    "queue",
-    "limits",
-    "policy",
-    "proxy",
-    "metrics",
-    "api",
-    "webhooks",
-)
+_SECTIONS: tuple[str, ...] = ("server", "tls", "auth", "spool", "queue", "limits", "policy")
+_SECTIONS += ("proxy", "metrics", "api", "webhooks")
 
 
 def addShowConfigParser(subparsers: Any) -> None:
