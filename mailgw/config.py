@@ -47,6 +47,7 @@ from mailgw._configparse import (  # ConfigError, mergeOverrides, readConfigFile
     mergeOverrides,  # noqa: F401
     readConfigFile,
 )
+from mailgw.apiconfig import ApiConfig, WebhooksConfig, apiSection, webhooksSection
 
 
 class TLSMode(enum.Enum):
@@ -253,6 +254,8 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     proxy: ProxyConfig = ProxyConfig()
     metrics: MetricsConfig = MetricsConfig()
+    api: ApiConfig = ApiConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -551,7 +554,10 @@ def configFromDict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         sections[name] = build(table)
         table.finish()
     top.finish()
-    return Config(source=source, **sections)
+    config = Config(source=source, **sections)
+    if config.api.tokenFile and not config.metrics.listen:
+        raise ConfigError(source, "api.token_file", "the API is served on [metrics] listen: set it")
+    return config
 
 
 _SECTIONS: dict[str, Callable[[_Table], Any]] = {
@@ -565,6 +571,8 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "policy": _policy,
     "proxy": _proxy,
     "metrics": lambda t: MetricsConfig(listen=t.get("listen", _endpoint, "")),
+    "api": apiSection,
+    "webhooks": webhooksSection,
 }
 
 

@@ -68,7 +68,7 @@ def _withExtra(extra: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
 
 _SESSION_KEYS = frozenset(
     ["clientAddress", "clientPort", "helo", "user", "tlsProtocol", "tlsCipher", "listener"]
-)
+) | {"sessionId"}
 _ENVELOPE_KEYS = frozenset(
     [
         "sender",
@@ -117,22 +117,25 @@ class Session:
     tlsProtocol: str | None = None
     tlsCipher: str | None = None
     listener: str = "submission"
+    #: The session's id in the log lines (``session``), linking its events
+    #: to the messages it queued (``mailgw explain``); not part of equality.
+    sessionId: str | None = attrs.field(default=None, eq=False, kw_only=True)
     extra: dict[str, Any] = _EXTRA
 
     def toJSON(self) -> dict[str, Any]:
         # By hand: attrs.asdict is several times slower, once per message.
-        return _withExtra(
-            self.extra,
-            {
-                "clientAddress": self.clientAddress,
-                "clientPort": self.clientPort,
-                "helo": self.helo,
-                "user": self.user,
-                "tlsProtocol": self.tlsProtocol,
-                "tlsCipher": self.tlsCipher,
-                "listener": self.listener,
-            },
-        )
+        known: dict[str, Any] = {
+            "clientAddress": self.clientAddress,
+            "clientPort": self.clientPort,
+            "helo": self.helo,
+            "user": self.user,
+            "tlsProtocol": self.tlsProtocol,
+            "tlsCipher": self.tlsCipher,
+            "listener": self.listener,
+        }
+        if self.sessionId is not None:
+            known["sessionId"] = self.sessionId  # written only when known, as older files lack it
+        return _withExtra(self.extra, known)
 
     @classmethod
     def fromJSON(cls, data: dict[str, Any]) -> Session:

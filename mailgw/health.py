@@ -60,10 +60,13 @@ class HealthPage(Resource):
         return b"ok\n"
 
 
-def makeSite(registry: CollectorRegistry, checks: list[Check]) -> Site:
+def makeSite(registry: CollectorRegistry, checks: list[Check], api: Resource | None = None) -> Site:
+    """The site; ``api``: the queue API (docs/api.md) under ``/api``, when configured."""
     root = Resource()
     root.putChild(b"metrics", MetricsPage(registry))
     root.putChild(b"healthz", HealthPage(checks))
+    if api is not None:
+        root.putChild(b"api", api)
     site = Site(root)
     site.displayTracebacks = False
     return site

@@ -214,3 +214,29 @@ class IQueueControl(Interface):
 
     def delete(queueId):  # type: ignore[no-untyped-def]
         """Remove ``queueId`` from the queue without a bounce."""
+
+
+class IQueueView(Interface):
+    """What the queue holds now, for the API (read-only, in memory)."""
+
+    def messages():  # type: ignore[no-untyped-def]
+        """Every message of the queue (L{mailgw.envelope.QueuedMessage}), newest state."""
+
+    def lookup(queueId):  # type: ignore[no-untyped-def]
+        """The message ``queueId``. @raise KeyError: no such message."""
+
+
+class IWebhookSender(Interface):
+    """
+    Outgoing webhooks (docs/api.md): events about messages and accounts
+    POSTed as JSON to the configured receivers.
+    """
+
+    def send(event, payload):  # type: ignore[no-untyped-def]
+        """
+        Queue ``event`` (a name such as ``message.delivered``) with
+        ``payload`` (a JSON-able dict) for every receiver, and return at once.
+        Never raises and never blocks: a delivery that fails is retried a
+        bounded number of times, then dropped and logged; when the backlog
+        is full the oldest event is dropped.
+        """

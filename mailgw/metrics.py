@@ -105,6 +105,11 @@ class Metrics:
         self.bounces = counter(
             "bounces", "Delivery status notifications queued, by kind.", ("kind",)
         )
+        self.webhooks = counter(
+            "webhook_deliveries",
+            "Webhook deliveries, by outcome (sent, retried, failed, dropped).",
+            ("outcome",),
+        )
         self.commitSeconds = Histogram(
             PREFIX + "spool_commit_seconds",
             "Time from the end of DATA's checks to the durable commit (fsync).",
@@ -156,6 +161,9 @@ class Metrics:
 
     def bounce(self, kind: str) -> None:
         self.bounces.labels(kind).inc()
+
+    def webhook(self, outcome: str) -> None:
+        self.webhooks.labels(outcome).inc()
 
 
 def metricNames(registry: CollectorRegistry) -> set[str]:

@@ -26,6 +26,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailgw.api import ApiResource, makeApi
+from mailgw.apiconfig import readSecret
 from mailgw.auth.realm import makePortal
 from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
@@ -36,12 +38,14 @@ from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 from mailgw.metrics import Metrics
 from mailgw.policy.senders import SenderLoginPolicy
 from mailgw.proxy import ProxyFactory
+from mailgw.queue.events import WebhookObserver
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, SpoolError
 from mailgw.relay.relay import Relay
 from mailgw.reloading import SwappableContextFactory, restartOnly
 from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
 from mailgw.server.plaintext import PlaintextSniffingFactory
+from mailgw.webhooks import WebhookSender
 
 
 def threadRunner(reactor: Any, pool: ThreadPool | None = None) -> Callable[..., Deferred[Any]]:
@@ -188,6 +192,10 @@ class GatewayService(MultiService):
             self.spool, self.relay, reactor, config.queue, self.settings.hostname
         )
         self.runner.setServiceParent(self)
+        #: The webhook sender ([webhooks]), or None: no webhooks configured.
+        self.webhooks: WebhookSender | None = _webhooks(config, reactor, self.runner)
+        if self.webhooks is not None:
+            self.webhooks.setServiceParent(self)
         if controlSocket is None and isinstance(self.spool, Spool):
             controlSocket = defaultSocketPath(config.spool.directory)
         #: What ``mailgw reload`` calls (``twistd mailgw``: the SIGHUP reload,
@@ -202,6 +210,8 @@ class GatewayService(MultiService):
             metrics = Metrics(CollectorRegistry())
         self.metrics = metrics
         self.metricsService: MetricsService | None = None
+        #: The queue API (docs/api.md), or None: ``[api] token_file`` not set.
+        self.api: ApiResource | None = None
         if metrics is not None:
             self._watch(metrics)
         self.factories: list[SubmissionFactory] = []
@@ -217,12 +227,15 @@ class GatewayService(MultiService):
         """Count into ``metrics``; serve them on ``[metrics] listen`` when set."""
         metrics.watchQueue(self.runner, self.reactor)
         self.runner.metrics = metrics
+        if self.webhooks is not None:
+            self.webhooks.metrics = metrics
         if isinstance(self.relay, Relay):
             self.relay.metrics = metrics
         if self.guards.auth is not None:
             self.guards.auth.metrics = metrics
         if self.config.metrics.listen:
-            site = makeSite(metrics.registry, gatewayChecks(self))
+            self.api = makeApi(self.config, self.runner, lambda: self.guards.quota)
+            site = makeSite(metrics.registry, gatewayChecks(self), self.api)
             self.metricsService = MetricsService(self.reactor, self.config.metrics.listen, site)
             self.metricsService.setServiceParent(self)
 
@@ -418,6 +431,25 @@ class _SystemResolver:
 
             self._resolver = createResolver()
         return getattr(self._resolver, name)
+
+
+def _webhooks(config: Config, reactor: Any, runner: QueueRunner) -> WebhookSender | None:
+    """The sender of ``[webhooks]``, following ``runner``'s messages; None when off."""
+    hooks = config.webhooks
+    if not hooks.urls:
+        return None
+    secret = readSecret(config.source, "webhooks.secret_file", hooks.secretFile)
+    sender = WebhookSender(
+        reactor,
+        hooks.urls,
+        secret,
+        timeout=hooks.timeout,
+        retries=hooks.retries,
+        retryDelay=hooks.retryDelay,
+        backlog=hooks.backlog,
+    )
+    runner.events.add(WebhookObserver(sender))
+    return sender
 
 
 class _OptionalControl(ControlService):

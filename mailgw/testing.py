@@ -25,7 +25,7 @@ from mailgw.envelope import (
     QueuedMessage,
     Session,
 )
-from mailgw.interfaces import IMessageWriter, IRelay, ISpool, SpoolError
+from mailgw.interfaces import IMessageWriter, IRelay, ISpool, IWebhookSender, SpoolError
 
 
 @implementer(IMessageWriter)
@@ -443,3 +443,18 @@ class FakeRelay:
         if not self.holdResults:
             call.fire()
         return call.deferred
+
+
+@implementer(IWebhookSender)
+@attrs.define
+class RecordingWebhooks:
+    """An L{IWebhookSender} that records each event as ``(event, payload)``."""
+
+    events: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
+
+    def send(self, event: str, payload: dict[str, Any]) -> None:
+        self.events.append((event, payload))
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        """The payloads of every ``event`` sent."""
+        return [payload for name, payload in self.events if name == event]

@@ -108,6 +108,8 @@ SCHEMA = {
     "policy": ["sender_login_maps", "check_header_from", "allow_null_sender"],
     "proxy": ["trusted", "header_timeout"],
     "metrics": ["listen"],
+    "api": ["token_file", "allow_changes"],
+    "webhooks": ["urls", "secret_file", "timeout", "retries", "retry_delay", "backlog"],
     "relay": ROUTE_KEYS,
 }
 
@@ -195,6 +197,15 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
     },
     "metrics": {
         "listen": [9466, ["tcp:9466"], "bogus:9466", "ssl:9466"],
+    },
+    "api": {"token_file": [1, ["x"]], "allow_changes": ["yes", 1]},
+    "webhooks": {
+        "urls": ["http://x/", ["ftp://x/"], ["http://"], ["http://x:port/"], [""]],
+        "secret_file": [1, True],
+        "timeout": [0, -1, "10"],
+        "retries": [-1, 1.5, "3"],
+        "retry_delay": [0, "5"],
+        "backlog": [0, "1000"],
     },
     "relay": {
         "smarthosts": [

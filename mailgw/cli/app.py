@@ -23,6 +23,7 @@ from mailgw import __version__
 from mailgw.auth import passwd
 from mailgw.cli.check import addCheckConfigParser
 from mailgw.cli.errors import CommandError, Subparsers
+from mailgw.cli.explain import addExplainParser
 from mailgw.cli.queue import addQueueParser
 from mailgw.cli.reload import addReloadParser
 from mailgw.cli.show import addShowConfigParser
@@ -40,6 +41,7 @@ def _parserAdders() -> list[ParserAdder]:
         addCheckConfigParser,
         addShowConfigParser,
         addReloadParser,
+        addExplainParser,
     ]
 
 

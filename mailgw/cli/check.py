@@ -187,6 +187,7 @@ def checkKeyMode(config: Any, report: Report) -> None:
 def collect(path: str, bind: bool = True) -> tuple[Report, Any]:
     """Every check on the configuration file ``path``: the report, and the Config."""
     from mailgw import fdlimit
+    from mailgw.api import checkSecrets
     from mailgw.certcheck import configuredCertificateReport
     from mailgw.config import loadConfig
     from mailgw.service import makeCheckers, makePolicy
@@ -212,6 +213,7 @@ def collect(path: str, bind: bool = True) -> tuple[Report, Any]:
     report.run(lambda: makeCheckers(config))
     report.run(lambda: makePolicy(config, clock=None))
     report.run(lambda: _checkRelayCAs(config))
+    report.run(lambda: checkSecrets(config))
     checkSpool(config, report)
     checkListeners(config, report, bind)
     descriptors = fdlimit.fitProblem(config)

@@ -21,7 +21,8 @@ from mailgw.cli.errors import CommandError
 
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
-_SECTIONS = ("server", "tls", "auth", "spool", "queue", "limits", "policy", "proxy", "metrics")
+_SECTIONS: tuple[str, ...] = ("server", "tls", "auth", "spool", "queue", "limits", "policy")
+_SECTIONS += ("proxy", "metrics", "api", "webhooks")
 
 
 def addShowConfigParser(subparsers: Any) -> None:

@@ -65,6 +65,17 @@ class SubmissionQuota:
         if self._settings.recipientsPerUser and recipients > 0:
             self._recipients.add(key, recipients)
 
+    def usage(self, user: str) -> dict[str, float | int]:
+        """What ``user`` has used of the quotas now (a limit of 0: none)."""
+        key = user.casefold()
+        return {
+            "messages": self._messages.count(key) if self._settings.messagesPerUser else 0,
+            "messagesLimit": self._settings.messagesPerUser,
+            "recipients": self._recipients.count(key) if self._settings.recipientsPerUser else 0,
+            "recipientsLimit": self._settings.recipientsPerUser,
+            "window": self._settings.quotaWindow,
+        }
+
     def trackedKeys(self) -> int:
         """How many keys the quota holds."""
         return len(self._messages) + len(self._recipients)

@@ -407,6 +407,7 @@ class SenderLoginPolicy(AcceptAll):
             user=session.user,
             sender=sender,
             client=session.clientAddress,
+            session=session.sessionId,
         )
         return reply
 

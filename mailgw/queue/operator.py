@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from mailgw.envelope import QueuedMessage
 from mailgw.interfaces import ISpool
+from mailgw.queue.events import HELD, MessageEvents
 from mailgw.queue.schedule import Schedule
 
 _log = Logger(namespace="mailgw.queue.runner")
@@ -35,6 +36,7 @@ class OperatorControl:
     _schedule: Schedule
     _clock: IReactorTime
     _spool: ISpool
+    events: MessageEvents
 
     def _pump(self) -> None:
         raise NotImplementedError
@@ -57,6 +59,14 @@ class OperatorControl:
         if message is None:
             raise KeyError(queueId)
         return message
+
+    def messages(self) -> list[QueuedMessage]:
+        """Every message of the queue, as it is now (L{IQueueView})."""
+        return list(self._messages.values())
+
+    def lookup(self, queueId: str) -> QueuedMessage:
+        """The message ``queueId`` as it is now. @raise KeyError: none such."""
+        return self._lookup(queueId)
 
     def flush(self, queueIds: Iterable[str] | None = None) -> Deferred[int]:
         """
@@ -110,6 +120,8 @@ class OperatorControl:
             what="held" if held else "released",
         )
         d = maybeDeferred(self._spool.update, self._durable(self._messages[queueId]))
+        if held and not message.held:
+            self.events.emit(HELD, self._messages[queueId], (), reason="operator")
         if not held:
             self._dueNow(queueId, self._clock.seconds())
         self._pump()

@@ -31,7 +31,8 @@ from mailgw.envelope import (
     QueuedMessage,
     Session,
 )
-from mailgw.interfaces import IMessageWriter, IQueue, IQueueControl, IRelay, ISpool
+from mailgw.interfaces import IMessageWriter, IQueue, IQueueControl, IQueueView, IRelay, ISpool
+from mailgw.queue.events import MessageEvents
 from mailgw.queue.intake import SchedulingWriter, reportAs, takesReport
 from mailgw.queue.operator import OperatorControl
 from mailgw.queue.outcome import applyResults, backoff, logOutcome
@@ -47,7 +48,7 @@ _log = Logger()
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 
 
-@implementer(IQueue, IQueueControl)
+@implementer(IQueue, IQueueControl, IQueueView)
 class QueueRunner(Recording, OperatorControl, Service):
     """
     The queue: owns the spool's contents and their schedule. Messages
@@ -103,6 +104,8 @@ class QueueRunner(Recording, OperatorControl, Service):
         self._idleWaiters: list[Deferred[None]] = []
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
         self.metrics: Any = None
+        #: Who follows the messages' outcomes (the webhooks): L{MessageEvents}.
+        self.events = MessageEvents()
 
     def queueGauges(self) -> tuple[int, float | None]:
         """Messages queued, and the arrival time of the oldest (None: empty)."""
@@ -308,6 +311,7 @@ class QueueRunner(Recording, OperatorControl, Service):
             self._relayedOwed.setdefault(queueId, set()).update(result.relayed)
         self._messages[queueId] = result.message
         logOutcome(result, now)
+        self.events.attempted(result, now)
         self._startSettle(queueId)
 
     def _unbusy(self, queueId: str) -> None:

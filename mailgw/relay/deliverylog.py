@@ -18,6 +18,8 @@ JSON logs.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.logger import Logger
 
 from mailgw.envelope import DeliveryResult, QueuedMessage
@@ -66,8 +68,9 @@ def logAttempt(
     now: float,
     relay: str = "none",
     tls: str = "none",
+    route: str = "none",
 ) -> None:
-    """Log one recipient's result of one attempt."""
+    """Log one recipient's result of one attempt (``route``: L{routeName}, a field only)."""
     log.info(
         "{queueId}: to=<{to}>, relay={relay}, tls={tls}, delay={delay}, dsn={dsn}, "
         "status={status} ({reply})",
@@ -80,7 +83,17 @@ def logAttempt(
         status=status(result),
         reply=detail(result),
         code=result.code,
+        route=route,
     )
+
+
+def routeName(route: Any, domain: str | None = None) -> str:
+    """A route as the log names it: ``smarthosts h1:587,h2:587`` or ``mx example.org``."""
+    if route is None:
+        return "none"
+    if getattr(route, "mx", False):
+        return f"mx {domain}" if domain else "mx"
+    return "smarthosts " + ",".join(map(str, route.smarthosts))
 
 
 def tlsName(version: str | None, cipher: str | None) -> str:

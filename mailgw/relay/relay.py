@@ -46,7 +46,7 @@ from mailgw.relay.client import (
     RelayTimeouts,
     deliverBatch,
 )
-from mailgw.relay.deliverylog import logAttempt, relayName, status, tlsName
+from mailgw.relay.deliverylog import logAttempt, relayName, routeName, status, tlsName
 from mailgw.relay.filecache import FileCache, RunBlocking, threadPoolRunner
 from mailgw.relay.results import INTERNAL, INTERNAL_ERROR, Part, Report, Results, splitParts
 from mailgw.relay.routing import (
@@ -306,7 +306,8 @@ class Relay:
             relay = relayName(destination.host, attempt.peer, destination.port)
             tlsText = tlsName(attempt.tlsVersion, attempt.tlsCipher)
             for position, result in enumerate(partResults):
-                logAttempt(part.message, result, now, relay, tlsText)
+                route = routeName(destination.route, result.recipient.domain.lower())
+                logAttempt(part.message, result, now, relay, tlsText, route)
                 if self.metrics is not None:
                     self.metrics.delivery(destination.host.lower(), status(result))
                 # Success and permanent results are final; what is transient

@@ -104,9 +104,12 @@ class AuthPhase:
 
     _log = Logger()
 
-    def __init__(self, listener: Listener, clientAddress: Callable[[], str]) -> None:
+    def __init__(
+        self, listener: Listener, clientAddress: Callable[[], str], sessionId: str | None = None
+    ) -> None:
         self._listener = listener
         self._clientAddress = clientAddress
+        self._sessionId = sessionId
         self._exchange: Exchange | _ServerFinal | None = None
         self._mechanism = ""
         self._attempt: AuthAttempt | None = None
@@ -253,6 +256,9 @@ class AuthPhase:
                 "auth ok user={user!r} client={client}",
                 user=avatar.login,
                 client=self._clientAddress(),
+                session=self._sessionId,
+                mech=self._mechanism,
+                backend=backendName(self._listener.portal, credentials),
             )
             outcome = LoginOutcome(replies.AUTH_OK, avatar.login)
             if IScramCredentials.providedBy(credentials):
@@ -283,7 +289,22 @@ class AuthPhase:
             "auth failed user={user!r} client={client}",
             user=(username(credentials) or "")[:128],
             client=self._clientAddress(),
+            session=self._sessionId,
+            mech=self._mechanism,
         )
+
+
+def backendName(portal: Any, credentials: Any) -> str | None:
+    """
+    The auth backend(s) that check ``credentials`` in ``portal``: a checker's
+    class name, or several joined by ``|`` (asked in that order) for a chain.
+    """
+    for interface, checker in getattr(portal, "checkers", {}).items():
+        if interface.providedBy(credentials):
+            chain = getattr(checker, "checkers", None)
+            checkers = chain if isinstance(chain, list) else [checker]
+            return "|".join(type(c).__name__ for c in checkers)
+    return None
 
 
 def _decode(response: bytes) -> bytes | None:

@@ -12,6 +12,7 @@ handed in (L{mailgw.server.settings.Listener}).
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -56,9 +57,11 @@ class SubmissionServer(Connection):
         self._esmtp = False
         self._user: str | None = None
         self._loggedInOnce = False
-        self._auth = AuthPhase(listener, self._clientAddress)
+        #: The session's id in its log lines (``session``), for ``mailgw explain``.
+        self.sessionId = secrets.token_hex(6)
+        self._auth = AuthPhase(listener, self._clientAddress, self.sessionId)
         self._transaction = self._newTransaction()
-        self.record = SessionRecord(listener=listener.listenerName)
+        self.record = SessionRecord(listener=listener.listenerName, sessionId=self.sessionId)
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
         self._metrics = getattr(listener, "metrics", None)
 
@@ -79,7 +82,7 @@ class SubmissionServer(Connection):
     def _resetSession(self) -> None:
         """RFC 3207 4.2: after STARTTLS nothing learnt before it holds."""
         self._auth.abandon()
-        self._auth = AuthPhase(self.listener, self._clientAddress)
+        self._auth = AuthPhase(self.listener, self._clientAddress, self.sessionId)
         self._helo, self._esmtp, self._user = None, False, None
         self._resetTransaction()
 
@@ -105,6 +108,7 @@ class SubmissionServer(Connection):
             tlsProtocol=tlsProtocol,
             tlsCipher=tlsCipher,
             listener=self.listener.listenerName,
+            sessionId=self.sessionId,
         )
         # Asked several times per command: built again only when it changes.
         self._session = (key, session) if complete else None
@@ -125,6 +129,7 @@ class SubmissionServer(Connection):
                 self._log.info(
                     "connection refused client={client}: {reason}",
                     client=address,
+                    session=self.sessionId,
                     reason=refusal.text,
                 )
                 self.close(refusal)

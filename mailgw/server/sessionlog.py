@@ -82,6 +82,7 @@ class SessionRecord:
     outcome: str | None = None
     counts: dict[str, int] = attrs.field(factory=dict)
     total: int = 0
+    sessionId: str | None = None
 
     def command(self, verb: str) -> None:
         name = verb.lower()
@@ -134,6 +135,7 @@ class SessionRecord:
             "commandCount": self.total,
             "authOK": self.authOK,
             "outcome": self.outcome,
+            "session": self.sessionId,
         }
         who = ""
         if self.user is not None:

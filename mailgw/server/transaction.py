@@ -402,6 +402,7 @@ class Transaction:
         if quota is not None and self._user is not None:
             quota.record(self._user, len(envelope.recipients))
         recipients = [str(r) for r in envelope.recipients]
+        session = self._session()
         self._log.info(
             "queued {queueId} from=<{sender}> to=<{to}> rcpts={count} size={size} "
             "msgid={messageId} user={user!r} client={client}",
@@ -413,7 +414,13 @@ class Transaction:
             size=size,
             messageId=self.messageId or "none",
             user=self._user,
-            client=self._session().clientAddress,
+            client=session.clientAddress,
+            # For `mailgw explain`: what decided, linked to the session's lines.
+            session=session.sessionId,
+            listener=session.listener,
+            tls=f"{session.tlsProtocol}/{session.tlsCipher}" if session.tlsProtocol else "none",
+            policy=type(self._listener.policy).__name__,
+            quota=quota.usage(self._user) if quota is not None and self._user else None,
         )
         return _format(replies.QUEUED, queueId=queueId)
 
