@@ -824,12 +824,16 @@ class EncodingTests(SynchronousTestCase):
         """The hand-written toJSON of each value names every attrs field."""
         from mailgw.envelope import RecipientState, Session
 
-        for value in (SESSION, RecipientState(ENVELOPE.recipients[0], attempts=2, code=450)):
+        session = attrs.evolve(SESSION, sessionId="s1")
+        for value in (session, RecipientState(ENVELOPE.recipients[0], attempts=2, code=450)):
             data = value.toJSON()
             fields = {f.name for f in attrs.fields(type(value))} - {"extra"}
             self.assertEqual(set(data), fields)
             self.assertEqual(type(value).fromJSON(data), value)
         self.assertIsInstance(SESSION, Session)
+        self.assertEqual(Session.fromJSON(session.toJSON()).sessionId, "s1")
+        # A session without an id is written as older versions wrote it.
+        self.assertNotIn("sessionId", SESSION.toJSON())
 
     def test_versionWritten(self) -> None:
         message = QueuedMessage.arrived("0" * 20, ENVELOPE, SESSION, NOW, 10)
