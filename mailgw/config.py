@@ -47,6 +47,14 @@ from mailgw._configparse import (  # ConfigError, mergeOverrides, readConfigFile
     mergeOverrides,  # noqa: F401
     readConfigFile,
 )
+from mailgw.filter.settings import (
+    EtrnConfig,
+    FilterConfig,
+    ReinjectConfig,
+    loadEtrn,
+    loadFilter,
+    loadReinject,
+)
 
 
 class TLSMode(enum.Enum):
@@ -201,6 +209,8 @@ class Route:
     authPasswordFile: str = ""
     authMechanism: str = "PLAIN"
     connectTimeout: float = 30
+    #: LMTP (RFC 2033) instead of SMTP: the content filter's route only.
+    lmtp: bool = False
 
     def authPassword(self) -> str | None:
         """
@@ -253,6 +263,9 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     proxy: ProxyConfig = ProxyConfig()
     metrics: MetricsConfig = MetricsConfig()
+    filter: FilterConfig = FilterConfig()
+    reinject: ReinjectConfig = ReinjectConfig()
+    etrn: EtrnConfig = EtrnConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -565,6 +578,9 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "policy": _policy,
     "proxy": _proxy,
     "metrics": lambda t: MetricsConfig(listen=t.get("listen", _endpoint, "")),
+    "filter": loadFilter,
+    "reinject": loadReinject,
+    "etrn": loadEtrn,
 }
 
 

@@ -67,7 +67,9 @@ def _withExtra(extra: dict[str, Any], known: dict[str, Any]) -> dict[str, Any]:
 _SESSION_KEYS = frozenset(
     ["clientAddress", "clientPort", "helo", "user", "tlsProtocol", "tlsCipher", "listener"]
 )
-_ENVELOPE_KEYS = frozenset(["sender", "recipients", "body", "smtputf8", "declaredSize"])
+_ENVELOPE_KEYS = frozenset(
+    ["sender", "recipients", "body", "smtputf8", "declaredSize", "contentFilter"]
+)
 _RECIPIENT_KEYS = frozenset(
     ["address", "status", "attempts", "lastAttempt", "code", "enhanced", "diagnostic", "remote"]
 )
@@ -132,6 +134,8 @@ class Envelope:
     One SMTP transaction's envelope: reverse-path and forward-paths.
 
     ``sender`` is ``None`` for the null reverse-path ``<>`` (bounces).
+    ``contentFilter`` names the content filter the message waits for
+    (``smtp:127.0.0.1:10024``), set when it was queued; "" for none.
     """
 
     sender: Address | None
@@ -139,19 +143,20 @@ class Envelope:
     body: BodyType = BodyType.SEVENBIT
     smtputf8: bool = False
     declaredSize: int | None = None
+    contentFilter: str = ""
     extra: dict[str, Any] = _EXTRA
 
     def toJSON(self) -> dict[str, Any]:
-        return _withExtra(
-            self.extra,
-            {
-                "sender": None if self.sender is None else str(self.sender),
-                "recipients": [str(r) for r in self.recipients],
-                "body": self.body.value,
-                "smtputf8": self.smtputf8,
-                "declaredSize": self.declaredSize,
-            },
-        )
+        data: dict[str, Any] = {
+            "sender": None if self.sender is None else str(self.sender),
+            "recipients": [str(r) for r in self.recipients],
+            "body": self.body.value,
+            "smtputf8": self.smtputf8,
+            "declaredSize": self.declaredSize,
+        }
+        if self.contentFilter:
+            data["contentFilter"] = self.contentFilter
+        return _withExtra(self.extra, data)
 
     @classmethod
     def fromJSON(cls, data: dict[str, Any]) -> Envelope:
@@ -162,6 +167,7 @@ class Envelope:
             body=BodyType(data.get("body", "7BIT")),
             smtputf8=bool(data.get("smtputf8", False)),
             declaredSize=data.get("declaredSize"),
+            contentFilter=str(data.get("contentFilter", "")),
             extra=_split(data, _ENVELOPE_KEYS)[1],
         )
 

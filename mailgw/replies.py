@@ -102,6 +102,7 @@ ALREADY_AUTHENTICATED = reply(503, "5.5.1", "Already authenticated")
 UNKNOWN_PARAMETER = reply(555, "5.5.4", "Unsupported parameter: {name}")
 BAD_PARAMETER = reply(501, "5.5.4", "Bad value for parameter {name}")
 HTTP_REFUSED = reply(421, "4.7.0", "This is an SMTP server, not a web server")
+REINJECT_REFUSED = reply(554, "5.7.1", "Not allowed to reinject mail from this address")
 
 # 5xx: addresses
 BAD_SENDER = reply(501, "5.1.7", "Bad sender address syntax")

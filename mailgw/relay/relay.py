@@ -380,6 +380,7 @@ class Relay:
             tlsCreator=creator,
             auth=auth,
             timeouts=attrs.evolve(self.timeouts, connect=destination.route.connectTimeout),
+            lmtp=destination.route.lmtp,
         )
 
     async def _auth(self, route: Route) -> tuple[str, str, str] | None:

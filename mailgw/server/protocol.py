@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 
 from mailgw import replies
 from mailgw.envelope import Session
+from mailgw.filter.settings import inNetworks
 from mailgw.replies import SMTPReply
 from mailgw.server.authentication import (
     AuthPhase,
@@ -27,6 +28,7 @@ from mailgw.server.authentication import (
     LoginOutcome,
 )
 from mailgw.server.connection import PREAUTH, Connection
+from mailgw.server.etrn import etrnAnswer
 from mailgw.server.sessionlog import SessionRecord
 from mailgw.server.settings import Listener
 from mailgw.server.transaction import Stage, Transaction
@@ -114,6 +116,12 @@ class SubmissionServer(Connection):
     def connectionOpened(self) -> None:
         limiter = self.listener.guards.connections
         self.record.client = self._clientAddress()
+        trusted = self.listener.reinjectNetworks
+        if trusted is not None and not inNetworks(self._clientAddress(), trusted):
+            # A reinjection listener takes mail without AUTH: only from its networks.
+            self._log.info("reinjection refused client={client}", client=self._clientAddress())
+            self.close(replies.REINJECT_REFUSED)
+            return
         if limiter is not None:
             address = self._clientAddress()
             refusal = limiter.open(address)
@@ -130,7 +138,8 @@ class SubmissionServer(Connection):
                 return
             self._counted = address
         settings = self.listener.settings
-        self.startTimer(PREAUTH, settings.preAuthTimeout, replies.PREAUTH_TIMEOUT)
+        if trusted is None:  # no AUTH on a reinjection listener: nothing to wait for
+            self.startTimer(PREAUTH, settings.preAuthTimeout, replies.PREAUTH_TIMEOUT)
         self.write(SMTPReply(220, "", f"{settings.hostname} ESMTP mailgw").toBytes())
 
     def releaseResources(self) -> None:
@@ -262,6 +271,8 @@ class SubmissionServer(Connection):
         ]
         if not self._tls and self.listener.tlsContext is not None:
             lines.append("STARTTLS")
+        if self.listener.etrn is not None:
+            lines.append("ETRN")  # RFC 1985
         # RFC 4954 4 and RFC 8314 3.3: credentials travel only under TLS.
         mechanisms = self.listener.mechanisms
         if self._tls and mechanisms:
@@ -356,12 +367,23 @@ class SubmissionServer(Connection):
             self.startTimer(PREAUTH, left, replies.PREAUTH_TIMEOUT)
         self.reply(outcome.reply)
 
+    def do_ETRN(self, argument: str) -> None:
+        etrn = self.listener.etrn
+        if etrn is None:
+            self.reply(replies.UNRECOGNISED)
+        elif not self._esmtp:
+            self.reply(replies.NEED_EHLO)  # an ESMTP extension (RFC 1985 4)
+        elif self._transaction.started:
+            self.reply(replies.IN_TRANSACTION)
+        elif not self._junkCommand():  # it moves no mail of this session
+            self._answer(etrnAnswer(etrn, argument, self._user, self._clientAddress()), self.reply)
+
     # -- commands: the transaction -----------------------------------------
 
     def do_MAIL(self, argument: str) -> None:
         if self._helo is None:
             self.reply(replies.NEED_HELO)
-        elif self._user is None:
+        elif self._user is None and self.listener.reinjectNetworks is None:
             self.reply(replies.AUTH_REQUIRED)
         else:
             self._answer(self._transaction.mail(argument, self._esmtp), self.reply)
