@@ -415,7 +415,8 @@ class _Session:
             transaction.finishAll(classify(dataReply))
             await self.reset()
             return
-        await protocol.sendBody(lambda: body.read(self.runBlocking), timeouts.dataBlock)
+        replies = len(acceptedAt) if self.settings.lmtp else 1
+        await protocol.sendBody(lambda: body.read(self.runBlocking), timeouts.dataBlock, replies)
         if self.settings.lmtp:
             # RFC 2033 4.2: one reply per accepted recipient, in RCPT order.
             for index in acceptedAt:

@@ -4,8 +4,8 @@ content filter tests (a test tool, not a test module):
 
     python amavislike.py LISTEN_PORT REINJECT_PORT MODE READY_FILE
 
-It listens for SMTP on 127.0.0.1:LISTEN_PORT and, as amavis does, answers
-the final dot only after it has reinjected the message (with an
+It listens for SMTP (or LMTP) on 127.0.0.1:LISTEN_PORT and, as amavis does,
+answers the final dot (under LMTP once per recipient) only after it has reinjected the message (with an
 ``X-Virus-Scanned:`` header added on top) into 127.0.0.1:REINJECT_PORT
 with smtplib, quoting the reinjection's reply in its own:
 
@@ -38,6 +38,7 @@ class Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         self.send("220 localhost ESMTP amavislike")
         sender, rcpts = "", []
+        self.lmtp = False
         while True:
             raw = self.rfile.readline(100_000)
             if not raw:
@@ -45,6 +46,7 @@ class Handler(socketserver.StreamRequestHandler):
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             verb = line[:4].upper()
             if verb in ("EHLO", "LHLO"):
+                self.lmtp = verb == "LHLO"
                 self.send("250-localhost\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 0")
             elif verb == "HELO":
                 self.send("250 localhost")
@@ -98,8 +100,10 @@ class Handler(socketserver.StreamRequestHandler):
             except (OSError, smtplib.SMTPException) as e:
                 reply = f"451 4.5.0 reinjection failed: {type(e).__name__}"
         record["reply"] = reply
+        record["lmtp"] = self.lmtp
         self.server.log(record)
-        self.send(reply)
+        for _ in rcpts if self.lmtp else [None]:
+            self.send(reply)
 
 
 class Server(socketserver.ThreadingTCPServer):

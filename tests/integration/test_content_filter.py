@@ -10,6 +10,7 @@ hangs) and ETRN (RFC 1985) over a real connection.
 
 from __future__ import annotations
 
+import json
 import smtplib
 import subprocess
 import sys
@@ -42,6 +43,7 @@ class FilterLoopCase(GatewayTestCase):
 
     timeout = 90
     filterMode = "pass"
+    protocol = "smtp"
     reinjectNetworks: list[str] | None = None
     replyTimeout: float = 5
 
@@ -62,7 +64,7 @@ class FilterLoopCase(GatewayTestCase):
         data["relay"] = {"smarthosts": [f"localhost:{self.upstream.portNumber}"], "tls": "none"}
         data["queue"] = {"retry_min": 1, "retry_max": 2, "retry_jitter": 0}
         data["filter"] = {
-            "content_filter": f"smtp:127.0.0.1:{self.filterPort}",
+            "content_filter": f"{self.protocol}:127.0.0.1:{self.filterPort}",
             "reply_timeout": self.replyTimeout,
         }
         data["reinject"] = {"listen": ["tcp:0:interface=127.0.0.1"]}
@@ -124,13 +126,25 @@ class LoopTests(FilterLoopCase):
         [accepted] = self.logged("accepted by the filter")
         original = accepted.split()[1].rstrip(":")
         reinjected = accepted.split("reinjected as ")[1].split()[0]
-        self.assertIn(f"smtp:127.0.0.1:{self.filterPort}", accepted)
+        self.assertIn(f"{self.protocol}:127.0.0.1:{self.filterPort}", accepted)
         self.assertEqual(
             self.logged(f"Queue {reinjected}: reinjected by the filter from 127.0.0.1"),
             [f"Queue {reinjected}: reinjected by the filter from 127.0.0.1, original {original}"],
         )
         self.assertIn(f"id {original}".encode(), data)
         self.assertIn(f"id {reinjected}".encode(), data)
+
+
+class LMTPLoopTests(LoopTests):
+    """The same loop with the filter spoken to in LMTP (RFC 2033)."""
+
+    protocol = "lmtp"
+
+    @inlineCallbacks
+    def test_loop(self) -> Any:
+        yield LoopTests.test_loop(self)
+        [record] = [json.loads(line) for line in self.filterLog.read_text().splitlines()]
+        self.assertTrue(record["lmtp"])
 
 
 class NotListedNetworkTests(FilterLoopCase):
