@@ -5,9 +5,9 @@ content filter tests (a test tool, not a test module):
     python amavislike.py LISTEN_PORT REINJECT_PORT MODE READY_FILE
 
 It listens for SMTP (or LMTP) on 127.0.0.1:LISTEN_PORT and, as amavis does,
-answers the final dot (under LMTP once per recipient) only after it has reinjected the message (with an
-``X-Virus-Scanned:`` header added on top) into 127.0.0.1:REINJECT_PORT
-with smtplib, quoting the reinjection's reply in its own:
+answers the final dot (under LMTP once per recipient) only after it has
+reinjected the message (with an ``X-Virus-Scanned:`` header added on top)
+into 127.0.0.1:REINJECT_PORT with smtplib, quoting the reinjection's reply in its own:
 
     250 2.0.0 from MTA(smtp:[127.0.0.1]:10025): 250 2.0.0 Ok: queued as ID
 
