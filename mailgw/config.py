@@ -209,8 +209,6 @@ class Route:
     authPasswordFile: str = ""
     authMechanism: str = "PLAIN"
     connectTimeout: float = 30
-    #: LMTP (RFC 2033) instead of SMTP: the content filter's route only.
-    lmtp: bool = False
 
     def authPassword(self) -> str | None:
         """

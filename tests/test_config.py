@@ -108,6 +108,15 @@ SCHEMA = {
     "policy": ["sender_login_maps", "check_header_from", "allow_null_sender"],
     "proxy": ["trusted", "header_timeout"],
     "metrics": ["listen"],
+    "filter": [
+        "content_filter",
+        "hold_replies",
+        "connect_timeout",
+        "reply_timeout",
+        "max_connections",
+    ],
+    "reinject": ["listen", "networks"],
+    "etrn": ["enabled", "networks"],
     "relay": ROUTE_KEYS,
 }
 
@@ -195,6 +204,31 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
     },
     "metrics": {
         "listen": [9466, ["tcp:9466"], "bogus:9466", "ssl:9466"],
+    },
+    "filter": {
+        "content_filter": [
+            10024,
+            "127.0.0.1:10024",
+            "smtp:192.0.2.7:10024",
+            "smtp:amavis.example.org:10024",
+            "esmtp:127.0.0.1:10024",
+            "smtp:127.0.0.1:0",
+            "smtp:127.0.0.1:70000",
+            "smtp:::1:10024",
+            "smtp:[::1]",
+        ],
+        "hold_replies": ["quarantine", ["("], [1]],
+        "connect_timeout": [0, "30s"],
+        "reply_timeout": [0, -1, "10m"],
+        "max_connections": [0, "2"],
+    },
+    "reinject": {
+        "listen": ["tcp:10025", ["bogus:10025"], [10025]],
+        "networks": BAD_NETWORKS,
+    },
+    "etrn": {
+        "enabled": ["yes", 1],
+        "networks": BAD_NETWORKS,
     },
     "relay": {
         "smarthosts": [

@@ -21,7 +21,10 @@ from mailgw.cli.errors import CommandError
 
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
-_SECTIONS = ("server", "tls", "auth", "spool", "queue", "limits", "policy", "proxy", "metrics")
+_SECTIONS = (
+    "server", "tls", "auth", "spool", "queue", "limits", "policy", "proxy", "metrics",
+    "reinject", "etrn",
+)  # fmt: skip
 
 
 def addShowConfigParser(subparsers: Any) -> None:
@@ -71,6 +74,22 @@ def _table(header: str, value: Any, default: Any, changed: bool) -> list[str]:
     return [f"[{header}]", *lines, ""]
 
 
+def _filterTable(value: Any, default: Any, changed: bool) -> list[str]:
+    """[filter]: its one address is three fields, its patterns compiled."""
+    keys = {
+        "content_filter": (value.name, default.name),
+        "hold_replies": (
+            [p.pattern for p in value.holdReplies],
+            [p.pattern for p in default.holdReplies],
+        ),
+        "connect_timeout": (value.connectTimeout, default.connectTimeout),
+        "reply_timeout": (value.replyTimeout, default.replyTimeout),
+        "max_connections": (value.maxConnections, default.maxConnections),
+    }
+    lines = [f"{k} = {_value(v)}" for k, (v, d) in keys.items() if not (changed and v == d)]
+    return ["[filter]", *lines, ""] if lines else []
+
+
 def render(config: Any, changed: bool = False) -> str:
     """``config`` as TOML; only what differs from the defaults when ``changed``."""
     from mailgw.config import Config, Route
@@ -79,6 +98,7 @@ def render(config: Any, changed: bool = False) -> str:
     lines: list[str] = []
     for section in _SECTIONS:
         lines += _table(section, getattr(config, section), getattr(defaults, section), changed)
+    lines += _filterTable(config.filter, defaults.filter, changed)
     if config.relay.default is not None:
         lines += _table("relay", config.relay.default, Route(), changed)
     for domain, route in sorted(config.relay.domains.items()):

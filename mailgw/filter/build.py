@@ -62,7 +62,6 @@ def filterStage(
         smarthosts=(Smarthost(f.host, f.port),),
         tls=TLSMode.NONE,  # a loopback filter (checked when the config was read)
         connectTimeout=f.connectTimeout,
-        lmtp=f.protocol == "lmtp",
     )
     filterRelay = Relay(
         reactor,
@@ -74,6 +73,7 @@ def filterStage(
         maxPerHost=f.maxConnections,
         timeouts=filterTimeouts(f.replyTimeout, f.connectTimeout),
         runBlocking=runBlocking,
+        lmtp=f.protocol == "lmtp",
     )
     return FilterStage(routes, filterRelay, f.name, holdReplies=f.holdReplies, hold=hold)
 

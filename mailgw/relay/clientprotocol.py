@@ -167,8 +167,9 @@ class SMTPClientProtocol(Protocol):
         """
         Stream a message dot-stuffed, then the end-of-data terminator, and
         expect C{replies} replies to it (LMTP: one per accepted recipient).
-        C{read()} gives the next chunk (a Deferred, so the file is read off the reactor thread; C{b""} at the end); a
-        chunk is asked for only when the previous one is written and the
+        C{read()} gives the next chunk (a Deferred, so the file is read off
+        the reactor thread; C{b""} at the end); a chunk is asked for only
+        when the previous one is written and the
         transport is not paused (a streaming producer), so at most one
         chunk and the transport's buffer are in memory, never the message.
 
