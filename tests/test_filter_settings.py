@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailgw.cli.show import render
 from mailgw.config import Config, configFromDict
 from mailgw.filter.settings import LOOPBACK, EtrnConfig, FilterConfig, ReinjectConfig
+from tests import test_checkcli
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "etc", "mailgw.toml")
 
@@ -74,3 +75,17 @@ class FilterSettingsTests(SynchronousTestCase):
         self.assertIn('content_filter = "lmtp:[::1]:10024"', changed)
         self.assertNotIn("max_connections", changed)
         self.assertNotIn("[filter]", render(Config(), changed=True))
+
+
+class CheckConfigTests(SynchronousTestCase):
+    setUp = test_checkcli.CheckConfigTests.setUp
+    run_ = test_checkcli.CheckConfigTests.run_
+    extraArgs: list[str] = []
+
+    def test_reinjectionListenerChecked(self) -> None:
+        """check-config binds the reinjection listeners too: a port taken twice is named."""
+        text = test_checkcli.CheckConfigTests.GOOD
+        text += '[reinject]\nlisten = ["tcp:port={port}:interface=127.0.0.1"]\n'
+        code, _, err = self.run_(text)
+        self.assertEqual(code, 1)
+        self.assertIn("reinject.listen: tcp:port=", err)

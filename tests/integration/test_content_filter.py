@@ -46,6 +46,7 @@ class FilterLoopCase(GatewayTestCase):
     protocol = "smtp"
     reinjectNetworks: list[str] | None = None
     replyTimeout: float = 5
+    startAtOnce = True
 
     @inlineCallbacks
     def setUp(self) -> Any:
@@ -58,7 +59,8 @@ class FilterLoopCase(GatewayTestCase):
         self.filterPort = freePort()
         yield super().setUp()
         self.reinjectPort = self.service.ports[2].getHost().port
-        yield self.startFilter()
+        if self.startAtOnce:
+            yield self.startFilter()
 
     def adjustConfig(self, data: dict[str, Any]) -> dict[str, Any]:
         data["relay"] = {"smarthosts": [f"localhost:{self.upstream.portNumber}"], "tls": "none"}
@@ -183,6 +185,31 @@ class RejectTests(FilterLoopCase):
         self.assertIn(b"554 5.7.0 Reject, id=00001-01 - SPAM", bounce.data)
         self.assertIn(b"message/delivery-status", bounce.data)
         yield self.waitFor(lambda: not self.spooled(), "an empty queue")
+
+
+class FilterDownTests(FilterLoopCase):
+    """No filter process at first: mail waits for it, then flows once it runs."""
+
+    startAtOnce = False
+
+    @inlineCallbacks
+    def test_waitsThenFlows(self) -> Any:
+        yield self.submit(["bob@example.net"])
+
+        def triedTwice() -> bool:
+            messages = self.spooled()
+            return bool(messages) and messages[0].recipients[0].attempts >= 2
+
+        yield self.waitFor(triedTwice, "two tries at a filter that is down")
+        [message] = self.spooled()
+        self.assertEqual(message.recipients[0].status, RecipientStatus.PENDING)
+        self.assertEqual(message.envelope.contentFilter, f"smtp:127.0.0.1:{self.filterPort}")
+        self.assertEqual(self.upstream.factory.transactions, [])
+        yield self.startFilter()
+        [received] = yield self.upstream.factory.waitForTransactions(1)
+        self.assertIn(b"X-Virus-Scanned: amavislike", received.data)
+        yield self.waitFor(lambda: not self.spooled(), "an empty queue")
+        self.assertEqual(len(self.upstream.factory.transactions), 1)
 
 
 class DeferTests(FilterLoopCase):
