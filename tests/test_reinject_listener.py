@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailgw.auth.realm import makePortal
 from mailgw.config import Config
 from mailgw.filter.build import reinjectFactory
-from mailgw.filter.settings import LOOPBACK, ReinjectConfig, inNetworks
+from mailgw.filter.settings import LOOPBACK, ReinjectConfig
+from mailgw.networks import inNetworks
 from mailgw.policy.senders import SenderLoginPolicy
 from mailgw.server.factory import ServerSettings
 from mailgw.testing import MemorySpool

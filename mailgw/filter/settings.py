@@ -149,14 +149,3 @@ def loadEtrn(t: _Table) -> EtrnConfig:
         enabled=t.get("enabled", _boolean, False),
         networks=t.get("networks", _networks, ()),
     )
-
-
-def inNetworks(host: str, networks: tuple[Network, ...]) -> bool:
-    """Whether the client address ``host`` is in one of ``networks``."""
-    try:
-        address = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return False  # a UNIX socket, or no address at all: not listed
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket
-    return any(address in network for network in networks)

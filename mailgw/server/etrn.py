@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from mailgw._configparse import Network
-from mailgw.filter.settings import inNetworks
+from mailgw.networks import inNetworks
 from mailgw.replies import SMTPReply, reply
 
 __all__ = ["Etrn", "etrnAnswer"]

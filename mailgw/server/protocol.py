@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 
 from mailgw import replies
 from mailgw.envelope import Session
-from mailgw.filter.settings import inNetworks
+from mailgw.networks import inNetworks
 from mailgw.replies import SMTPReply
 from mailgw.server.authentication import (
     AuthPhase,
