@@ -133,8 +133,9 @@ class FilterStageTests(SynchronousTestCase):
         self.assertTrue(self.stored(queueId).held)
         self.clock.advance(86400)
         self.assertEqual(len(self.filter.attempts), 1)
-        self.assertTrue(
-            any("held, as the filter smtp:127.0.0.1:10024 asked" in formatEvent(e) for e in events)
+        self.assertIn(
+            f"Queue {queueId}: held by the filter {FILTER} (450 4.7.1 quarantined: virus)",
+            [formatEvent(e) for e in events],
         )
         self.successResultOf(self.runner.release(queueId))
         self.assertEqual(len(self.filter.attempts), 2)

@@ -173,13 +173,8 @@ class FilterStage:
         for result in refused:
             reply = _replyLine(result)
             if self.hold is not None and any(p.search(reply) for p in self.holdReplies):
-                log.warn(
-                    "Queue {queueId}: held, as the filter {filter} asked ({reply})",
-                    queueId=queueId,
-                    filter=self.filterName,
-                    reply=reply,
-                )
-                self.hold(queueId, f"by the filter ({reply})")
+                # The queue logs "Queue ID: held by the filter NAME (REPLY)".
+                self.hold(queueId, f"by the filter {self.filterName} ({reply})")
                 return [attrs.evolve(r, permanent=False) for r in results]
         return results
 
