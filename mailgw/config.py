@@ -48,6 +48,14 @@ from mailgw._configparse import (  # ConfigError, mergeOverrides, readConfigFile
     readConfigFile,
 )
 from mailgw.apiconfig import ApiConfig, WebhooksConfig, apiSection, webhooksSection
+from mailgw.filter.settings import (
+    EtrnConfig,
+    FilterConfig,
+    ReinjectConfig,
+    loadEtrn,
+    loadFilter,
+    loadReinject,
+)
 
 
 class TLSMode(enum.Enum):
@@ -256,6 +264,9 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
+    filter: FilterConfig = FilterConfig()
+    reinject: ReinjectConfig = ReinjectConfig()
+    etrn: EtrnConfig = EtrnConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -573,6 +584,9 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "metrics": lambda t: MetricsConfig(listen=t.get("listen", _endpoint, "")),
     "api": apiSection,
     "webhooks": webhooksSection,
+    "filter": loadFilter,
+    "reinject": loadReinject,
+    "etrn": loadEtrn,
 }
 
 

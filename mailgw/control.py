@@ -10,7 +10,9 @@ can connect) carrying one JSON object per line each way::
     <- {"ok": true, "count": 1}
     <- {"ok": false, "error": "unknown queue id 0005F1A2B3C4D5E6F7A8", "count": 0}
 
-Commands: ``flush`` (no ids: every message), ``hold``, ``release``,
+Commands: ``flush`` (no ids: every message), ``flush-domain`` (with a
+``"domain"`` key: ``example.org``, or ``@example.org`` for subdomains too,
+as ETRN), ``hold``, ``release``,
 ``delete`` (at least one id), ``ping`` and ``reload`` (as SIGHUP: the
 configuration, certificate and files read again; ``ok`` false when the new
 ones were refused, and the log says why). A connection may send several
@@ -51,7 +53,7 @@ MAX_LINE_LENGTH = 64 * 1024
 MAX_IDS = 1000
 #: Commands that act on each named message, and need at least one.
 PER_MESSAGE_COMMANDS = ("hold", "release", "delete")
-COMMANDS = ("flush", *PER_MESSAGE_COMMANDS, "ping", "reload")
+COMMANDS = ("flush", *PER_MESSAGE_COMMANDS, "ping", "reload", "flush-domain")
 
 _log = Logger()
 
@@ -110,6 +112,11 @@ def parseRequest(line: bytes) -> tuple[str, list[str]] | dict[str, Any]:
         return _error(f"too many ids: {len(ids)} (at most {MAX_IDS} per request)")
     if command in PER_MESSAGE_COMMANDS and not ids:
         return _error(f"{command} needs at least one queue id")
+    if command == "flush-domain":
+        domain = request.get("domain")
+        if not isinstance(domain, str) or not domain.removeprefix("@") or len(domain) > 255:
+            return _error("flush-domain needs a domain")
+        return command, [domain]
     return command, list(dict.fromkeys(ids))
 
 
@@ -154,6 +161,20 @@ async def _flushAll(control: IQueueControl) -> dict[str, Any]:
     return {"ok": True, "count": int(scheduled) if isinstance(scheduled, int) else 0}
 
 
+async def _flushDomain(control: IQueueControl, domain: str) -> dict[str, Any]:
+    flushDomain = getattr(control, "flushDomain", None)
+    if flushDomain is None:
+        return _error("this gateway cannot flush by domain", 0)
+    try:
+        counts = await maybeDeferred(flushDomain, domain.removeprefix("@"), domain.startswith("@"))
+    except Exception as e:
+        _log.failure("Control: flush of {domain} failed", domain=domain)
+        return _error(f"flush of {_show(domain)} failed: {e}", 0)
+    count = counts.started + counts.inFlight
+    _log.info("Control: flush of {domain} ({count} scheduled)", domain=domain, count=count)
+    return {"ok": True, "count": count, "held": counts.held}
+
+
 def handleRequest(
     control: IQueueControl, line: bytes, reload: Callable[[], Any] | None = None
 ) -> Deferred[dict[str, Any]]:
@@ -175,6 +196,8 @@ def handleRequest(
         return _reload(reload)
     if command == "flush" and not ids:
         return Deferred.fromCoroutine(_flushAll(control))
+    if command == "flush-domain":
+        return Deferred.fromCoroutine(_flushDomain(control, ids[0]))
     return Deferred.fromCoroutine(_perMessage(control, command, ids))
 
 
@@ -375,7 +398,11 @@ def _readAnswer(sock: socket.socket, path: str, deadline: float) -> bytes:
 
 
 def sendCommand(
-    path: str, command: str, ids: Iterable[str] = (), timeout: float = 10.0
+    path: str,
+    command: str,
+    ids: Iterable[str] = (),
+    timeout: float = 10.0,
+    domain: str | None = None,
 ) -> dict[str, Any]:
     """
     Send one request to the control socket at ``path`` and wait for the
@@ -388,7 +415,10 @@ def sendCommand(
     @raise ControlError: any other failure to get an answer (permission
         denied, timeout, a closed connection, a malformed answer).
     """
-    request = json.dumps({"command": command, "ids": list(ids)}).encode("ascii")
+    fields: dict[str, Any] = {"command": command, "ids": list(ids)}
+    if domain is not None:
+        fields["domain"] = domain
+    request = json.dumps(fields).encode("ascii")
     if len(request) > MAX_LINE_LENGTH:
         raise ControlError(f"request too long: send at most {MAX_IDS} ids at a time")
     deadline = time.monotonic() + timeout

@@ -80,6 +80,7 @@ _ENVELOPE_KEYS = frozenset(
         "envid",
         "requireTLS",
         "dsn",
+        "contentFilter",
     ]
 )
 _RECIPIENT_KEYS = frozenset(
@@ -158,6 +159,8 @@ class Envelope:
     ``ret``, ``envid`` and ``dsn`` are the DSN parameters (RFC 3461):
     ``dsn`` is empty, or one L{RecipientDSN} per recipient, in order.
     ``requireTLS``: MAIL had REQUIRETLS (RFC 8689).
+    ``contentFilter`` names the content filter the message waits for
+    (``smtp:127.0.0.1:10024``), set when it was queued; "" for none.
     """
 
     sender: Address | None
@@ -169,6 +172,7 @@ class Envelope:
     envid: str | None = None
     requireTLS: bool = False
     dsn: tuple[RecipientDSN, ...] = attrs.field(default=(), kw_only=True, converter=_dsnTuple)
+    contentFilter: str = ""
     extra: dict[str, Any] = _EXTRA
 
     @dsn.validator
@@ -200,6 +204,8 @@ class Envelope:
             data["requireTLS"] = True
         if self.dsn:
             data["dsn"] = [d.toJSON() for d in self.dsn]
+        if self.contentFilter:
+            data["contentFilter"] = self.contentFilter
         return _withExtra(self.extra, data)
 
     @classmethod
@@ -215,6 +221,7 @@ class Envelope:
             envid=data.get("envid"),
             requireTLS=bool(data.get("requireTLS", False)),
             dsn=tuple(RecipientDSN.fromJSON(d) for d in data.get("dsn", ())),
+            contentFilter=str(data.get("contentFilter", "")),
             extra=_split(data, _ENVELOPE_KEYS)[1],
         )
 

@@ -58,6 +58,9 @@ _RESTART_ONLY = (
     ("limits", lambda c: c.limits),
     ("queue", lambda c: c.queue),
     ("proxy", lambda c: c.proxy),
+    ("filter", lambda c: c.filter),
+    ("reinject", lambda c: c.reinject),
+    ("etrn", lambda c: c.etrn),
 )
 
 

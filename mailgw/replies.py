@@ -107,6 +107,7 @@ BAD_PARAMETER = reply(501, "5.5.4", "Bad value for parameter {name}")
 # RFC 3461 parameters: the text is the parser's own words (never the client's).
 BAD_DSN_PARAMETER = reply(501, "5.5.4", "{problem}")
 HTTP_REFUSED = reply(421, "4.7.0", "This is an SMTP server, not a web server")
+REINJECT_REFUSED = reply(554, "5.7.1", "Not allowed to reinject mail from this address")
 
 # 5xx: addresses
 BAD_SENDER = reply(501, "5.1.7", "Bad sender address syntax")

@@ -32,6 +32,7 @@ from mailgw.auth.realm import makePortal
 from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
+from mailgw.filter.build import filterIntake, filterStage, makeEtrn, reinjectFactory
 from mailgw.health import MetricsService, gatewayChecks, makeSite
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
@@ -187,9 +188,19 @@ class GatewayService(MultiService):
         self.policy = policy if policy is not None else makePolicy(config, reactor)
         self.guards = guards if guards is not None else makeGuards(config, reactor)
         self.relay: IRelay = relay if relay is not None else self._makeRelay(resolver)
+        # The content filter, if any, comes before the routes (docs/content-filter.md).
+        queueRelay = filterStage(
+            config,
+            self.relay,
+            reactor,
+            self.settings.hostname,
+            self.spool.openMessage,
+            lambda queueId, why: self.runner.hold(queueId, why),
+            self._relayThreads().get("runBlocking"),
+        )
         # The queue: committing a message through it schedules it.
         self.runner = QueueRunner(
-            self.spool, self.relay, reactor, config.queue, self.settings.hostname
+            self.spool, queueRelay, reactor, config.queue, self.settings.hostname
         )
         self.runner.setServiceParent(self)
         #: The webhook sender ([webhooks]), or None: no webhooks configured.
@@ -220,6 +231,11 @@ class GatewayService(MultiService):
             self._addListener(description, implicitTLS=False)
         for description in config.server.submissions:
             self._addListener(description, implicitTLS=True)
+        self.reinjectFactories = [
+            reinjectFactory(config, self.settings, self.portal, self.runner, reactor, self.metrics)
+            for _ in config.reinject.listen
+        ]
+        self._listeners.extend(zip(config.reinject.listen, self.reinjectFactories, strict=True))
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
 
@@ -290,6 +306,8 @@ class GatewayService(MultiService):
             # The mechanisms offered follow the portal's checkers.
             factory.portal = self.portal
             factory.policy, factory.settings = policy, self.settings
+        for factory in self.reinjectFactories:
+            factory.settings = self.settings
         if isinstance(self.relay, Relay):
             self.relay.relayConfig = new.relay
         self.config = new
@@ -322,13 +340,14 @@ class GatewayService(MultiService):
         factory = SubmissionFactory(
             self.settings,
             self.portal,
-            self.runner,
+            filterIntake(self.config, self.runner),
             self.reactor,
             self.tlsContext,
             implicitTLS=implicitTLS,
             policy=self.policy,
             guards=self.guards,
             metrics=self.metrics,
+            etrn=makeEtrn(self.config, self.runner),
         )
         self.factories.append(factory)
         # RFC 8314 3.3: on the submissions port TLS starts with the first byte.
@@ -402,7 +421,8 @@ class GatewayService(MultiService):
         self.ports = []
         self._listening = None
         d: Deferred[Any] = DeferredList([d for d in stopping if d is not None])
-        d.addCallback(lambda _: DeferredList([f.shutdown() for f in self.factories]))
+        factories = self.factories + self.reinjectFactories
+        d.addCallback(lambda _: DeferredList([f.shutdown() for f in factories]))
         d.addCallback(lambda _: super(GatewayService, self).stopService())
         d.addCallback(lambda _: self._closeSpool())
         return d

@@ -110,6 +110,15 @@ SCHEMA = {
     "metrics": ["listen"],
     "api": ["token_file", "allow_changes"],
     "webhooks": ["urls", "secret_file", "timeout", "retries", "retry_delay", "backlog"],
+    "filter": [
+        "content_filter",
+        "hold_replies",
+        "connect_timeout",
+        "reply_timeout",
+        "max_connections",
+    ],
+    "reinject": ["listen", "networks"],
+    "etrn": ["enabled", "networks"],
     "relay": ROUTE_KEYS,
 }
 
@@ -206,6 +215,31 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
         "retries": [-1, 1.5, "3"],
         "retry_delay": [0, "5"],
         "backlog": [0, "1000"],
+    },
+    "filter": {
+        "content_filter": [
+            10024,
+            "127.0.0.1:10024",
+            "smtp:192.0.2.7:10024",
+            "smtp:amavis.example.org:10024",
+            "esmtp:127.0.0.1:10024",
+            "smtp:127.0.0.1:0",
+            "smtp:127.0.0.1:70000",
+            "smtp:::1:10024",
+            "smtp:[::1]",
+        ],
+        "hold_replies": ["quarantine", ["("], [1]],
+        "connect_timeout": [0, "30s"],
+        "reply_timeout": [0, -1, "10m"],
+        "max_connections": [0, "2"],
+    },
+    "reinject": {
+        "listen": ["tcp:10025", ["bogus:10025"], [10025]],
+        "networks": BAD_NETWORKS,
+    },
+    "etrn": {
+        "enabled": ["yes", 1],
+        "networks": BAD_NETWORKS,
     },
     "relay": {
         "smarthosts": [

@@ -114,6 +114,8 @@ def _listeners(config: Any) -> Iterator[tuple[str, str]]:
     for key in ("submission", "submissions"):
         for description in getattr(config.server, key):
             yield f"server.{key}", description
+    for description in config.reinject.listen:
+        yield "reinject.listen", description
 
 
 def checkListeners(config: Any, report: Report, bind: bool) -> None:

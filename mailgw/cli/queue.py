@@ -106,6 +106,11 @@ def addQueueParser(subparsers: Subparsers) -> None:
         queueControl,
     )
     flush.add_argument("ids", nargs="*", metavar="ID")
+    flush.add_argument(
+        "--domain",
+        metavar="DOMAIN",
+        help="only the messages for DOMAIN (@DOMAIN: its subdomains too), as ETRN",
+    )
     for name, help in (
         ("hold", "stop trying messages until released"),
         ("release", "release held messages: they are tried now"),
@@ -249,6 +254,7 @@ def _messageJSON(message: QueuedMessage, now: float) -> dict[str, Any]:
         "age": max(0, int(now - message.arrival)),
         "sender": None if sender is None else str(sender),
         "held": message.held,
+        "contentFilter": message.envelope.contentFilter or None,
         "nextAttempt": message.nextAttempt,
         "recipients": [
             # The spool's own form of a recipient (status, attempts, last
@@ -257,6 +263,11 @@ def _messageJSON(message: QueuedMessage, now: float) -> dict[str, Any]:
             for r in message.recipients
         ],
     }
+
+
+def _waitsForFilter(message: QueuedMessage) -> bool:
+    """Marked for the content filter (docs/content-filter.md), and not a bounce."""
+    return bool(message.envelope.contentFilter) and not message.isBounce
 
 
 def queueList(args: argparse.Namespace) -> int:
@@ -271,6 +282,8 @@ def queueList(args: argparse.Namespace) -> int:
     print(f"{'QUEUE ID':<20}  {'SIZE':>9}  {'AGE':<6}  SENDER")
     for m in messages:
         held = "  HELD" if m.held else ""
+        if _waitsForFilter(m):
+            held += f"  waiting for the filter {printable(m.envelope.contentFilter)}"
         age = formatAge(now - m.arrival)
         print(f"{m.queueId:<20}  {m.size:>9}  {age:<6}  {_sender(m)}{held}")
         print("\n".join(_recipientLines(m, now, "  ")))
@@ -340,6 +353,8 @@ def queueShow(args: argparse.Namespace) -> int:
         ("TLS", tlsText),
         ("Listener", s.listener),
     ]
+    if _waitsForFilter(m):
+        rows.append(("Stage", f"waiting for the filter {env.contentFilter}"))
     for label, value in rows:
         print(f"{label + ':':<15}{printable(value)}")
     print("Recipients:")
@@ -407,6 +422,8 @@ def queueControl(args: argparse.Namespace) -> int:
     directory = spoolDirectory(args)
     socketPath = defaultSocketPath(directory)
     command, ids = args.action, list(dict.fromkeys(args.ids))
+    if getattr(args, "domain", None) is not None:
+        return _flushDomain(socketPath, ids, args.domain)
     try:
         count, errors = _throughGateway(socketPath, command, ids)
     except ControlUnavailable:
@@ -422,6 +439,26 @@ def queueControl(args: argparse.Namespace) -> int:
         print(_DONE[command].format(_plural(count, "message")))
     if errors:
         raise CommandError("; ".join(errors))
+    return 0
+
+
+def _flushDomain(socketPath: str, ids: list[str], domain: str) -> int:
+    """``flush --domain``: the queued mail for one domain, as ETRN (RFC 1985)."""
+    if ids:
+        raise CommandError("give either queue ids or --domain, not both")
+    try:
+        answer = sendCommand(socketPath, "flush-domain", timeout=CONTROL_TIMEOUT, domain=domain)
+    except ControlUnavailable:
+        raise CommandError(
+            f"the gateway is not running (nothing listens on {socketPath}); flush needs it"
+        ) from None
+    except ControlError as e:
+        raise CommandError(str(e)) from None
+    if not answer["ok"]:
+        raise CommandError(printable(str(answer.get("error", "failed"))))
+    held = int(answer.get("held", 0))
+    note = f" ({_plural(held, 'held message')} left alone)" if held else ""
+    print(f"scheduled {_plural(int(answer.get('count', 0)), 'message')} for delivery{note}")
     return 0
 
 

@@ -22,7 +22,7 @@ from mailgw.cli.errors import CommandError
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
 _SECTIONS: tuple[str, ...] = ("server", "tls", "auth", "spool", "queue", "limits", "policy")
-_SECTIONS += ("proxy", "metrics", "api", "webhooks")
+_SECTIONS += ("proxy", "metrics", "api", "webhooks", "reinject", "etrn")
 
 
 def addShowConfigParser(subparsers: Any) -> None:
@@ -72,6 +72,22 @@ def _table(header: str, value: Any, default: Any, changed: bool) -> list[str]:
     return [f"[{header}]", *lines, ""]
 
 
+def _filterTable(value: Any, default: Any, changed: bool) -> list[str]:
+    """[filter]: its one address is three fields, its patterns compiled."""
+    keys = {
+        "content_filter": (value.name, default.name),
+        "hold_replies": (
+            [p.pattern for p in value.holdReplies],
+            [p.pattern for p in default.holdReplies],
+        ),
+        "connect_timeout": (value.connectTimeout, default.connectTimeout),
+        "reply_timeout": (value.replyTimeout, default.replyTimeout),
+        "max_connections": (value.maxConnections, default.maxConnections),
+    }
+    lines = [f"{k} = {_value(v)}" for k, (v, d) in keys.items() if not (changed and v == d)]
+    return ["[filter]", *lines, ""] if lines else []
+
+
 def render(config: Any, changed: bool = False) -> str:
     """``config`` as TOML; only what differs from the defaults when ``changed``."""
     from mailgw.config import Config, Route
@@ -80,6 +96,7 @@ def render(config: Any, changed: bool = False) -> str:
     lines: list[str] = []
     for section in _SECTIONS:
         lines += _table(section, getattr(config, section), getattr(defaults, section), changed)
+    lines += _filterTable(config.filter, defaults.filter, changed)
     if config.relay.default is not None:
         lines += _table("relay", config.relay.default, Route(), changed)
     for domain, route in sorted(config.relay.domains.items()):

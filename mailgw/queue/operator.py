@@ -14,12 +14,33 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailgw.config import normalizeDomain
 from mailgw.envelope import QueuedMessage
 from mailgw.interfaces import ISpool
 from mailgw.queue.events import HELD, MessageEvents
 from mailgw.queue.schedule import Schedule
 
 _log = Logger(namespace="mailgw.queue.runner")
+
+
+@attrs.frozen
+class DomainFlush:
+    """
+    What L{OperatorControl.flushDomain} found: messages made due now,
+    messages already being tried (due again once that attempt ends), and
+    held messages (left alone).
+    """
+
+    started: int = 0
+    inFlight: int = 0
+    held: int = 0
+
+
+def _domainKey(domain: str) -> str:
+    try:
+        return normalizeDomain(domain)
+    except (UnicodeError, ValueError):  # idna.IDNAError is a UnicodeError
+        return domain.rstrip(".").lower()
 
 
 class OperatorControl:
@@ -89,6 +110,31 @@ class OperatorControl:
         self._pump()
         return succeed(count)
 
+    def flushDomain(self, domain: str, subdomains: bool = False) -> Deferred[DomainFlush]:
+        """
+        Make due now every message with a pending recipient at ``domain``
+        (and, with ``subdomains``, at any domain under it), held ones
+        excepted: ETRN (RFC 1985) and ``mailgw queue flush --domain``.
+
+        @return: a Deferred firing with the L{DomainFlush} counts.
+        """
+        wanted = _domainKey(domain)
+        now, started, inFlight, held = self._clock.seconds(), 0, 0, 0
+        for message in list(self._messages.values()):
+            domains = {_domainKey(r.address.domain) for r in message.pendingRecipients}
+            if not any(d == wanted or (subdomains and d.endswith("." + wanted)) for d in domains):
+                continue
+            if message.held:
+                held += 1
+                continue
+            if message.queueId in self._busy:
+                inFlight += 1
+            else:
+                started += 1
+            self._dueNow(message.queueId, now)
+        self._pump()
+        return succeed(DomainFlush(started, inFlight, held))
+
     def _dueNow(self, queueId: str, now: float) -> None:
         if queueId in self._busy:
             # In flight, or its results being recorded: once that is done,
@@ -97,27 +143,28 @@ class OperatorControl:
         else:
             self._schedule.put(queueId, now)
 
-    def hold(self, queueId: str) -> Deferred[None]:
+    def hold(self, queueId: str, reason: str = "by the operator") -> Deferred[None]:
         """
         Stop trying ``queueId`` (after the attempt in flight, if any) until
-        released; fires once that is on disk.
+        released; fires once that is on disk. ``reason`` is for the log.
         """
-        return self._setHeld(queueId, True)
+        return self._setHeld(queueId, True, reason)
 
     def release(self, queueId: str) -> Deferred[None]:
         """Undo L{hold}, durably; the message is tried now."""
         return self._setHeld(queueId, False)
 
-    def _setHeld(self, queueId: str, held: bool) -> Deferred[None]:
+    def _setHeld(self, queueId: str, held: bool, reason: str = "by the operator") -> Deferred[None]:
         try:
             message = self._lookup(queueId)
         except Exception as e:
             return fail(e)
         self._messages[queueId] = attrs.evolve(message, held=held)
         _log.info(
-            "Queue {queueId}: {what} by the operator",
+            "Queue {queueId}: {what} {reason}",
             queueId=queueId,
             what="held" if held else "released",
+            reason=reason,
         )
         d = maybeDeferred(self._spool.update, self._durable(self._messages[queueId]))
         if held and not message.held:

@@ -276,16 +276,17 @@ class _Session:
         await self.quit()
 
     async def hello(self) -> None:
+        verb = "LHLO" if self.settings.lmtp else "EHLO"  # RFC 2033 4.1
         reply = await self.command(
-            f"EHLO {self.settings.ehloHostname}", self.timeouts.ehlo, "reply to EHLO"
+            f"{verb} {self.settings.ehloHostname}", self.timeouts.ehlo, f"reply to {verb}"
         )
         if reply.positive:
             self.capabilities = Capabilities.fromEHLO(reply)
             return
         # HELO only where nothing EHLO alone offers is needed (RFC 5321 3.2).
         mayHELO = self.settings.tlsMode is not TLSMode.STARTTLS and self.settings.auth is None
-        if not (500 <= reply.code < 600 and mayHELO):
-            raise _refused("EHLO", reply)
+        if not (500 <= reply.code < 600 and mayHELO) or self.settings.lmtp:
+            raise _refused(verb, reply)
         reply = await self.command(
             f"HELO {self.settings.ehloHostname}", self.timeouts.ehlo, "reply to HELO"
         )
@@ -386,6 +387,7 @@ class _Session:
         if not mailReply.positive:
             transaction.finishAll(classify(mailReply))
         accepted = 0
+        acceptedAt: list[int] = []  # LMTP answers for each of these, in order
         if mailReply.positive or pipelining:
             # Replies to a pipelined group are read whatever MAIL got.
             for rcpt, (index, _) in zip(rcpts, toSend, strict=True):
@@ -396,6 +398,7 @@ class _Session:
                 _check(reply)
                 if mailReply.positive and reply.positive:
                     accepted += 1
+                    acceptedAt.append(index)
                 elif mailReply.positive:
                     transaction.finish(index, classify(reply))
         dataReply: Reply | None = None
@@ -420,7 +423,15 @@ class _Session:
             transaction.finishAll(classify(dataReply))
             await self.reset()
             return
-        await protocol.sendBody(lambda: body.read(self.runBlocking), timeouts.dataBlock)
+        replies = len(acceptedAt) if self.settings.lmtp else 1
+        await protocol.sendBody(lambda: body.read(self.runBlocking), timeouts.dataBlock, replies)
+        if self.settings.lmtp:
+            # RFC 2033 4.2: one reply per accepted recipient, in RCPT order.
+            for index in acceptedAt:
+                final = await protocol.nextReply(timeouts.finalDot, "reply to the final dot")
+                _check(final)
+                transaction.finish(index, classify(final))
+            return
         final = await protocol.nextReply(timeouts.finalDot, "reply to the final dot")
         _check(final)
         transaction.finishAll(classify(final))

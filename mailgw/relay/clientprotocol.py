@@ -163,12 +163,13 @@ class SMTPClientProtocol(Protocol):
         self.transport.startTLS(creator)  # type: ignore[union-attr]
         self.tlsStarted = True
 
-    def sendBody(self, read: ChunkReader, blockTimeout: float) -> Deferred[None]:
+    def sendBody(self, read: ChunkReader, blockTimeout: float, replies: int = 1) -> Deferred[None]:
         """
         Stream a message dot-stuffed, then the end-of-data terminator, and
-        expect one reply to it. C{read()} gives the next chunk (a Deferred,
-        so the file is read off the reactor thread; C{b""} at the end); a
-        chunk is asked for only when the previous one is written and the
+        expect C{replies} replies to it (LMTP: one per accepted recipient).
+        C{read()} gives the next chunk (a Deferred, so the file is read off
+        the reactor thread; C{b""} at the end); a chunk is asked for only
+        when the previous one is written and the
         transport is not paused (a streaming producer), so at most one
         chunk and the transport's buffer are in memory, never the message.
 
@@ -182,9 +183,9 @@ class SMTPClientProtocol(Protocol):
             return fail(self._failure)
         self._body = _BodySender(self, blockTimeout)
         self.transport.registerProducer(self._body, True)  # type: ignore[union-attr]
-        return Deferred.fromCoroutine(self._streamBody(self._body, read))
+        return Deferred.fromCoroutine(self._streamBody(self._body, read, replies))
 
-    async def _streamBody(self, body: _BodySender, read: ChunkReader) -> None:
+    async def _streamBody(self, body: _BodySender, read: ChunkReader, replies: int) -> None:
         stuffer = DotStuffer()
         try:
             while True:
@@ -204,7 +205,7 @@ class SMTPClientProtocol(Protocol):
             if self._body is body:
                 self._body = None
                 self.transport.unregisterProducer()  # type: ignore[union-attr]
-        self.send(stuffer.finish(), 1)
+        self.send(stuffer.finish(), replies)
 
     def _failed(self) -> RelayError:
         assert self._failure is not None

@@ -80,6 +80,8 @@ class RelaySettings:
     @ivar tlsCreator: verifies the upstream certificate; required unless
         C{tlsMode} is NONE.
     @ivar auth: C{(user, password, "PLAIN" | "LOGIN")} or None.
+    @ivar lmtp: speak LMTP (RFC 2033): LHLO, and one reply per accepted
+        recipient after the data.
     """
 
     hostname: str
@@ -88,6 +90,7 @@ class RelaySettings:
     tlsCreator: IOpenSSLClientConnectionCreator | None = None
     auth: tuple[str, str, str] | None = attrs.field(default=None, repr=_hideSecret)
     timeouts: RelayTimeouts = RelayTimeouts()
+    lmtp: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.ehloHostname or not wireSafe(self.ehloHostname) or " " in self.ehloHostname:

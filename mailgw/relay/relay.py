@@ -103,6 +103,7 @@ class Relay:
         by default a L{HostnameEndpoint} to its host and port.
     @param runBlocking: C{runBlocking(f, *args) -> Deferred}; by default
         the reactor's thread pool (inline for a reactor without threads).
+    @param lmtp: speak LMTP instead of SMTP (the content filter's relay).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class Relay:
         rng: random.Random | None = None,
         endpointFactory: EndpointFactory | None = None,
         runBlocking: RunBlocking | None = None,
+        lmtp: bool = False,
     ) -> None:
         if min(maxConcurrency, maxPerHost, maxMessagesPerConnection) < 1:
             raise ValueError("connection and batch limits must be at least 1")
@@ -135,6 +137,7 @@ class Relay:
         self.endpointFactory = endpointFactory or self._hostnameEndpoint
         self.runBlocking = runBlocking or threadPoolRunner(reactor)
         self.slots = ConnectionSlots(maxConcurrency, maxPerHost)
+        self.lmtp = lmtp  # LMTP (RFC 2033) to every host: a content filter
         self.tlsCreators: FileCache[IOpenSSLClientConnectionCreator] = FileCache(self.runBlocking)
         self.secrets: FileCache[str | None] = FileCache(self.runBlocking)
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
@@ -381,6 +384,7 @@ class Relay:
             tlsCreator=creator,
             auth=auth,
             timeouts=attrs.evolve(self.timeouts, connect=destination.route.connectTimeout),
+            lmtp=self.lmtp,
         )
 
     async def _auth(self, route: Route) -> tuple[str, str, str] | None:

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 
+from mailgw._configparse import Network
 from mailgw.interfaces import IQueue, ISubmissionPolicy
 from mailgw.policy import AcceptAll
 from mailgw.server.protocol import SubmissionServer
@@ -43,6 +44,8 @@ class SubmissionFactory(Factory):
         policy: ISubmissionPolicy | None = None,
         guards: Guards | None = None,
         metrics: Any = None,
+        reinjectNetworks: tuple[Network, ...] | None = None,
+        etrn: Any = None,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -55,6 +58,10 @@ class SubmissionFactory(Factory):
         self.connections: set[SubmissionServer] = set()
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
         self.metrics = metrics
+        #: Set: a reinjection listener (docs/content-filter.md): no AUTH,
+        #: clients from these networks only, refused at the greeting otherwise.
+        self.reinjectNetworks = reinjectNetworks
+        self.etrn = etrn  # mailgw.server.etrn.Etrn when ETRN is offered
 
     @property
     def mechanisms(self) -> tuple[str, ...]:
@@ -63,6 +70,8 @@ class SubmissionFactory(Factory):
 
     @property
     def listenerName(self) -> str:
+        if self.reinjectNetworks is not None:
+            return "reinject"
         return "submissions" if self.implicitTLS else "submission"
 
     def buildProtocol(self, addr: Any) -> SubmissionServer:  # type: ignore[override]

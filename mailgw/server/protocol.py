@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred
 
 from mailgw import replies
 from mailgw.envelope import Session
+from mailgw.networks import inNetworks
 from mailgw.replies import SMTPReply
 from mailgw.server.authentication import (
     AuthPhase,
@@ -28,6 +29,7 @@ from mailgw.server.authentication import (
     LoginOutcome,
 )
 from mailgw.server.connection import PREAUTH, Connection
+from mailgw.server.etrn import etrnAnswer
 from mailgw.server.extensions import DSN_KEYWORD, REQUIRETLS_KEYWORD
 from mailgw.server.sessionlog import SessionRecord
 from mailgw.server.settings import Listener
@@ -119,6 +121,12 @@ class SubmissionServer(Connection):
     def connectionOpened(self) -> None:
         limiter = self.listener.guards.connections
         self.record.client = self._clientAddress()
+        trusted = self.listener.reinjectNetworks
+        if trusted is not None and not inNetworks(self._clientAddress(), trusted):
+            # A reinjection listener takes mail without AUTH: only from its networks.
+            self._log.info("reinjection refused client={client}", client=self._clientAddress())
+            self.close(replies.REINJECT_REFUSED)
+            return
         if limiter is not None:
             address = self._clientAddress()
             refusal = limiter.open(address)
@@ -136,7 +144,8 @@ class SubmissionServer(Connection):
                 return
             self._counted = address
         settings = self.listener.settings
-        self.startTimer(PREAUTH, settings.preAuthTimeout, replies.PREAUTH_TIMEOUT)
+        if trusted is None:  # no AUTH on a reinjection listener: nothing to wait for
+            self.startTimer(PREAUTH, settings.preAuthTimeout, replies.PREAUTH_TIMEOUT)
         self.write(SMTPReply(220, "", f"{settings.hostname} ESMTP mailgw").toBytes())
 
     def releaseResources(self) -> None:
@@ -272,6 +281,8 @@ class SubmissionServer(Connection):
             lines.append(REQUIRETLS_KEYWORD)  # RFC 8689 4.1: only under TLS
         if not self._tls and self.listener.tlsContext is not None:
             lines.append("STARTTLS")
+        if self.listener.etrn is not None:
+            lines.append("ETRN")  # RFC 1985
         # RFC 4954 4 and RFC 8314 3.3: credentials travel only under TLS.
         mechanisms = self.listener.mechanisms
         if self._tls and mechanisms:
@@ -366,15 +377,31 @@ class SubmissionServer(Connection):
             self.startTimer(PREAUTH, left, replies.PREAUTH_TIMEOUT)
         self.reply(outcome.reply)
 
+    def do_ETRN(self, argument: str) -> None:
+        etrn = self.listener.etrn
+        if etrn is None:
+            self.reply(replies.UNRECOGNISED)
+        elif not self._esmtp:
+            self.reply(replies.NEED_EHLO)  # an ESMTP extension (RFC 1985 4)
+        elif self._transaction.started:
+            self.reply(replies.IN_TRANSACTION)
+        elif not self._junkCommand():  # it moves no mail of this session
+            self._answer(etrnAnswer(etrn, argument, self._user, self._clientAddress()), self.reply)
+
     # -- commands: the transaction -----------------------------------------
 
     def do_MAIL(self, argument: str) -> None:
         if self._helo is None:
             self.reply(replies.NEED_HELO)
-        elif self._user is None:
+        elif not self._mayMail:
             self.reply(replies.AUTH_REQUIRED)
         else:
             self._answer(self._transaction.mail(argument, self._esmtp), self.reply)
+
+    @property
+    def _mayMail(self) -> bool:
+        """Logged in, or on a reinjection listener (no AUTH there)."""
+        return self._user is not None or self.listener.reinjectNetworks is not None
 
     def do_RCPT(self, argument: str) -> None:
         self._answer(self._transaction.rcpt(argument), self.reply)
@@ -401,7 +428,7 @@ class SubmissionServer(Connection):
         size = int(sizeText)
         if self._helo is None:
             refusal: SMTPReply | None = replies.NEED_HELO
-        elif self._user is None:
+        elif not self._mayMail:
             refusal = replies.AUTH_REQUIRED
         else:
             refusal = self._transaction.chunk()

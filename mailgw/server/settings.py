@@ -13,6 +13,7 @@ import attrs
 from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IReactorTime
 
+from mailgw._configparse import Network
 from mailgw.interfaces import IQueue, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 
@@ -82,6 +83,11 @@ class Listener(Protocol):
     policy: ISubmissionPolicy
     guards: Guards
     connections: set[Any]
+    #: A reinjection listener's client networks (no AUTH, clients from these
+    #: only); None for a submission listener.
+    reinjectNetworks: tuple[Network, ...] | None
+    #: ETRN (L{mailgw.server.etrn.Etrn}) when offered, else None.
+    etrn: Any
 
     @property
     def mechanisms(self) -> Sequence[str]:
@@ -89,4 +95,4 @@ class Listener(Protocol):
 
     @property
     def listenerName(self) -> str:
-        """``submission`` or ``submissions``."""
+        """``submission``, ``submissions`` or ``reinject``."""
