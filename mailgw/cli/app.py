@@ -22,6 +22,7 @@ from getpass import getpass
 from mailgw import __version__
 from mailgw.auth import passwd
 from mailgw.cli.check import addCheckConfigParser
+from mailgw.cli.dkim import addDKIMParser
 from mailgw.cli.errors import CommandError, Subparsers
 from mailgw.cli.queue import addQueueParser
 from mailgw.cli.reload import addReloadParser
@@ -40,6 +41,7 @@ def _parserAdders() -> list[ParserAdder]:
         addCheckConfigParser,
         addShowConfigParser,
         addReloadParser,
+        addDKIMParser,
     ]
 
 

@@ -189,6 +189,7 @@ def collect(path: str, bind: bool = True) -> tuple[Report, Any]:
     from mailgw import fdlimit
     from mailgw.certcheck import configuredCertificateReport
     from mailgw.config import loadConfig
+    from mailgw.dkim.keys import keyProblems
     from mailgw.service import makeCheckers, makePolicy
 
     report = Report(path)
@@ -212,6 +213,7 @@ def collect(path: str, bind: bool = True) -> tuple[Report, Any]:
     report.run(lambda: makeCheckers(config))
     report.run(lambda: makePolicy(config, clock=None))
     report.run(lambda: _checkRelayCAs(config))
+    report.errors.extend(str(e) for e in keyProblems(config.dkim, config.source)[1])
     checkSpool(config, report)
     checkListeners(config, report, bind)
     descriptors = fdlimit.fitProblem(config)
