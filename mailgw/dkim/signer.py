@@ -158,9 +158,9 @@ def _headerSection(file: IO[bytes]) -> tuple[bytes | None, bytes]:
         if data.startswith(b"\r\n"):
             return b"", data[2:]
         end = data.find(b"\r\n\r\n")
-        if end >= 0:
+        if end >= 0 and end + 2 <= MAX_HEADER_SECTION:
             return data[: end + 2], data[end + 4 :]
-        if len(data) > MAX_HEADER_SECTION:
+        if end >= 0 or len(data) > MAX_HEADER_SECTION:
             return None, b""
         chunk = file.read(READ_CHUNK)
         if not chunk:
