@@ -18,8 +18,8 @@ import re
 __all__ = ["BodyHasher"]
 
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
-_WSP = re.compile(rb"[\t ]+")
-_TRAILING_CRLFS = re.compile(rb"(?:\r\n)+\Z")
+# Only what changes: a run of two or more, or a tab (a lone space stays).
+_WSP = re.compile(rb"[\t ]{2,}|\t")
 
 
 class BodyHasher:
@@ -44,11 +44,16 @@ class BodyHasher:
     def _lines(self, lines: bytes) -> None:
         """Complete lines, each ending with CRLF."""
         if self.relaxed:
-            lines = _WSP.sub(b" ", _TRAILING_WSP.sub(b"\r\n", lines))
-        trailing = _TRAILING_CRLFS.search(lines)
-        assert trailing is not None  # lines end with CRLF
-        start = trailing.start()
-        empty = (trailing.end() - start) // 2
+            # The regular expressions cost ~20 ns an octet; a fast search
+            # first spares them the chunks they would not change (base64).
+            if b" \r\n" in lines or b"\t\r\n" in lines:
+                lines = _TRAILING_WSP.sub(b"\r\n", lines)
+            if b"  " in lines or b"\t" in lines:
+                lines = _WSP.sub(b" ", lines)
+        start = len(lines) - 2  # lines end with CRLF
+        while start >= 2 and lines[start - 2 : start] == b"\r\n":
+            start -= 2
+        empty = (len(lines) - start) // 2
         if start == 0:  # nothing but empty lines
             self._blanks += empty
             return
