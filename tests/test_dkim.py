@@ -382,3 +382,22 @@ class RelayTests(TestCase):
         self.assertFalse(result.success or result.permanent, result)
         self.assertEqual(received, [])
         self.flushLoggedErrors()
+
+
+class DocumentedTests(SynchronousTestCase):
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def test_exampleAndReference(self) -> None:
+        """etc/mailgw.toml's commented [[dkim.domains]], uncommented, is every default;
+        docs/configuration.md documents every key."""
+        import tomllib
+
+        with open(os.path.join(self.ROOT, "etc", "mailgw.toml"), encoding="utf-8") as f:
+            lines = f.read().split("# [[dkim.domains]]\n", 1)[1].splitlines()
+        text = "[[dkim.domains]]\n" + "\n".join(x[2:] for x in lines if x.startswith("# "))
+        [entry] = dkimConfig(tomllib.loads(text)["dkim"]["domains"][0]).domains
+        self.assertEqual(entry, DomainSigning("example.org", "mail2026", entry.keyFile))
+        with open(os.path.join(self.ROOT, "docs", "configuration.md"), encoding="utf-8") as f:
+            reference = f.read()
+        for key in tomllib.loads(text)["dkim"]["domains"][0]:
+            self.assertIn(f"| `{key}` |", reference)
