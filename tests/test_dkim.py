@@ -234,6 +234,8 @@ class SignerTests(SynchronousTestCase):
             MESSAGE.replace(b"From:", b"From: a@example.org\r\nFrom:"),
             MESSAGE.replace(b"<alice@Example.ORG>", b"<alice@example.org>, eve@evil.test"),
             MESSAGE.replace(b"\r\n\r\n", b"\r\nnot a header\r\n\r\n", 1),
+            MESSAGE.replace(b"Alice <", b"(" * 5000 + b"Alice <"),  # parser's RecursionError
+            MESSAGE.replace(b"Alice <", b"x" * (64 * 1024) + b" <"),
         ):
             self.assertEqual(signer.sign(message), b"", message)
 

@@ -41,6 +41,9 @@ log = Logger()
 #: 256 KiB by default); a message with more is relayed unsigned.
 MAX_HEADER_SECTION = 1024 * 1024
 READ_CHUNK = 64 * 1024
+#: A From: field longer than this is not parsed (nor signed): the parser's
+#: time grows with the field, which the sender writes.
+MAX_FROM_FIELD = 64 * 1024
 
 _CRLF = re.compile(rb"\r\n")
 
@@ -173,8 +176,14 @@ def _fromDomain(headers: list[Any]) -> str | None:
     values = [value for name, value in headers if name.lower() == b"from"]
     if len(values) != 1:
         return None
+    if len(values[0]) > MAX_FROM_FIELD:
+        return None
     text = _CRLF.sub(b"", values[0]).decode("utf-8", "replace")
-    addresses = [address for _, address in email.utils.getaddresses([text]) if "@" in address]
+    try:
+        parsed = email.utils.getaddresses([text])
+    except Exception:  # deeply nested comments raise RecursionError
+        return None
+    addresses = [address for _, address in parsed if "@" in address]
     domains = set()
     for address in addresses:
         try:
