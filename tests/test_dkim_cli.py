@@ -130,6 +130,22 @@ class ShowTests(CommandTestCase):
         self.assertEqual(code, 1)
         self.assertIn(f"{config}: dkim.domains[0].key_file: {key} is an Ed25519 key", err)
 
+    def test_showConfigRoundTrip(self) -> None:
+        """mailgw show-config prints each [[dkim.domains]], and reading it back gives the same."""
+        from mailgw.config import loadConfig
+
+        key = writeKey(str(self.base), "k.key", "ed25519-sha256")
+        config = self.config(key, "ed25519-sha256")
+        with open(config, "a") as f:
+            f.write('oversign = ["from", "subject"]\n')
+        code, out, err = self.mailgw("show-config", "--config", config)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn('[[dkim.domains]]\ndomain = "example.org"\nselector = "s1"\n', out)
+        again = self.base / "again.toml"
+        again.write_text(out)
+        self.assertEqual(loadConfig(str(again)).dkim, loadConfig(config).dkim)
+        self.assertEqual(len(loadConfig(str(again)).dkim.domains), 1)
+
     def test_nothingConfigured(self) -> None:
         path = self.base / "mailgw.toml"
         path.write_text("")

@@ -248,4 +248,9 @@ def makeSigner(config: Any, source: str) -> MessageSigner | None:
     """
     if not config.domains:
         return None
-    return MessageSigner(loadKeys(config, source))
+    signer = MessageSigner(loadKeys(config, source))
+    log.info(
+        "DKIM signing for {signatures}",
+        signatures=", ".join(f"{d.domain} (s={d.selector}, {d.algorithm})" for d in config.domains),
+    )
+    return signer
