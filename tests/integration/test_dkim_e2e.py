@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
@@ -24,7 +25,7 @@ from mailgw.dkim.config import DomainSigning
 from mailgw.dkim.keys import LoadedKey, loadKey
 from tests.dkimhelp import recordsOf, signatureCount, verifyAll, writeKey
 from tests.integration import test_relay_e2e
-from tests.integration.support import USER
+from tests.integration.support import USER, shortDirectory
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\n"
@@ -152,3 +153,23 @@ class SigningTests(test_relay_e2e.RelayTestCase):
                 self.assertRegex(output, rf"dkim=pass [^;]*header\.s={selector}", output)
 
         return deferToThread(run).addCallback(check)
+
+    def test_badKeyStopsTheStart(self) -> None:
+        """A key of the wrong type stops the start: file, key and problem named."""
+        from mailgw.config import ConfigError
+        from mailgw.service import GatewayService
+
+        data = self.adjustConfig(
+            {
+                "server": {"hostname": "localhost", "submission": ["tcp:0:interface=127.0.0.1"]},
+                "tls": {"certificate": self.files["cert"], "key": self.files["key"]},
+                "auth": {"backends": [f"passwd:{self.files['passwd']}"]},
+                "spool": {"directory": str(shortDirectory(self) / "other")},
+            }
+        )
+        data["dkim"]["domains"][1]["algorithm"] = "rsa-sha256"
+        error = self.assertRaises(
+            ConfigError, GatewayService, configFromDict(data, source="start.toml"), reactor
+        )
+        self.assertEqual((error.source, error.key), ("start.toml", "dkim.domains[1].key_file"))
+        self.assertIn("is an Ed25519 key, but algorithm is rsa-sha256", error.problem)
