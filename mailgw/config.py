@@ -48,6 +48,7 @@ from mailgw._configparse import (  # ConfigError, mergeOverrides, readConfigFile
     readConfigFile,
 )
 from mailgw.apiconfig import ApiConfig, WebhooksConfig, apiSection, webhooksSection
+from mailgw.dkim.config import DKIMConfig, dkimSection
 from mailgw.filter.settings import (
     EtrnConfig,
     FilterConfig,
@@ -267,6 +268,7 @@ class Config:
     filter: FilterConfig = FilterConfig()
     reinject: ReinjectConfig = ReinjectConfig()
     etrn: EtrnConfig = EtrnConfig()
+    dkim: DKIMConfig = DKIMConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -587,6 +589,7 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "filter": loadFilter,
     "reinject": loadReinject,
     "etrn": loadEtrn,
+    "dkim": dkimSection,
 }
 
 

@@ -240,3 +240,25 @@ class IWebhookSender(Interface):
         bounded number of times, then dropped and logged; when the backlog
         is full the oldest event is dropped.
         """
+
+
+class IMessageSigner(Interface):
+    """
+    Adds signature header fields (DKIM) to a message as the relay reads it
+    for a final upstream: after every change to its header (milters in the
+    session, a content filter before its reinjection), never on the copy
+    a content filter gets.
+    """
+
+    def open(opener, queueId):  # type: ignore[no-untyped-def]
+        """
+        Blocking: the relay calls it in a thread, never on the reactor thread.
+
+        @param opener: opens a queued message's bytes (L{ISpool.openMessage}).
+        @return: a binary file whose C{read(n)} gives C{n} octets until the
+            end, then b"", and whose C{close()} closes the message: the
+            header fields this signer adds (none when the message is not
+            to be signed), then C{opener(queueId)}'s bytes, unchanged.
+        @raise KeyError: as C{opener}; any other exception is transient for
+            the delivery, as a failure of C{opener} is.
+        """

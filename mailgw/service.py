@@ -32,6 +32,7 @@ from mailgw.auth.realm import makePortal
 from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
+from mailgw.dkim.signer import makeSigner
 from mailgw.filter.build import filterIntake, filterStage, makeEtrn, reinjectFactory
 from mailgw.health import MetricsService, gatewayChecks, makeSite
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
@@ -187,6 +188,7 @@ class GatewayService(MultiService):
         self.settings = serverSettings(config)
         self.policy = policy if policy is not None else makePolicy(config, reactor)
         self.guards = guards if guards is not None else makeGuards(config, reactor)
+        self.signer = makeSigner(config.dkim, config.source)  # DKIM keys: read now
         self.relay: IRelay = relay if relay is not None else self._makeRelay(resolver)
         # The content filter, if any, comes before the routes (docs/content-filter.md).
         queueRelay = filterStage(
@@ -291,6 +293,7 @@ class GatewayService(MultiService):
             if not checkers:
                 raise ConfigError(new.source, "auth.backends", "no auth backend")
             policy = makePolicy(new, self.reactor) if self._ownPolicy else self.policy
+            signer = makeSigner(new.dkim, new.source)
         except ConfigError as e:
             self.log.error(
                 "Reload refused, the running configuration stays in force: {error}", error=e
@@ -308,8 +311,9 @@ class GatewayService(MultiService):
             factory.policy, factory.settings = policy, self.settings
         for factory in self.reinjectFactories:
             factory.settings = self.settings
+        self.signer = signer
         if isinstance(self.relay, Relay):
-            self.relay.relayConfig = new.relay
+            self.relay.relayConfig, self.relay.signer = new.relay, signer
         self.config = new
         self.log.info("Reloaded the configuration from {source}", source=new.source)
         return True
@@ -326,6 +330,7 @@ class GatewayService(MultiService):
             self.spool.openMessage,
             maxConcurrency=queue.maxConcurrency,
             maxPerHost=queue.maxPerHost,
+            signer=self.signer,
             **self._relayThreads(),
         )
 

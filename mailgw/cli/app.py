@@ -22,6 +22,7 @@ from getpass import getpass
 from mailgw import __version__
 from mailgw.auth import passwd
 from mailgw.cli.check import addCheckConfigParser
+from mailgw.cli.dkim import addDKIMParser
 from mailgw.cli.errors import CommandError, Subparsers
 from mailgw.cli.explain import addExplainParser
 from mailgw.cli.queue import addQueueParser
@@ -42,6 +43,7 @@ def _parserAdders() -> list[ParserAdder]:
         addShowConfigParser,
         addReloadParser,
         addExplainParser,
+        addDKIMParser,
     ]
 
 

@@ -192,6 +192,7 @@ def collect(path: str, bind: bool = True) -> tuple[Report, Any]:
     from mailgw.api import checkSecrets
     from mailgw.certcheck import configuredCertificateReport
     from mailgw.config import loadConfig
+    from mailgw.dkim.keys import keyProblems
     from mailgw.service import makeCheckers, makePolicy
 
     report = Report(path)
@@ -216,6 +217,7 @@ def collect(path: str, bind: bool = True) -> tuple[Report, Any]:
     report.run(lambda: makePolicy(config, clock=None))
     report.run(lambda: _checkRelayCAs(config))
     report.run(lambda: checkSecrets(config))
+    report.errors.extend(str(e) for e in keyProblems(config.dkim, config.source)[1])
     checkSpool(config, report)
     checkListeners(config, report, bind)
     descriptors = fdlimit.fitProblem(config)

@@ -101,6 +101,8 @@ def render(config: Any, changed: bool = False) -> str:
         lines += _table("relay", config.relay.default, Route(), changed)
     for domain, route in sorted(config.relay.domains.items()):
         lines += _table(f"relay.domains.{json.dumps(domain)}", route, Route(), changed)
+    for entry in config.dkim.domains:  # every key: three of them have no default
+        lines += _table("[dkim.domains]", entry, None, False)
     return "\n".join(lines)
 
 

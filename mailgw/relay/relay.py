@@ -38,7 +38,7 @@ from zope.interface import implementer
 from mailgw import tls
 from mailgw.config import RelayConfig, Route, TLSMode
 from mailgw.envelope import DeliveryResult, QueuedMessage
-from mailgw.interfaces import IRelay
+from mailgw.interfaces import IMessageSigner, IRelay
 from mailgw.relay.client import (
     Attempt,
     MessageOpener,
@@ -104,6 +104,8 @@ class Relay:
     @param runBlocking: C{runBlocking(f, *args) -> Deferred}; by default
         the reactor's thread pool (inline for a reactor without threads).
     @param lmtp: speak LMTP instead of SMTP (the content filter's relay).
+    @param signer: adds signatures (DKIM) to each message as it is read
+        for an upstream, in C{runBlocking}'s threads; None: none.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class Relay:
         endpointFactory: EndpointFactory | None = None,
         runBlocking: RunBlocking | None = None,
         lmtp: bool = False,
+        signer: IMessageSigner | None = None,
     ) -> None:
         if min(maxConcurrency, maxPerHost, maxMessagesPerConnection) < 1:
             raise ValueError("connection and batch limits must be at least 1")
@@ -140,6 +143,8 @@ class Relay:
         self.lmtp = lmtp  # LMTP (RFC 2033) to every host: a content filter
         self.tlsCreators: FileCache[IOpenSSLClientConnectionCreator] = FileCache(self.runBlocking)
         self.secrets: FileCache[str | None] = FileCache(self.runBlocking)
+        #: Swapped by a reload (L{mailgw.service.GatewayService.reload}).
+        self.signer = signer
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
         self.metrics: Any = None
 
@@ -340,13 +345,16 @@ class Relay:
             seen.add(index)
             finished(index, partResults, attempt)
 
+        opener = self.opener
+        if self.signer is not None:
+            opener = functools.partial(self.signer.open, self.opener)
         try:
             endpoint = self.endpointFactory(destination, destination.route.connectTimeout)
             everything = await deliverBatch(
                 self.reactor,
                 endpoint,
                 settings,
-                [(p.message, self.opener) for p in parts],
+                [(p.message, opener) for p in parts],
                 runBlocking=self.runBlocking,
                 onFinished=once,
             )
