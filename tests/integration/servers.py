@@ -122,6 +122,27 @@ class PostgreSQLServer:
                 stdout=log, stderr=subprocess.STDOUT, user=self.user,
             )  # fmt: skip
         _waitForPort(self.port, self.process, "postgres", self.log)
+        self._waitReady()
+
+    def _waitReady(self) -> None:
+        """
+        The port opens before the server takes sessions ("the database
+        system is starting up"): wait until one is taken, on a busy machine
+        too.
+        """
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                psycopg.connect(self.superuserDSN, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError as e:
+                process = self.process
+                if time.monotonic() > deadline or (process and process.poll() is not None):
+                    log = self.log.read_text()
+                    raise AssertionError(f"postgres takes no sessions: {e}\n{log}") from e
+                time.sleep(0.1)
 
     def stop(self) -> None:
         _stop(self.process, signal.SIGINT)  # "fast" shutdown: ends the sessions too
