@@ -491,7 +491,9 @@ class GoodValueTests(unittest.SynchronousTestCase):
 
     def test_mx(self) -> None:
         config = configFromDict({"relay": {"mx": True, "tls": "opportunistic"}})
-        self.assertEqual(config.relay.default, Route(mx=True, tls=TLSMode.OPPORTUNISTIC))
+        self.assertEqual(
+            config.relay.default, Route(mx=True, tls=TLSMode.OPPORTUNISTIC, mtaSts=True)
+        )
 
 
 class UnknownKeyTests(unittest.SynchronousTestCase):

@@ -14,6 +14,7 @@ import base64
 from collections.abc import Sequence
 from typing import Any, BinaryIO, cast
 
+import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
@@ -135,12 +136,34 @@ async def _deliverBatch(
     reporter = _Reporter(transactions, onFinished)
     work = list(zip(transactions, (o for _, o in messages), strict=True))
     protocol: SMTPClientProtocol | None = None
+    session: _Session | None = None
     try:
         if not all(t.finished for t in transactions):
             protocol = await _connect(reactor, endpoint, settings)
             reporter.protocol = protocol
-            await _Session(protocol, settings, runBlocking, reporter).run(work)
+            session = _Session(protocol, settings, runBlocking, reporter)
+            await session.run(work)
     except Exception as e:
+        if isinstance(e, RelayError) and session is not None and session.fallBack():
+            # Level may (Postfix's too): a failed handshake is tried again
+            # in plain text, on a new connection; nothing was sent yet.
+            assert protocol is not None
+            log.info(
+                "TLS with {remote} failed ({why}); trying again without TLS (tls level may)",
+                remote=settings.hostname,
+                why=str(e),
+            )
+            protocol.fail(e)
+            await protocol.whenClosed()
+            plain = attrs.evolve(
+                settings,
+                tlsMode=TLSMode.NONE,
+                tlsCreator=None,
+                peerCheck=None,
+                tlsVerifies=False,
+                plaintextFallback=False,
+            )
+            return await _deliverBatch(reactor, endpoint, plain, messages, runBlocking, onFinished)
         if not isinstance(e, RelayError):
             log.failure("relay client bug; every unfinished recipient is deferred")
             e = RelayError("internal error in the relay client")
@@ -169,6 +192,7 @@ class _Reporter:
         self.unreported = list(range(len(transactions)))
         self.protocol: SMTPClientProtocol | None = None
         self._tls: tuple[str | None, str | None] = (None, None)
+        self.tlsVerified = False
 
     def attempt(self) -> Attempt:
         if self.protocol is None or self.protocol.transport is None:
@@ -180,7 +204,7 @@ class _Reporter:
         if version is not None:
             self._tls = (version, cipher)  # still known once the connection is gone
         address = (str(host), int(port)) if host is not None and port is not None else None
-        return Attempt(address, *self._tls)
+        return Attempt(address, *self._tls, tlsVerified=self.tlsVerified)
 
     def report(self) -> None:
         if self.onFinished is None:
@@ -249,6 +273,10 @@ class _Session:
         self.timeouts = settings.timeouts
         self.capabilities = Capabilities()
         self.tls = settings.tlsMode is TLSMode.IMPLICIT
+        #: TLS is on and authenticated the upstream: its certificate was
+        #: verified (levels verify, secure, DANE, MTA-STS). REQUIRETLS needs it.
+        self.tlsVerified = False
+        self._handshaking = False  # STARTTLS answered 220, TLS not yet working
 
     async def command(self, line: str, timeout: float, waitingFor: str) -> Reply:
         self.protocol.send(line.encode("utf-8") + b"\r\n", 1)
@@ -258,6 +286,8 @@ class _Session:
         greeting = await self.protocol.nextReply(self.timeouts.greeting, "greeting")
         if greeting.code != 220:
             raise _refused("the session", greeting)
+        if self.tls:
+            self.checkPeer()
         await self.hello()
         await self.secure()
         await self.authenticate()
@@ -289,20 +319,66 @@ class _Session:
         mode = self.settings.tlsMode
         if mode not in (TLSMode.STARTTLS, TLSMode.OPPORTUNISTIC):
             return
+        check = self.settings.peerCheck
         if not self.capabilities.offers("STARTTLS"):
+            if check is not None and check.report is not None:
+                check.report("starttls-not-supported")
             if mode is TLSMode.STARTTLS:
                 raise RelayError("TLS required but upstream did not offer STARTTLS", polite=True)
             return
         reply = await self.command("STARTTLS", self.timeouts.command, "reply to STARTTLS")
         if reply.code != 220:
-            # Once offered, TLS is required to work: never fall back to plain
-            # text, whatever the mode (an attacker could provoke the refusal).
+            if self.settings.plaintextFallback and reply.code != 421:
+                # Level may: unauthenticated TLS protects from nobody who
+                # can refuse it; plain text it is (RFC 3207 4.1).
+                log.info(
+                    "upstream {remote} refused STARTTLS ({reply}); going on without TLS",
+                    remote=self.settings.hostname,
+                    reply=str(reply),
+                )
+                return
+            # Otherwise, once offered, TLS is required to work: never fall
+            # back to plain text (an attacker could provoke the refusal).
             raise _refused("STARTTLS", reply)
         self.protocol.startTLS(self.settings.tlsCreator)
         self.tls = True
+        self._handshaking = True
         # RFC 3207 4.2: forget what was learnt before TLS, and ask again.
         self.capabilities = Capabilities()
         await self.hello()
+        self._handshaking = False
+        self.checkPeer()
+
+    def fallBack(self) -> bool:
+        """Did TLS fail at the handshake, where level may goes on in plain text?"""
+        return self._handshaking and self.settings.plaintextFallback
+
+    def checkPeer(self) -> None:
+        """
+        After the handshake: run the settings' peer check, and set
+        L{tlsVerified}.
+
+        @raise RelayError: the check failed and is enforced.
+        """
+        check = self.settings.peerCheck
+        if check is None:
+            self.tlsVerified = self.settings.tlsVerifies
+        else:
+            problem = check.check(self.protocol.transport.getHandle())
+            if problem is None:
+                self.tlsVerified = True
+            else:
+                if check.report is not None:
+                    check.report(problem.resultType)
+                if check.enforce:
+                    raise RelayError(f"TLS peer check failed: {problem.text}", polite=True)
+                log.info(
+                    "TLS peer check of {remote} failed, delivering anyway (policy in "
+                    "testing mode): {why}",
+                    remote=self.settings.hostname,
+                    why=problem.text,
+                )
+        self.reporter.tlsVerified = self.tlsVerified
 
     async def authenticate(self) -> None:
         if self.settings.auth is None:

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw import tls
-from mailgw.config import RelayConfig, Route, TLSMode
+from mailgw.config import RelayConfig, Route, TLSLevel, TLSMode
 from mailgw.envelope import DeliveryResult, QueuedMessage
 from mailgw.interfaces import IRelay
 from mailgw.relay.client import (
@@ -46,6 +46,7 @@ from mailgw.relay.client import (
     RelayTimeouts,
     deliverBatch,
 )
+from mailgw.relay.dane import DaneCheck
 from mailgw.relay.deliverylog import logAttempt, relayName, status, tlsName
 from mailgw.relay.filecache import FileCache, RunBlocking, threadPoolRunner
 from mailgw.relay.results import INTERNAL, INTERNAL_ERROR, Part, Report, Results, splitParts
@@ -57,6 +58,8 @@ from mailgw.relay.routing import (
     resolveDestinations,
 )
 from mailgw.relay.slots import ConnectionSlots
+from mailgw.relay.tlspolicy import PeerSecurity, TLSPolicy, routeLevel
+from mailgw.tls.peercheck import NameCheck
 
 __all__ = ["EndpointFactory", "Relay", "Report"]
 
@@ -120,6 +123,7 @@ class Relay:
         rng: random.Random | None = None,
         endpointFactory: EndpointFactory | None = None,
         runBlocking: RunBlocking | None = None,
+        tlsPolicy: TLSPolicy | None = None,
     ) -> None:
         if min(maxConcurrency, maxPerHost, maxMessagesPerConnection) < 1:
             raise ValueError("connection and batch limits must be at least 1")
@@ -137,8 +141,13 @@ class Relay:
         self.slots = ConnectionSlots(maxConcurrency, maxPerHost)
         self.tlsCreators: FileCache[IOpenSSLClientConnectionCreator] = FileCache(self.runBlocking)
         self.secrets: FileCache[str | None] = FileCache(self.runBlocking)
+        self.trustStores: FileCache[Any] = FileCache(self.runBlocking, size=16)
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
         self.metrics: Any = None
+        #: MTA-STS and DANE for MX routes (docs/relay.md); by default neither.
+        self.tlsPolicy = tlsPolicy if tlsPolicy is not None else TLSPolicy()
+        if self.tlsPolicy.report is None:
+            self.tlsPolicy.report = self._tlsFailure
 
     def _hostnameEndpoint(self, destination: Destination, timeout: float) -> IStreamClientEndpoint:
         return HostnameEndpoint(self.reactor, destination.host, destination.port, timeout=timeout)
@@ -231,7 +240,16 @@ class Relay:
     async def _deliverRoute(self, key: DestinationKey, parts: list[Part], results: Results) -> None:
         route = key.route
         try:
-            destinations = await resolveDestinations(self.resolver, route, key.domain, rng=self.rng)
+            secureResolver = self.tlsPolicy.secureResolver
+            destinations = await resolveDestinations(
+                self.resolver,
+                route,
+                key.domain,
+                rng=self.rng,
+                secureResolver=secureResolver if routeLevel(route) is TLSLevel.DANE else None,
+            )
+            mxSecure = bool(destinations) and all(d.mxSecure for d in destinations)
+            destinations = await self.tlsPolicy.secure(route, key.domain, destinations, mxSecure)
         except RoutingError as e:
             for part in parts:
                 outcome = part.all(
@@ -365,6 +383,8 @@ class Relay:
         @raise TLSConfigError: the route's CA file is unusable.
         @raise ValueError: the host name or EHLO name is unusable.
         """
+        if destination.security is not None:
+            return await self._levelSettings(destination, destination.security, auth)
         creator = None
         if destination.tls is not TLSMode.NONE:
             host, caFile = destination.host, destination.route.caFile or None
@@ -381,6 +401,59 @@ class Relay:
             auth=auth,
             timeouts=attrs.evolve(self.timeouts, connect=destination.route.connectTimeout),
         )
+
+    async def _levelSettings(
+        self, destination: Destination, security: PeerSecurity, auth: tuple[str, str, str] | None
+    ) -> RelaySettings:
+        """The settings for a destination whose TLS level is known (L{PeerSecurity})."""
+        level, route = security.level, destination.route
+        implicit = route.tls is TLSMode.IMPLICIT
+        settings = RelaySettings(
+            hostname=destination.host,
+            ehloHostname=self.ehloHostname,
+            tlsMode=TLSMode.NONE,
+            auth=auth,
+            timeouts=attrs.evolve(self.timeouts, connect=destination.route.connectTimeout),
+        )
+        if level is TLSLevel.NONE:
+            return settings
+        mode = TLSMode.IMPLICIT if implicit else TLSMode.STARTTLS
+        if level is TLSLevel.VERIFY and security.policy != "sts":
+            # The route's own verify: twisted's hostname-checking context.
+            return await self._settings(attrs.evolve(destination, tls=mode, security=None), auth)
+        check: Any = None
+        report = self._reporter(security)
+        if level is TLSLevel.DANE:
+            check = DaneCheck(security.tlsa, security.names, report=report)
+        elif level in (TLSLevel.VERIFY, TLSLevel.SECURE) or security.testing:
+            # MTA-STS (RFC 8461 4.2: the MX host's name), secure's names; in
+            # testing mode the same check, logged and counted, not enforced.
+            store = await self._trustStore(route.caFile or None)
+            check = NameCheck(store, security.names, enforce=not security.testing, report=report)
+        return attrs.evolve(
+            settings,
+            tlsMode=TLSMode.OPPORTUNISTIC if level is TLSLevel.MAY else mode,
+            tlsCreator=tls.PeerTLSCreator(destination.host),
+            peerCheck=check,
+            tlsVerifies=False,
+            plaintextFallback=level is TLSLevel.MAY,
+        )
+
+    async def _trustStore(self, caFile: str | None) -> Any:
+        return await self.trustStores.get(
+            ("store", caFile), caFile or _systemTrustPath(), lambda: tls.trustStore(caFile)
+        )
+
+    def _reporter(self, security: PeerSecurity) -> Callable[[str], None]:
+        def report(resultType: str) -> None:
+            self._tlsFailure(security.policyDomain, security.policy, resultType)
+
+        return report
+
+    def _tlsFailure(self, policyDomain: str, policy: str, resultType: str) -> None:
+        """Count a TLS failure the way TLS-RPT (RFC 8460) reports them."""
+        if self.metrics is not None:
+            self.metrics.tlsFailure(policyDomain, policy, resultType)
 
     async def _auth(self, route: Route) -> tuple[str, str, str] | None:
         """
