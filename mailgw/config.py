@@ -161,6 +161,10 @@ class PolicyConfig:
     senderLoginMaps: str = ""
     checkHeaderFrom: str = "off"
     allowNullSender: bool = False
+    #: Recipient domains every user may send to (empty: any); ``.d`` is d's subdomains.
+    allowedRecipientDomains: tuple[str, ...] = ()
+    #: Per login (lowercased): that user's recipient domains, instead of the above.
+    recipientDomains: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, hash=False)
 
 
 @attrs.frozen
@@ -505,7 +509,18 @@ def _policy(t: _Table) -> PolicyConfig:
         senderLoginMaps=t.get("sender_login_maps", _string, d.senderLoginMaps),
         checkHeaderFrom=t.get("check_header_from", _choice("off", "reject"), d.checkHeaderFrom),
         allowNullSender=t.get("allow_null_sender", _boolean, d.allowNullSender),
+        allowedRecipientDomains=t.get("allowed_recipient_domains", _matchNames, ()),
+        recipientDomains=_recipientDomains(t.table("recipient_domains")),
     )
+
+
+def _recipientDomains(t: _Table) -> dict[str, tuple[str, ...]]:
+    users: dict[str, tuple[str, ...]] = {}
+    for user in t.data:
+        if user.lower() in users:
+            raise t.error(f'"{user}"', "the same user as another entry")
+        users[user.lower()] = t.get(user, _matchNames, ())
+    return users
 
 
 def _proxy(t: _Table) -> ProxyConfig:
