@@ -91,8 +91,10 @@ def nameMatches(reference: str, presented: str) -> bool:
     reference = reference.lower().rstrip(".")
     presented = presented.lower()
     if reference.startswith("."):
-        base = presented[2:] if presented.startswith("*.") else presented
-        return base.endswith(reference) and len(base) > len(reference)
+        if presented.startswith("*."):
+            # Every name *.rest stands for lies below rest.
+            return ("." + presented[2:]).endswith(reference)
+        return presented.endswith(reference) and len(presented) > len(reference)
     if presented.startswith("*."):
         first, dot, rest = reference.partition(".")
         return bool(first and dot) and rest == presented[2:] and "*" not in first
