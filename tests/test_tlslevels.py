@@ -15,17 +15,20 @@ from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailgw.config import RelayConfig, Route, Smarthost, TLSLevel, TLSMode
+from mailgw.config import QueueConfig, RelayConfig, Route, Smarthost, TLSLevel, TLSMode
 from mailgw.envelope import Envelope, QueuedMessage, RecipientState, Session, splitAddress
 from mailgw.metrics import Metrics
+from mailgw.queue.runner import QueueRunner
 from mailgw.relay.mtasts import MTASTSPolicies
 from mailgw.relay.relay import Relay
 from mailgw.relay.routing import Destination
 from mailgw.relay.staticdns import StaticDNS
 from mailgw.relay.tlspolicy import TLSPolicy
+from mailgw.testing import MemorySpool
 from tests.pki import TestCA
 from tests.test_relay import BODY, FAST, texts
 from tests.upstream import makeTLSFiles, startUpstream
@@ -316,11 +319,11 @@ class TLSLevelTests(TestCase):
 
     # -- DANE --------------------------------------------------------------------
 
-    def daneDNS(self, *records: bytes, secure: bool = True) -> StaticDNS:
+    def daneDNS(self, *records: bytes, secure: bool | set[str] = True) -> StaticDNS:
+        if isinstance(secure, bool):
+            secure = {"*"} if secure else set()
         return StaticDNS(
-            {DOMAIN: [(10, MX)]},
-            tlsa={f"_25._tcp.{MX}": list(records)},
-            secure={"*"} if secure else set(),
+            {DOMAIN: [(10, MX)]}, tlsa={f"_25._tcp.{MX}": list(records)}, secure=secure
         )
 
     @inlineCallbacks
@@ -374,10 +377,12 @@ class TLSLevelTests(TestCase):
         nothing, and delivery is ``may`` (here to a self-signed MX)."""
         leaf = self.ca.issue(MX)
         upstream = yield self.upstream(tlsOptions=self.selfSigned.serverOptions())
-        dns = self.daneDNS(leaf.tlsa(3, 1, 1), secure=False)
-        [result] = yield self.relay(mxRoute(TLSLevel.DANE), dns).deliver(message())
-        self.assertTrue(result.success, result)
-        self.assertEqual(len(upstream.transactions), 1)
+        # Neither answer validated; the MX answer alone; the TLSA answer alone.
+        for secure in (set(), {DOMAIN}, {f"_25._tcp.{MX}"}):
+            dns = self.daneDNS(leaf.tlsa(3, 1, 1), secure=secure)
+            [result] = yield self.relay(mxRoute(TLSLevel.DANE), dns).deliver(message())
+            self.assertTrue(result.success, (secure, result))
+        self.assertEqual(len(upstream.transactions), 3)
 
     @inlineCallbacks
     def test_usableTLSAWithoutSTARTTLSIsDeferred(self) -> Any:
@@ -484,3 +489,56 @@ def _localhostNames(settings: Any) -> Any:
         return await settings(attrs.evolve(destination, host="localhost"), auth)
 
     return wrapped
+
+
+class QueueLifetimeTests(SynchronousTestCase):
+    """In memory, on a Clock: the queue keeps a domain whose MTA-STS policy
+    cannot be met, and bounces it after its lifetime, as any deferral."""
+
+    def test_deferredThenBounced(self) -> None:
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        spool = MemorySpool(clock=clock)
+        dns = StaticDNS(
+            {DOMAIN: [(10, "mx.attacker.example")]},
+            txt={f"_mta-sts.{DOMAIN}": ["v=STSv1; id=1;"]},
+        )
+        connected: list[Destination] = []
+
+        def endpoint(destination: Destination, timeout: float) -> Any:
+            connected.append(destination)
+            raise AssertionError("no connection may be made")
+
+        relay = Relay(
+            clock,
+            RelayConfig(default=mxRoute(mtaSts=True)),
+            dns,
+            "gw.example.com",
+            spool.openMessage,
+            endpointFactory=endpoint,
+            tlsPolicy=TLSPolicy(mtasts=MTASTSPolicies(clock, dns, lambda d: succeed(POLICY))),
+        )
+        config = QueueConfig(
+            retryMin=300,
+            retryMax=3600,
+            retryJitter=0,
+            maxLifetime=86400,
+            bounceLifetime=86400,
+            delayWarning=0,
+        )
+        runner = QueueRunner(spool, relay, clock, config, "gw.example.com")
+        runner.startService()
+        self.addCleanup(runner.stopService)
+        writer = runner.begin(
+            Envelope(splitAddress("alice@example.com"), (splitAddress(f"bob@{DOMAIN}"),)),
+            Session("192.0.2.9"),
+        )
+        writer.write(BODY)
+        self.successResultOf(writer.commit())
+        clock.pump([600] * 6 * 23)
+        self.assertEqual([w for w in spool.writers if w.envelope.sender is None], [])
+        clock.pump([600] * 6 * 2)
+        [bounce] = [w for w in spool.writers if w.envelope.sender is None]
+        self.assertIn(b"4.7.5", bytes(bounce.data))
+        self.assertIn(b"MTA-STS", bytes(bounce.data))
+        self.assertEqual(connected, [])
