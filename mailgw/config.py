@@ -350,9 +350,11 @@ class Config:
                 raise ConfigError(
                     self.source, "auth.backends", f"unknown backend type in {backend!r}"
                 ) from None
-        routes = [("relay", self.relay.default)] + [
-            (f'relay.domains."{d}"', r) for d, r in self.relay.domains.items()
-        ]
+        routes = (
+            [("relay", self.relay.default)]
+            + [(f'relay.domains."{d}"', r) for d, r in self.relay.domains.items()]
+            + [(f'relay.senders."{d}"', r) for d, r in self.relay.senders.items()]
+        )
         for prefix, route in routes:
             if route is not None and route.caFile:
                 try:
@@ -554,7 +556,7 @@ def _route(t: _Table) -> Route:
         return tuple(_smarthost(text, defaultPort) for text in _stringList(value))
 
     mx = t.get("mx", _boolean, False)
-    level = t.get("tls_level", _choice("", *(v.value for v in TLSLevel)), "")
+    level = t.get("tls_level", _choice("", *(v.value for v in TLSLevel)), None)
     route = Route(
         smarthosts=t.get("smarthosts", smarthosts, ()),
         mx=mx,
@@ -564,11 +566,7 @@ def _route(t: _Table) -> Route:
         authPasswordFile=t.get("auth_password_file", _string, ""),
         authMechanism=t.get("auth_mechanism", _choice("PLAIN", "LOGIN", fold=True), "PLAIN"),
         connectTimeout=t.get("connect_timeout", _duration(), 30),
-        # MX delivery is opportunistic unless told otherwise (docs/relay.md);
-        # an explicit ``tls`` without ``tls_level`` keeps its older meaning.
-        tlsLevel=TLSLevel(level)
-        if level
-        else (TLSLevel.MAY if mx and "tls" not in t.data else None),
+        tlsLevel=TLSLevel(level) if level else _defaultLevel(t, mx, level),
         tlsMatch=t.get("tls_match", _matchNames, ()),
         mtaSts=t.get("mta_sts", _boolean, mx),
     )
@@ -584,10 +582,16 @@ def _route(t: _Table) -> Route:
         raise t.error(
             "tls", "'opportunistic' with auth_user could send the password in clear; use 'starttls'"
         )
-    _checkLevel(t, route, level)
+    _checkLevel(t, route, level or "")
     if route.authPasswordFile:
         _checkPasswordFile(t, route.authPasswordFile)
     return route
+
+
+def _defaultLevel(t: _Table, mx: bool, level: str | None) -> TLSLevel | None:
+    """MX delivery is opportunistic unless told otherwise (docs/relay.md);
+    ``tls_level = ""``, or ``tls`` without ``tls_level``, keeps ``tls``'s meaning."""
+    return TLSLevel.MAY if mx and level is None and "tls" not in t.data else None
 
 
 def _matchNames(value: Any) -> tuple[str, ...]:
