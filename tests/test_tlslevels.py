@@ -19,16 +19,20 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from mailgw import tls
 from mailgw.config import QueueConfig, RelayConfig, Route, Smarthost, TLSLevel, TLSMode
 from mailgw.envelope import Envelope, QueuedMessage, RecipientState, Session, splitAddress
 from mailgw.metrics import Metrics
 from mailgw.queue.runner import QueueRunner
+from mailgw.relay.client import deliverBatch
+from mailgw.relay.clientsettings import Attempt, RelaySettings
 from mailgw.relay.mtasts import MTASTSPolicies
 from mailgw.relay.relay import Relay
 from mailgw.relay.routing import Destination
 from mailgw.relay.staticdns import StaticDNS
 from mailgw.relay.tlspolicy import TLSPolicy
 from mailgw.testing import MemorySpool
+from mailgw.tls.peercheck import NameCheck
 from tests.pki import TestCA
 from tests.test_relay import BODY, FAST, texts
 from tests.upstream import makeTLSFiles, startUpstream
@@ -542,3 +546,46 @@ class QueueLifetimeTests(SynchronousTestCase):
         self.assertIn(b"4.7.5", bytes(bounce.data))
         self.assertIn(b"MTA-STS", bytes(bounce.data))
         self.assertEqual(connected, [])
+
+
+class VerifiedFlagTests(TestCase):
+    """The session's tlsVerified, as each report's Attempt carries it."""
+
+    timeout = 20
+
+    @inlineCallbacks
+    def attempt(self, upstream: Any, **settings: Any) -> Any:
+        attempts: list[Attempt] = []
+        yield deliverBatch(
+            reactor,
+            upstream.endpoint(reactor),
+            RelaySettings(hostname=MX, ehloHostname="gw.example.com", timeouts=FAST, **settings),
+            [(message(), lambda queueId: io.BytesIO(BODY))],
+            onFinished=lambda index, results, attempt: attempts.append(attempt),
+        )
+        [attempt] = attempts
+        return attempt
+
+    @inlineCallbacks
+    def test_flag(self) -> Any:
+        ca = TestCA(os.path.abspath(self.mktemp()))
+        leaf = ca.issue(MX)
+        upstream = yield startUpstream(reactor, tlsOptions=leaf.serverOptions())
+        self.addCleanup(upstream.stop)
+        verified = yield self.attempt(upstream, tlsCreator=tls.clientCreator(MX, ca.rootFile))
+        unverified = yield self.attempt(
+            upstream, tlsCreator=tls.PeerTLSCreator(MX), tlsVerifies=False
+        )
+        plain = yield self.attempt(upstream, tlsMode=TLSMode.NONE)
+        store = tls.trustStore(ca.rootFile)
+        checked = yield self.attempt(
+            upstream,
+            tlsCreator=tls.PeerTLSCreator(MX),
+            tlsVerifies=False,
+            peerCheck=NameCheck(store, (MX,)),
+        )
+        self.assertEqual(
+            [a.tlsVerified for a in (verified, unverified, plain, checked)],
+            [True, False, False, True],
+        )
+        self.assertEqual([t.tls for t in upstream.transactions], [True, True, False, True])
