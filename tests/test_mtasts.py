@@ -294,3 +294,13 @@ class FetchTests(TestCase):
         with self.assertRaises(FetchError) as caught:
             yield self.fetcher()("example.org")
         self.assertIn("larger", str(caught.exception))
+
+    @inlineCallbacks
+    def test_throughTheCache(self) -> Any:
+        """TXT record, HTTPS fetch, parse, disk: the pieces together."""
+        directory = os.path.abspath(self.mktemp())
+        policies = MTASTSPolicies(reactor, dns(), self.fetcher(), directory=directory)
+        policy = yield policies.policyFor("example.org")
+        self.assertEqual(policy, parsePolicy(GOOD))
+        self.assertEqual(os.listdir(directory), ["example.org"])
+        self.assertEqual(len(self.policy.requests), 1)
