@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
@@ -589,3 +589,15 @@ class VerifiedFlagTests(TestCase):
             [True, False, False, True],
         )
         self.assertEqual([t.tls for t in upstream.transactions], [True, True, False, True])
+
+
+class PolicyUnitTests(SynchronousTestCase):
+    def test_addressLiteralOnADANERoute(self) -> None:
+        """No DNS name, no TLSA records: an address literal gets ``may``."""
+        route = mxRoute(TLSLevel.DANE)
+        destination = Destination("192.0.2.1", 25, TLSMode.STARTTLS, route)
+        policy = TLSPolicy(secureResolver=StaticDNS(secure={"*"}))
+        [chosen] = self.successResultOf(
+            Deferred.fromCoroutine(policy.secure(route, "[192.0.2.1]", [destination], True))
+        )
+        self.assertEqual(chosen.security.level, TLSLevel.MAY)

@@ -86,6 +86,8 @@ class TLSPolicy:
         """
         level = routeLevel(route)
         if not route.mx or domain is None or domain.startswith("["):
+            # Smarthosts, and MX routes' address literals: no DNS, no DANE.
+            level = TLSLevel.MAY if level is TLSLevel.DANE else level
             names = route.tlsMatch
             return [
                 attrs.evolve(
