@@ -14,7 +14,6 @@ import base64
 from collections.abc import Sequence
 from typing import Any, BinaryIO, cast
 
-import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import (
@@ -43,6 +42,7 @@ from mailgw.relay.clientsettings import (
     RelaySettings,
     RelayTimeouts,
 )
+from mailgw.relay.clienttls import checkPeer, withoutTLS
 from mailgw.relay.clienttransaction import Capabilities, Outcome, Transaction, classify
 from mailgw.relay.filecache import RunBlocking, runInline
 from mailgw.tls import describeTLS
@@ -155,14 +155,7 @@ async def _deliverBatch(
             )
             protocol.fail(e)
             await protocol.whenClosed()
-            plain = attrs.evolve(
-                settings,
-                tlsMode=TLSMode.NONE,
-                tlsCreator=None,
-                peerCheck=None,
-                tlsVerifies=False,
-                plaintextFallback=False,
-            )
+            plain = withoutTLS(settings)
             return await _deliverBatch(reactor, endpoint, plain, messages, runBlocking, onFinished)
         if not isinstance(e, RelayError):
             log.failure("relay client bug; every unfinished recipient is deferred")
@@ -354,30 +347,8 @@ class _Session:
         return self._handshaking and self.settings.plaintextFallback
 
     def checkPeer(self) -> None:
-        """
-        After the handshake: run the settings' peer check, and set
-        L{tlsVerified}.
-
-        @raise RelayError: the check failed and is enforced.
-        """
-        check = self.settings.peerCheck
-        if check is None:
-            self.tlsVerified = self.settings.tlsVerifies
-        else:
-            problem = check.check(self.protocol.transport.getHandle())
-            if problem is None:
-                self.tlsVerified = True
-            else:
-                if check.report is not None:
-                    check.report(problem.resultType)
-                if check.enforce:
-                    raise RelayError(f"TLS peer check failed: {problem.text}", polite=True)
-                log.info(
-                    "TLS peer check of {remote} failed, delivering anyway (policy in "
-                    "testing mode): {why}",
-                    remote=self.settings.hostname,
-                    why=problem.text,
-                )
+        """After the handshake: the settings' peer check; sets L{tlsVerified}."""
+        self.tlsVerified = checkPeer(self.settings, self.protocol.transport)
         self.reporter.tlsVerified = self.tlsVerified
 
     async def authenticate(self) -> None:

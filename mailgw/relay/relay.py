@@ -18,9 +18,7 @@ relay password or CA file, and any bug in this module.
 
 from __future__ import annotations
 
-import functools
 import random
-import ssl as stdssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,7 +44,6 @@ from mailgw.relay.client import (
     RelayTimeouts,
     deliverBatch,
 )
-from mailgw.relay.dane import DaneCheck
 from mailgw.relay.deliverylog import logAttempt, relayName, status, tlsName
 from mailgw.relay.filecache import FileCache, RunBlocking, threadPoolRunner
 from mailgw.relay.results import INTERNAL, INTERNAL_ERROR, Part, Report, Results, splitParts
@@ -58,8 +55,9 @@ from mailgw.relay.routing import (
     resolveDestinations,
 )
 from mailgw.relay.slots import ConnectionSlots
-from mailgw.relay.tlspolicy import PeerSecurity, TLSPolicy, routeLevel
-from mailgw.tls.peercheck import NameCheck
+from mailgw.relay.tlspolicy import TLSPolicy, routeLevel
+from mailgw.relay.tlssettings import LevelSettings
+from mailgw.relay.tlssettings import systemTrustPath as _systemTrustPath
 
 __all__ = ["EndpointFactory", "Relay", "Report"]
 
@@ -141,7 +139,7 @@ class Relay:
         self.slots = ConnectionSlots(maxConcurrency, maxPerHost)
         self.tlsCreators: FileCache[IOpenSSLClientConnectionCreator] = FileCache(self.runBlocking)
         self.secrets: FileCache[str | None] = FileCache(self.runBlocking)
-        self.trustStores: FileCache[Any] = FileCache(self.runBlocking, size=16)
+        self.levels = LevelSettings(self.runBlocking, self._tlsFailure)
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
         self.metrics: Any = None
         #: MTA-STS and DANE for MX routes (docs/relay.md); by default neither.
@@ -384,7 +382,11 @@ class Relay:
         @raise ValueError: the host name or EHLO name is unusable.
         """
         if destination.security is not None:
-            return await self._levelSettings(destination, destination.security, auth)
+            without = attrs.evolve(destination, tls=TLSMode.NONE, security=None)
+            plain = await self._settings(without, auth)
+            return await self.levels.settings(
+                destination, destination.security, plain, lambda d: self._settings(d, auth)
+            )
         creator = None
         if destination.tls is not TLSMode.NONE:
             host, caFile = destination.host, destination.route.caFile or None
@@ -401,54 +403,6 @@ class Relay:
             auth=auth,
             timeouts=attrs.evolve(self.timeouts, connect=destination.route.connectTimeout),
         )
-
-    async def _levelSettings(
-        self, destination: Destination, security: PeerSecurity, auth: tuple[str, str, str] | None
-    ) -> RelaySettings:
-        """The settings for a destination whose TLS level is known (L{PeerSecurity})."""
-        level, route = security.level, destination.route
-        implicit = route.tls is TLSMode.IMPLICIT
-        settings = RelaySettings(
-            hostname=destination.host,
-            ehloHostname=self.ehloHostname,
-            tlsMode=TLSMode.NONE,
-            auth=auth,
-            timeouts=attrs.evolve(self.timeouts, connect=destination.route.connectTimeout),
-        )
-        if level is TLSLevel.NONE:
-            return settings
-        mode = TLSMode.IMPLICIT if implicit else TLSMode.STARTTLS
-        if level is TLSLevel.VERIFY and security.policy != "sts":
-            # The route's own verify: twisted's hostname-checking context.
-            return await self._settings(attrs.evolve(destination, tls=mode, security=None), auth)
-        check: Any = None
-        report = self._reporter(security)
-        if level is TLSLevel.DANE:
-            check = DaneCheck(security.tlsa, security.names, report=report)
-        elif level in (TLSLevel.VERIFY, TLSLevel.SECURE) or security.testing:
-            # MTA-STS (RFC 8461 4.2: the MX host's name), secure's names; in
-            # testing mode the same check, logged and counted, not enforced.
-            store = await self._trustStore(route.caFile or None)
-            check = NameCheck(store, security.names, enforce=not security.testing, report=report)
-        return attrs.evolve(
-            settings,
-            tlsMode=TLSMode.OPPORTUNISTIC if level is TLSLevel.MAY else mode,
-            tlsCreator=tls.PeerTLSCreator(destination.host),
-            peerCheck=check,
-            tlsVerifies=False,
-            plaintextFallback=level is TLSLevel.MAY,
-        )
-
-    async def _trustStore(self, caFile: str | None) -> Any:
-        return await self.trustStores.get(
-            ("store", caFile), caFile or _systemTrustPath(), lambda: tls.trustStore(caFile)
-        )
-
-    def _reporter(self, security: PeerSecurity) -> Callable[[str], None]:
-        def report(resultType: str) -> None:
-            self._tlsFailure(security.policyDomain, security.policy, resultType)
-
-        return report
 
     def _tlsFailure(self, policyDomain: str, policy: str, resultType: str) -> None:
         """Count a TLS failure the way TLS-RPT (RFC 8460) reports them."""
@@ -483,15 +437,3 @@ class Relay:
         if password is None:
             raise _LocalProblem("relay auth_user is set but auth_password_file is not")
         return (route.authUser, password, route.authMechanism)
-
-
-@functools.cache
-def _systemTrustPath() -> str:
-    """The file (or directory) OpenSSL's default trust store is read from,
-    whose changes rebuild the cached contexts that use it. Looked up once
-    (it stats files): where the store lives does not change while we run."""
-    paths = stdssl.get_default_verify_paths()
-    # cafile and capath as resolved (SSL_CERT_FILE and SSL_CERT_DIR included),
-    # None where nothing exists: then nothing is cached, and every attempt
-    # builds its context.
-    return paths.cafile or paths.capath or ""
