@@ -590,8 +590,8 @@ def _route(t: _Table) -> Route:
 
 def _defaultLevel(t: _Table, mx: bool, level: str | None) -> TLSLevel | None:
     """MX delivery is opportunistic unless told otherwise (docs/relay.md);
-    ``tls_level = ""``, or ``tls`` without ``tls_level``, keeps ``tls``'s meaning."""
-    return TLSLevel.MAY if mx and level is None and "tls" not in t.data else None
+    a route that writes ``tls`` but no ``tls_level`` keeps ``tls``'s meaning."""
+    return TLSLevel.MAY if mx and "tls" not in t.data else None
 
 
 def _matchNames(value: Any) -> tuple[str, ...]:

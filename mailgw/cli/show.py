@@ -101,9 +101,15 @@ def render(config: Any, changed: bool = False) -> str:
 def _routeDefault(route: Any) -> Any:
     """What a route's table with no keys but ``mx`` means: MX routes default
     to tls_level "may" and MTA-STS."""
-    from mailgw.config import Route, TLSLevel
+    from mailgw.config import Route, TLSLevel, TLSMode
 
-    return Route(tlsLevel=TLSLevel.MAY, mtaSts=True) if route.mx else Route()
+    if not route.mx:
+        return Route()
+    if route.tlsLevel is None:
+        # Only a written ``tls`` keeps an MX route's older meaning: always show it.
+        other = TLSMode.NONE if route.tls is not TLSMode.NONE else TLSMode.STARTTLS
+        return Route(tls=other, mtaSts=True)
+    return Route(tlsLevel=TLSLevel.MAY, mtaSts=True)
 
 
 def showConfig(args: argparse.Namespace) -> int:
