@@ -23,6 +23,15 @@ class LevelTests(SynchronousTestCase):
         assert route is not None
         self.assertEqual((route.tlsLevel, route.mtaSts), (TLSLevel.MAY, True))
 
+    def test_mxWithTLSKeepsItsMeaning(self) -> None:
+        """A written ``tls`` without ``tls_level`` stays verified (no silent downgrade)."""
+        route = relay(mx=True, tls="starttls").default
+        assert route is not None
+        self.assertIsNone(route.tlsLevel)
+        route = relay(mx=True, tls_level="").default
+        assert route is not None
+        self.assertEqual(route.tlsLevel, TLSLevel.MAY)
+
     def test_smarthostDefaultUnchanged(self) -> None:
         route = relay(smarthosts=["smtp.example.net"]).default
         assert route is not None
