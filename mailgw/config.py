@@ -49,6 +49,7 @@ from mailgw._configparse import (  # ConfigError, mergeOverrides, readConfigFile
 )
 from mailgw.apiconfig import ApiConfig, WebhooksConfig, apiSection, webhooksSection
 from mailgw.dkim.config import DKIMConfig, dkimSection
+from mailgw.envelope import Address
 from mailgw.filter.settings import (
     EtrnConfig,
     FilterConfig,
@@ -66,6 +67,20 @@ class TLSMode(enum.Enum):
     OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered, else plain text
     IMPLICIT = "implicit"  # TLS from the first byte (RFC 8314 3.3)
     NONE = "none"  # plain text; loopback upstreams only
+
+
+class TLSLevel(enum.Enum):
+    """
+    What a route demands of the upstream's TLS, as Postfix's
+    smtp_tls_security_level (docs/relay.md): ``dane`` applies to MX routes.
+    """
+
+    NONE = "none"  # never STARTTLS
+    MAY = "may"  # STARTTLS when offered, unverified; plain text when it fails
+    ENCRYPT = "encrypt"  # TLS required, unverified
+    VERIFY = "verify"  # TLS required, chain verified, the host's name checked
+    SECURE = "secure"  # as verify, against the route's tls_match names (next hop)
+    DANE = "dane"  # DANE (RFC 7672) where usable TLSA records exist, else may
 
 
 @attrs.frozen
@@ -156,6 +171,10 @@ class PolicyConfig:
     senderLoginMaps: str = ""
     checkHeaderFrom: str = "off"
     allowNullSender: bool = False
+    #: Recipient domains every user may send to (empty: any); ``.d`` is d's subdomains.
+    allowedRecipientDomains: tuple[str, ...] = ()
+    #: Per login (lowercased): that user's recipient domains, instead of the above.
+    recipientDomains: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict, hash=False)
 
 
 @attrs.frozen
@@ -211,6 +230,10 @@ class Route:
     authPasswordFile: str = ""
     authMechanism: str = "PLAIN"
     connectTimeout: float = 30
+    #: None: as ``tls`` says (verified unless NONE), for routes made in code.
+    tlsLevel: TLSLevel | None = None
+    tlsMatch: tuple[str, ...] = ()  # ``secure``: names the certificate may carry
+    mtaSts: bool = False  # MX routes: honour MTA-STS policies (RFC 8461)
 
     def authPassword(self) -> str | None:
         """
@@ -237,18 +260,52 @@ def normalizeDomain(domain: str) -> str:
 
 @attrs.frozen
 class RelayConfig:
-    """The default route (None: no relay configured) and per-domain routes."""
+    """
+    The default route (None: no relay configured), per-domain routes (a key
+    ``.example.org`` matches the subdomains of example.org) and per-sender
+    routes (an address, or ``@domain``).
+    """
 
     default: Route | None = None
     domains: Mapping[str, Route] = attrs.field(factory=dict, hash=False)
+    senders: Mapping[str, Route] = attrs.field(factory=dict, hash=False)
 
-    def routeFor(self, domain: str) -> Route | None:
-        """The route for recipient ``domain``: its own, else the default."""
+    def routeFor(self, domain: str, sender: Address | None = None) -> Route | None:
+        """
+        The route for recipient ``domain`` of mail from ``sender``, first
+        found of: the domain's own route, its parents' ``.parent`` routes
+        (nearest first), the sender address's route, the sender domain's
+        ``@domain`` route, the default.
+        """
         try:
             key = normalizeDomain(domain)
         except (idna.IDNAError, UnicodeError, ValueError):
             key = domain.lower()  # an address literal, or junk: no domain route
-        return self.domains.get(key, self.default)
+        route = self.domains.get(key)
+        if route is not None:
+            return route
+        labels = key.split(".")
+        for start in range(1, len(labels)):
+            route = self.domains.get("." + ".".join(labels[start:]))
+            if route is not None:
+                return route
+        if sender is not None and self.senders:
+            route = self.senders.get(senderKey(sender))
+            if route is None:
+                route = self.senders.get("@" + senderKey(sender).rpartition("@")[2])
+            if route is not None:
+                return route
+        return self.default
+
+
+def senderKey(sender: Address) -> str:
+    """``sender`` as the keys of ``[relay.senders]`` spell it: lowercased,
+    its domain an A-label."""
+    try:
+        domain = normalizeDomain(sender.domain)
+    except (idna.IDNAError, UnicodeError, ValueError):
+        domain = sender.domain.lower()
+    return f"{sender.local.lower()}@{domain}"
 
 
 @attrs.frozen
@@ -309,9 +366,11 @@ class Config:
                 raise ConfigError(
                     self.source, "auth.backends", f"unknown backend type in {backend!r}"
                 ) from None
-        routes = [("relay", self.relay.default)] + [
-            (f'relay.domains."{d}"', r) for d, r in self.relay.domains.items()
-        ]
+        routes = (
+            [("relay", self.relay.default)]
+            + [(f'relay.domains."{d}"', r) for d, r in self.relay.domains.items()]
+            + [(f'relay.senders."{d}"', r) for d, r in self.relay.senders.items()]
+        )
         for prefix, route in routes:
             if route is not None and route.caFile:
                 try:
@@ -468,7 +527,18 @@ def _policy(t: _Table) -> PolicyConfig:
         senderLoginMaps=t.get("sender_login_maps", _string, d.senderLoginMaps),
         checkHeaderFrom=t.get("check_header_from", _choice("off", "reject"), d.checkHeaderFrom),
         allowNullSender=t.get("allow_null_sender", _boolean, d.allowNullSender),
+        allowedRecipientDomains=t.get("allowed_recipient_domains", _matchNames, ()),
+        recipientDomains=_recipientDomains(t.table("recipient_domains")),
     )
+
+
+def _recipientDomains(t: _Table) -> dict[str, tuple[str, ...]]:
+    users: dict[str, tuple[str, ...]] = {}
+    for user in t.data:
+        if user.lower() in users:
+            raise t.error(f'"{user}"', "the same user as another entry")
+        users[user.lower()] = t.get(user, _matchNames, ())
+    return users
 
 
 def _proxy(t: _Table) -> ProxyConfig:
@@ -501,15 +571,20 @@ def _route(t: _Table) -> Route:
     def smarthosts(value: Any) -> tuple[Smarthost, ...]:
         return tuple(_smarthost(text, defaultPort) for text in _stringList(value))
 
+    mx = t.get("mx", _boolean, False)
+    level = t.get("tls_level", _choice("", *(v.value for v in TLSLevel)), None)
     route = Route(
         smarthosts=t.get("smarthosts", smarthosts, ()),
-        mx=t.get("mx", _boolean, False),
+        mx=mx,
         tls=mode,
         caFile=t.get("ca_file", _string, ""),
         authUser=t.get("auth_user", _string, ""),
         authPasswordFile=t.get("auth_password_file", _string, ""),
         authMechanism=t.get("auth_mechanism", _choice("PLAIN", "LOGIN", fold=True), "PLAIN"),
         connectTimeout=t.get("connect_timeout", _duration(), 30),
+        tlsLevel=TLSLevel(level) if level else _defaultLevel(t, mx, level),
+        tlsMatch=t.get("tls_match", _matchNames, ()),
+        mtaSts=t.get("mta_sts", _boolean, mx),
     )
     if route.mx and route.smarthosts:
         raise t.error("mx", "mx = true and smarthosts are mutually exclusive")
@@ -523,34 +598,103 @@ def _route(t: _Table) -> Route:
         raise t.error(
             "tls", "'opportunistic' with auth_user could send the password in clear; use 'starttls'"
         )
+    _checkLevel(t, route, level or "")
     if route.authPasswordFile:
         _checkPasswordFile(t, route.authPasswordFile)
     return route
 
 
+def _defaultLevel(t: _Table, mx: bool, level: str | None) -> TLSLevel | None:
+    """MX delivery is opportunistic unless told otherwise (docs/relay.md);
+    a route that writes ``tls`` but no ``tls_level`` keeps ``tls``'s meaning."""
+    return TLSLevel.MAY if mx and "tls" not in t.data else None
+
+
+def _matchNames(value: Any) -> tuple[str, ...]:
+    names = []
+    for name in _stringList(value):
+        sub = name.startswith(".")
+        try:
+            names.append(("." if sub else "") + normalizeDomain(name[1:] if sub else name))
+        except (idna.IDNAError, UnicodeError, ValueError) as e:
+            raise _Invalid(f"{name!r} is not a domain name ({e})") from None
+    return tuple(names)
+
+
+def _checkLevel(t: _Table, route: Route, level: str) -> None:
+    """tls_level beside the other route keys (docs/relay.md)."""
+    if route.tlsMatch and route.tlsLevel is not TLSLevel.SECURE:
+        raise t.error("tls_match", "only used with tls_level = 'secure'")
+    if route.mtaSts and not route.mx:
+        raise t.error("mta_sts", "MTA-STS applies to mx = true routes only")
+    if not level:
+        return
+    if route.tls not in (TLSMode.STARTTLS, TLSMode.IMPLICIT):
+        raise t.error("tls", "with tls_level set, tls may only be 'starttls' or 'implicit'")
+    if route.tlsLevel is TLSLevel.DANE and not route.mx:
+        raise t.error("tls_level", "'dane' applies to mx = true routes only")
+    if route.tls is TLSMode.IMPLICIT and route.tlsLevel in (TLSLevel.NONE, TLSLevel.MAY):
+        raise t.error("tls_level", f"{level!r} cannot be used with tls = 'implicit'")
+    if route.tlsLevel is TLSLevel.NONE and not all(h.isLoopback for h in route.smarthosts):
+        raise t.error("tls_level", "'none' is only allowed for mx = true or loopback smarthosts")
+    if route.authUser and route.tlsLevel in (TLSLevel.NONE, TLSLevel.MAY, TLSLevel.DANE):
+        raise t.error("tls_level", f"{level!r} with auth_user could send the password in clear")
+
+
+def _routeTables(t: _Table, name: str, what: str) -> dict[str, Route]:
+    """``[relay.NAME."KEY"]`` tables: each one route, its key as written."""
+    table = t.table(name)
+    routes: dict[str, Route] = {}
+    for key in table.data:
+        table.used.add(key)
+        sub = _Table.of(t.source, table.key(f'"{key}"'), table.data[key])
+        for inner, value in sub.data.items():
+            if isinstance(value, dict):  # [relay.domains.example.org] nests tables
+                raise sub.error(
+                    inner, f'quote a {what} with dots: [{table.prefix}."{key}.{inner}"]'
+                )
+        route = _route(sub)
+        sub.finish()
+        routes[key] = route
+    return routes
+
+
 def _relay(t: _Table) -> RelayConfig:
     domainTable = t.table("domains")
     domains: dict[str, Route] = {}
-    for name in domainTable.data:
-        domainTable.used.add(name)
+    for name, route in _routeTables(t, "domains", "domain").items():
+        sub = name.startswith(".")
         try:
-            domain = normalizeDomain(name)
+            domain = ("." if sub else "") + normalizeDomain(name[1:] if sub else name)
         except (idna.IDNAError, UnicodeError, ValueError) as e:
             raise domainTable.error(f'"{name}"', f"not a valid domain name ({e})") from None
         if domain in domains:
             raise domainTable.error(f'"{name}"', f"the same domain as another entry ({domain})")
-        sub = _Table.of(t.source, domainTable.key(f'"{name}"'), domainTable.data[name])
-        for key, value in sub.data.items():
-            if isinstance(value, dict):  # [relay.domains.example.org] nests tables
-                raise sub.error(key, f'quote a domain with dots: [relay.domains."{name}.{key}"]')
-        route = _route(sub)
-        sub.finish()
         if not (route.smarthosts or route.mx):
-            raise sub.error("smarthosts", "a domain route needs smarthosts or mx = true")
+            raise domainTable.error(
+                f'"{name}".smarthosts', "a domain route needs smarthosts or mx = true"
+            )
         domains[domain] = route
+    senderTable = t.table("senders")
+    senders: dict[str, Route] = {}
+    for name, route in _routeTables(t, "senders", "sender").items():
+        local, at, domain = name.rpartition("@")
+        try:
+            if not at or not domain:
+                raise ValueError("not an address or @domain")
+            key = senderKey(Address(local, domain)) if local else "@" + normalizeDomain(domain)
+        except (idna.IDNAError, UnicodeError, ValueError) as e:
+            raise senderTable.error(f'"{name}"', f"not an address or @domain ({e})") from None
+        if key in senders:
+            raise senderTable.error(f'"{name}"', f"the same sender as another entry ({key})")
+        if not route.smarthosts:
+            raise senderTable.error(f'"{name}".smarthosts', "a sender route needs smarthosts")
+        senders[key] = route
     default = _route(t)
     return RelayConfig(
-        default=default if (default.smarthosts or default.mx) else None, domains=domains
+        default=default if (default.smarthosts or default.mx) else None,
+        domains=domains,
+        senders=senders,
     )
 
 

@@ -165,6 +165,21 @@ class IRelay(Interface):
         """
 
 
+class ISecureResolver(Interface):
+    """
+    DNS lookups that say whether the answer was DNSSEC-validated: the AD bit
+    of a validating resolver the gateway trusts (docs/relay.md, DANE).
+    """
+
+    def lookupSecure(name, type):  # type: ignore[no-untyped-def]
+        """
+        Look up records of ``type`` (a twisted.names type number) at
+        ``name`` (str, A-labels). @return: a Deferred firing with a
+        L{mailgw.relay.dnssec.SecureAnswer}, or failing as twisted.names
+        lookups do (DNSNameError for NXDOMAIN, DNSServerError, timeouts).
+        """
+
+
 class ISubmissionPolicy(Interface):
     """
     Decides what an authenticated client may send.

@@ -102,6 +102,12 @@ class Metrics:
             "Recipient results of relay attempts, by relay host and status.",
             ("relay", "status"),
         )
+        self.tlsrptFailures = counter(
+            "tlsrpt_failures",
+            "Outbound TLS policy failures as TLS-RPT (RFC 8460) counts them, by policy "
+            "domain, policy type (sts, tlsa, no-policy-found) and result type.",
+            ("policy_domain", "policy_type", "result_type"),
+        )
         self.bounces = counter(
             "bounces", "Delivery status notifications queued, by kind.", ("kind",)
         )
@@ -158,6 +164,9 @@ class Metrics:
 
     def relayAttempt(self, relay: str, seconds: float) -> None:
         self.relaySeconds.labels(relay).observe(max(0.0, seconds))
+
+    def tlsFailure(self, policyDomain: str, policyType: str, resultType: str) -> None:
+        self.tlsrptFailures.labels(policyDomain, policyType, resultType).inc()
 
     def bounce(self, kind: str) -> None:
         self.bounces.labels(kind).inc()

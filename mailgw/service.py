@@ -38,12 +38,14 @@ from mailgw.health import MetricsService, gatewayChecks, makeSite
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 from mailgw.metrics import Metrics
+from mailgw.policy.recipients import RecipientDomainPolicy
 from mailgw.policy.senders import SenderLoginPolicy
 from mailgw.proxy import ProxyFactory
 from mailgw.queue.events import WebhookObserver
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, SpoolError
 from mailgw.relay.relay import Relay
+from mailgw.relay.tlssetup import makeTLSPolicy
 from mailgw.reloading import SwappableContextFactory, restartOnly
 from mailgw.server.factory import Guards, ServerSettings, SubmissionFactory
 from mailgw.server.plaintext import PlaintextSniffingFactory
@@ -85,7 +87,7 @@ def makePolicy(config: Config, clock: Any) -> ISubmissionPolicy:
     """
     policy = config.policy
     try:
-        return SenderLoginPolicy(
+        senders = SenderLoginPolicy(
             policy.senderLoginMaps or None,
             checkHeaderFrom=policy.checkHeaderFrom == "reject",
             allowNullSender=policy.allowNullSender,
@@ -93,6 +95,12 @@ def makePolicy(config: Config, clock: Any) -> ISubmissionPolicy:
         )
     except (OSError, ValueError) as e:
         raise ConfigError(config.source, "policy.sender_login_maps", str(e)) from None
+    if policy.allowedRecipientDomains or policy.recipientDomains:
+        # Recipient restrictions (mailgw/policy/recipients.py) after the sender's.
+        return RecipientDomainPolicy(
+            senders, policy.allowedRecipientDomains, policy.recipientDomains
+        )
+    return senders
 
 
 def makeGuards(config: Config, clock: Any) -> Guards:
@@ -331,6 +339,13 @@ class GatewayService(MultiService):
             maxConcurrency=queue.maxConcurrency,
             maxPerHost=queue.maxPerHost,
             signer=self.signer,
+            # MTA-STS policies are kept beside a spool on disk (docs/relay.md).
+            tlsPolicy=makeTLSPolicy(
+                self.reactor,
+                resolver,
+                self.config.spool.directory if isinstance(self.spool, Spool) else None,
+                self._relayThreads().get("runBlocking"),
+            ),
             **self._relayThreads(),
         )
 

@@ -250,6 +250,19 @@ connect_timeout = 10
 [relay.domains."example.org"]
 mx = true
 tls = "opportunistic"
+[relay.domains.".example.net"]
+mx = true
+tls = "starttls"
+[relay.domains."example.com"]
+mx = true
+tls_level = "secure"
+tls_match = [".example.com"]
+[relay.senders."@example.com"]
+smarthosts = ["smtp.example.com"]
+[policy]
+allowed_recipient_domains = ["example.org"]
+[policy.recipient_domains]
+"alice@example.com" = [".example.net"]
 """
 
     def test_roundTrip(self) -> None:

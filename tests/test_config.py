@@ -48,6 +48,9 @@ ROUTE_KEYS = [
     "auth_password_file",
     "auth_mechanism",
     "connect_timeout",
+    "tls_level",
+    "tls_match",
+    "mta_sts",
 ]
 
 #: Every key of the schema, by section.
@@ -105,7 +108,12 @@ SCHEMA = {
         "recipients_per_user",
         "quota_window",
     ],
-    "policy": ["sender_login_maps", "check_header_from", "allow_null_sender"],
+    "policy": [
+        "sender_login_maps",
+        "check_header_from",
+        "allow_null_sender",
+        "allowed_recipient_domains",
+    ],
     "proxy": ["trusted", "header_timeout"],
     "metrics": ["listen"],
     "api": ["token_file", "allow_changes"],
@@ -199,6 +207,7 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
         "sender_login_maps": [1, ["/etc/mailgw/senders"], True],
         "check_header_from": ["on", "REJECT", True, ""],
         "allow_null_sender": [0, "false"],
+        "allowed_recipient_domains": ["example.org", ["exa mple.org"], [1]],
     },
     "proxy": {
         "trusted": BAD_NETWORKS,
@@ -258,6 +267,9 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
         "auth_password_file": [1, "/nonexistent/password"],
         "auth_mechanism": ["CRAM-MD5", 1],
         "connect_timeout": [0, "30s"],
+        "tls_level": ["paranoid", 1, "dane"],
+        "tls_match": ["example.org", ["exa mple.org"], ["example.org"]],
+        "mta_sts": ["yes", True],
     },
 }
 
@@ -536,7 +548,9 @@ class GoodValueTests(unittest.SynchronousTestCase):
 
     def test_mx(self) -> None:
         config = configFromDict({"relay": {"mx": True, "tls": "opportunistic"}})
-        self.assertEqual(config.relay.default, Route(mx=True, tls=TLSMode.OPPORTUNISTIC))
+        self.assertEqual(
+            config.relay.default, Route(mx=True, tls=TLSMode.OPPORTUNISTIC, mtaSts=True)
+        )
 
 
 class UnknownKeyTests(unittest.SynchronousTestCase):

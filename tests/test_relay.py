@@ -304,7 +304,7 @@ class MemoryTests(SynchronousTestCase):
         """Even routeFor raising yields a transient result per recipient."""
 
         class Broken(RelayConfig):
-            def routeFor(self, domain: str) -> Route | None:
+            def routeFor(self, domain: str, sender: Any = None) -> Route | None:
                 raise KeyError(domain)
 
         relay = self.makeRelay(Broken())
@@ -441,7 +441,7 @@ class ReportTests(SynchronousTestCase):
 
     def test_onceEvenOnRouteLookupBug(self) -> None:
         class Broken(RelayConfig):
-            def routeFor(self, domain: str) -> Route | None:
+            def routeFor(self, domain: str, sender: Any = None) -> Route | None:
                 raise KeyError(domain)
 
         relay = self.makeRelay(Broken())

@@ -281,7 +281,7 @@ class GroupTestCase(SynchronousTestCase):
         routes = {"smart.example": SMART, "other.example": SMART, "a.example": MX, "b.example": MX}
         calls: list[str] = []
 
-        def routeFor(domain: str) -> Route | None:
+        def routeFor(domain: str, sender: Address | None) -> Route | None:
             calls.append(domain)
             return routes.get(domain)
 
@@ -311,10 +311,10 @@ class GroupTestCase(SynchronousTestCase):
 
     def test_idnSpellingsShareGroup(self) -> None:
         m = message("m", "a@bücher.example", "b@xn--bcher-kva.example")
-        groups = groupRecipients([m], lambda domain: MX)
+        groups = groupRecipients([m], lambda domain, sender: MX)
         self.assertEqual(list(groups), [DestinationKey(MX, "xn--bcher-kva.example")])
         self.assertEqual(len(groups[DestinationKey(MX, "xn--bcher-kva.example")][0][1]), 2)
 
     def test_nothingPending(self) -> None:
         m = message("m", bounced=("a@a.example",))
-        self.assertEqual(groupRecipients([m], lambda domain: MX), {})
+        self.assertEqual(groupRecipients([m], lambda domain, sender: MX), {})

@@ -86,6 +86,8 @@ class Knobs:
     dotReply: str | None = None
     dropAt: str | None = None
     stallAt: str | None = None
+    starttlsReply: str | None = None  # replaces the 220 to STARTTLS (TLS not started)
+    brokenTLS: bool = False  # answer the ClientHello with plain text and hang up
 
 
 class UpstreamProtocol(Protocol):
@@ -128,6 +130,11 @@ class UpstreamProtocol(Protocol):
         return True
 
     def dataReceived(self, data: bytes) -> None:
+        if self.mode == "brokentls":
+            self.transport.write(b"this is not TLS\r\n")  # type: ignore[union-attr]
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.halted = True
+            return
         self.buffer += data
         while not self.halted:
             if self.mode == "data":
@@ -220,6 +227,13 @@ class UpstreamProtocol(Protocol):
     def do_STARTTLS(self, line: bytes) -> None:
         if self.knobs.tlsOptions is None or self.tls:
             self.send("502 5.5.1 STARTTLS not available")
+            return
+        if self.knobs.starttlsReply is not None:
+            self.send(self.knobs.starttlsReply)
+            return
+        if self.knobs.brokenTLS:
+            self.send("220 2.0.0 Ready to start TLS")
+            self.mode = "brokentls"
             return
         if self.stage("starttls", "220 2.0.0 Ready to start TLS"):
             # RFC 3207 4.2: drop what came before the handshake, forget state.

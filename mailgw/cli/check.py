@@ -246,9 +246,11 @@ def _checkRelayCAs(config: Any) -> None:
     from mailgw import tls
     from mailgw.config import ConfigError
 
-    routes = [("relay", config.relay.default)] + [
-        (f'relay.domains."{d}"', r) for d, r in config.relay.domains.items()
-    ]
+    routes = (
+        [("relay", config.relay.default)]
+        + [(f'relay.domains."{d}"', r) for d, r in config.relay.domains.items()]
+        + [(f'relay.senders."{d}"', r) for d, r in config.relay.senders.items()]
+    )
     for prefix, route in routes:
         if route is not None and route.caFile:
             try:

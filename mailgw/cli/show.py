@@ -13,6 +13,7 @@ import ipaddress
 import json
 import re
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -44,6 +45,8 @@ def _key(name: str) -> str:
 
 
 def _value(value: Any) -> str:
+    if value is None:  # an unset choice (a route's tls_level)
+        return '""'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, enum.Enum):
@@ -64,6 +67,8 @@ def _table(header: str, value: Any, default: Any, changed: bool) -> list[str]:
     lines = []
     for field in attrs.fields(type(value)):
         mine = getattr(value, field.name)
+        if isinstance(mine, Mapping):  # a table of its own, rendered by render()
+            continue
         if changed and default is not None and mine == getattr(default, field.name):
             continue
         lines.append(f"{_key(field.name)} = {_value(mine)}")
@@ -98,12 +103,33 @@ def render(config: Any, changed: bool = False) -> str:
         lines += _table(section, getattr(config, section), getattr(defaults, section), changed)
     lines += _filterTable(config.filter, defaults.filter, changed)
     if config.relay.default is not None:
-        lines += _table("relay", config.relay.default, Route(), changed)
+        lines += _table("relay", config.relay.default, _routeDefault(config.relay.default), changed)
     for domain, route in sorted(config.relay.domains.items()):
-        lines += _table(f"relay.domains.{json.dumps(domain)}", route, Route(), changed)
+        lines += _table(f"relay.domains.{json.dumps(domain)}", route, _routeDefault(route), changed)
+    for sender, route in sorted(config.relay.senders.items()):
+        lines += _table(f"relay.senders.{json.dumps(sender)}", route, Route(), changed)
     for entry in config.dkim.domains:  # every key: three of them have no default
         lines += _table("[dkim.domains]", entry, None, False)
+    if config.policy.recipientDomains:
+        lines.append("[policy.recipient_domains]")
+        for user, domains in sorted(config.policy.recipientDomains.items()):
+            lines.append(f"{json.dumps(user)} = {_value(domains)}")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _routeDefault(route: Any) -> Any:
+    """What a route's table with no keys but ``mx`` means: MX routes default
+    to tls_level "may" and MTA-STS."""
+    from mailgw.config import Route, TLSLevel, TLSMode
+
+    if not route.mx:
+        return Route()
+    if route.tlsLevel is None:
+        # Only a written ``tls`` keeps an MX route's older meaning: always show it.
+        other = TLSMode.NONE if route.tls is not TLSMode.NONE else TLSMode.STARTTLS
+        return Route(tls=other, mtaSts=True)
+    return Route(tlsLevel=TLSLevel.MAY, mtaSts=True)
 
 
 def showConfig(args: argparse.Namespace) -> int:

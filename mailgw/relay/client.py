@@ -42,6 +42,7 @@ from mailgw.relay.clientsettings import (
     RelaySettings,
     RelayTimeouts,
 )
+from mailgw.relay.clienttls import checkPeer, withoutTLS
 from mailgw.relay.clienttransaction import Capabilities, Outcome, Transaction, classify
 from mailgw.relay.filecache import RunBlocking, runInline
 from mailgw.tls import describeTLS
@@ -135,12 +136,27 @@ async def _deliverBatch(
     reporter = _Reporter(transactions, onFinished)
     work = list(zip(transactions, (o for _, o in messages), strict=True))
     protocol: SMTPClientProtocol | None = None
+    session: _Session | None = None
     try:
         if not all(t.finished for t in transactions):
             protocol = await _connect(reactor, endpoint, settings)
             reporter.protocol = protocol
-            await _Session(protocol, settings, runBlocking, reporter).run(work)
+            session = _Session(protocol, settings, runBlocking, reporter)
+            await session.run(work)
     except Exception as e:
+        if isinstance(e, RelayError) and session is not None and session.fallBack():
+            # Level may (Postfix's too): a failed handshake is tried again
+            # in plain text, on a new connection; nothing was sent yet.
+            assert protocol is not None
+            log.info(
+                "TLS with {remote} failed ({why}); trying again without TLS (tls level may)",
+                remote=settings.hostname,
+                why=str(e),
+            )
+            protocol.fail(e)
+            await protocol.whenClosed()
+            plain = withoutTLS(settings)
+            return await _deliverBatch(reactor, endpoint, plain, messages, runBlocking, onFinished)
         if not isinstance(e, RelayError):
             log.failure("relay client bug; every unfinished recipient is deferred")
             e = RelayError("internal error in the relay client")
@@ -169,6 +185,7 @@ class _Reporter:
         self.unreported = list(range(len(transactions)))
         self.protocol: SMTPClientProtocol | None = None
         self._tls: tuple[str | None, str | None] = (None, None)
+        self.tlsVerified = False
 
     def attempt(self) -> Attempt:
         if self.protocol is None or self.protocol.transport is None:
@@ -180,7 +197,7 @@ class _Reporter:
         if version is not None:
             self._tls = (version, cipher)  # still known once the connection is gone
         address = (str(host), int(port)) if host is not None and port is not None else None
-        return Attempt(address, *self._tls)
+        return Attempt(address, *self._tls, tlsVerified=self.tlsVerified)
 
     def report(self) -> None:
         if self.onFinished is None:
@@ -249,14 +266,10 @@ class _Session:
         self.timeouts = settings.timeouts
         self.capabilities = Capabilities()
         self.tls = settings.tlsMode is TLSMode.IMPLICIT
-
-    def verifiedTLS(self) -> bool:
-        """
-        Whether this session runs over TLS that verified the upstream's
-        certificate (REQUIRETLS needs it). Every TLS of the relay verifies
-        today, so TLS on is verified.
-        """
-        return self.tls
+        #: TLS is on and authenticated the upstream: its certificate was
+        #: verified (levels verify, secure, DANE, MTA-STS). REQUIRETLS needs it.
+        self.tlsVerified = False
+        self._handshaking = False  # STARTTLS answered 220, TLS not yet working
 
     async def command(self, line: str, timeout: float, waitingFor: str) -> Reply:
         self.protocol.send(line.encode("utf-8") + b"\r\n", 1)
@@ -266,6 +279,8 @@ class _Session:
         greeting = await self.protocol.nextReply(self.timeouts.greeting, "greeting")
         if greeting.code != 220:
             raise _refused("the session", greeting)
+        if self.tls:
+            self.checkPeer()
         await self.hello()
         await self.secure()
         await self.authenticate()
@@ -298,20 +313,44 @@ class _Session:
         mode = self.settings.tlsMode
         if mode not in (TLSMode.STARTTLS, TLSMode.OPPORTUNISTIC):
             return
+        check = self.settings.peerCheck
         if not self.capabilities.offers("STARTTLS"):
+            if check is not None and check.report is not None:
+                check.report("starttls-not-supported")
             if mode is TLSMode.STARTTLS:
                 raise RelayError("TLS required but upstream did not offer STARTTLS", polite=True)
             return
         reply = await self.command("STARTTLS", self.timeouts.command, "reply to STARTTLS")
         if reply.code != 220:
-            # Once offered, TLS is required to work: never fall back to plain
-            # text, whatever the mode (an attacker could provoke the refusal).
+            if self.settings.plaintextFallback and reply.code != 421:
+                # Level may: unauthenticated TLS protects from nobody who
+                # can refuse it; plain text it is (RFC 3207 4.1).
+                log.info(
+                    "upstream {remote} refused STARTTLS ({reply}); going on without TLS",
+                    remote=self.settings.hostname,
+                    reply=str(reply),
+                )
+                return
+            # Otherwise, once offered, TLS is required to work: never fall
+            # back to plain text (an attacker could provoke the refusal).
             raise _refused("STARTTLS", reply)
         self.protocol.startTLS(self.settings.tlsCreator)
         self.tls = True
+        self._handshaking = True
         # RFC 3207 4.2: forget what was learnt before TLS, and ask again.
         self.capabilities = Capabilities()
         await self.hello()
+        self._handshaking = False
+        self.checkPeer()
+
+    def fallBack(self) -> bool:
+        """Did TLS fail at the handshake, where level may goes on in plain text?"""
+        return self._handshaking and self.settings.plaintextFallback
+
+    def checkPeer(self) -> None:
+        """After the handshake: the settings' peer check; sets L{tlsVerified}."""
+        self.tlsVerified = checkPeer(self.settings, self.protocol.transport)
+        self.reporter.tlsVerified = self.tlsVerified
 
     async def authenticate(self) -> None:
         if self.settings.auth is None:
@@ -348,7 +387,7 @@ class _Session:
         raise _refused("AUTH", reply)
 
     async def deliver(self, transaction: Transaction, opener: MessageOpener) -> None:
-        if transaction.refuse(self.capabilities, self.verifiedTLS()):
+        if transaction.refuse(self.capabilities, self.tls and self.tlsVerified):
             return
         try:
             # One trip to a thread opens the file and reads its first

@@ -7,7 +7,7 @@ connection they came over).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import attrs
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -34,6 +34,7 @@ class Attempt:
     peer: tuple[str, int] | None = None
     tlsVersion: str | None = None
     tlsCipher: str | None = None
+    tlsVerified: bool = False  # the session's TLS authenticated the upstream
 
 
 #: Called once per message, with its position in the batch, one result per
@@ -82,6 +83,13 @@ class RelaySettings:
     @ivar auth: C{(user, password, "PLAIN" | "LOGIN")} or None.
     @ivar lmtp: speak LMTP (RFC 2033): LHLO, and one reply per accepted
         recipient after the data.
+    @ivar peerCheck: run on the TLS connection once the handshake is done
+        (L{mailgw.tls.peercheck.PeerCheck}: levels secure, DANE, MTA-STS
+        testing), or None.
+    @ivar tlsVerifies: C{tlsCreator} itself authenticates the upstream
+        (false for the unverified levels may and encrypt).
+    @ivar plaintextFallback: level may: when STARTTLS is refused or its
+        handshake fails, go on (or connect again) in plain text.
     """
 
     hostname: str
@@ -91,6 +99,9 @@ class RelaySettings:
     auth: tuple[str, str, str] | None = attrs.field(default=None, repr=_hideSecret)
     timeouts: RelayTimeouts = RelayTimeouts()
     lmtp: bool = False
+    peerCheck: Any = None
+    tlsVerifies: bool = True
+    plaintextFallback: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not self.ehloHostname or not wireSafe(self.ehloHostname) or " " in self.ehloHostname:

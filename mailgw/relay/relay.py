@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import random
-import ssl as stdssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,7 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw import tls
-from mailgw.config import RelayConfig, Route, TLSMode
+from mailgw.config import RelayConfig, Route, TLSLevel, TLSMode
 from mailgw.envelope import DeliveryResult, QueuedMessage
 from mailgw.interfaces import IMessageSigner, IRelay
 from mailgw.relay.client import (
@@ -57,6 +56,9 @@ from mailgw.relay.routing import (
     resolveDestinations,
 )
 from mailgw.relay.slots import ConnectionSlots
+from mailgw.relay.tlspolicy import TLSPolicy, routeLevel
+from mailgw.relay.tlssettings import LevelSettings
+from mailgw.relay.tlssettings import systemTrustPath as _systemTrustPath
 
 __all__ = ["EndpointFactory", "Relay", "Report"]
 
@@ -125,6 +127,7 @@ class Relay:
         runBlocking: RunBlocking | None = None,
         lmtp: bool = False,
         signer: IMessageSigner | None = None,
+        tlsPolicy: TLSPolicy | None = None,
     ) -> None:
         if min(maxConcurrency, maxPerHost, maxMessagesPerConnection) < 1:
             raise ValueError("connection and batch limits must be at least 1")
@@ -145,8 +148,13 @@ class Relay:
         self.secrets: FileCache[str | None] = FileCache(self.runBlocking)
         #: Swapped by a reload (L{mailgw.service.GatewayService.reload}).
         self.signer = signer
+        self.levels = LevelSettings(self.runBlocking, self._tlsFailure)
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
         self.metrics: Any = None
+        #: MTA-STS and DANE for MX routes (docs/relay.md); by default neither.
+        self.tlsPolicy = tlsPolicy if tlsPolicy is not None else TLSPolicy()
+        if self.tlsPolicy.report is None:
+            self.tlsPolicy.report = self._tlsFailure
 
     def _hostnameEndpoint(self, destination: Destination, timeout: float) -> IStreamClientEndpoint:
         return HostnameEndpoint(self.reactor, destination.host, destination.port, timeout=timeout)
@@ -239,7 +247,16 @@ class Relay:
     async def _deliverRoute(self, key: DestinationKey, parts: list[Part], results: Results) -> None:
         route = key.route
         try:
-            destinations = await resolveDestinations(self.resolver, route, key.domain, rng=self.rng)
+            secureResolver = self.tlsPolicy.secureResolver
+            destinations = await resolveDestinations(
+                self.resolver,
+                route,
+                key.domain,
+                rng=self.rng,
+                secureResolver=secureResolver if routeLevel(route) is TLSLevel.DANE else None,
+            )
+            mxSecure = bool(destinations) and all(d.mxSecure for d in destinations)
+            destinations = await self.tlsPolicy.secure(route, key.domain, destinations, mxSecure)
         except RoutingError as e:
             for part in parts:
                 outcome = part.all(
@@ -377,6 +394,12 @@ class Relay:
         @raise TLSConfigError: the route's CA file is unusable.
         @raise ValueError: the host name or EHLO name is unusable.
         """
+        if destination.security is not None:
+            without = attrs.evolve(destination, tls=TLSMode.NONE, security=None)
+            plain = await self._settings(without, auth)
+            return await self.levels.settings(
+                destination, destination.security, plain, lambda d: self._settings(d, auth)
+            )
         creator = None
         if destination.tls is not TLSMode.NONE:
             host, caFile = destination.host, destination.route.caFile or None
@@ -394,6 +417,11 @@ class Relay:
             timeouts=attrs.evolve(self.timeouts, connect=destination.route.connectTimeout),
             lmtp=self.lmtp,
         )
+
+    def _tlsFailure(self, policyDomain: str, policy: str, resultType: str) -> None:
+        """Count a TLS failure the way TLS-RPT (RFC 8460) reports them."""
+        if self.metrics is not None:
+            self.metrics.tlsFailure(policyDomain, policy, resultType)
 
     async def _auth(self, route: Route) -> tuple[str, str, str] | None:
         """
@@ -423,15 +451,3 @@ class Relay:
         if password is None:
             raise _LocalProblem("relay auth_user is set but auth_password_file is not")
         return (route.authUser, password, route.authMechanism)
-
-
-@functools.cache
-def _systemTrustPath() -> str:
-    """The file (or directory) OpenSSL's default trust store is read from,
-    whose changes rebuild the cached contexts that use it. Looked up once
-    (it stats files): where the store lives does not change while we run."""
-    paths = stdssl.get_default_verify_paths()
-    # cafile and capath as resolved (SSL_CERT_FILE and SSL_CERT_DIR included),
-    # None where nothing exists: then nothing is cached, and every attempt
-    # builds its context.
-    return paths.cafile or paths.capath or ""

@@ -84,13 +84,18 @@ class Destination:
     """
     One upstream host to try: ``host`` is both the name to connect to and
     the name the upstream certificate is verified against; ``tls`` is the
-    route's TLS mode and ``route`` the route it came from.
+    route's TLS mode and ``route`` the route it came from. ``mxSecure``:
+    the MX answer it came from was DNSSEC-validated (DANE applies);
+    ``security`` is what its TLS must prove
+    (L{mailgw.relay.tlspolicy.PeerSecurity}; None: as ``tls`` says).
     """
 
     host: str
     port: int
     tls: TLSMode
     route: Route
+    mxSecure: bool = False
+    security: Any = None
 
 
 @attrs.frozen
@@ -112,6 +117,7 @@ def resolveDestinations(
     *,
     rng: Random | None = None,
     maxHosts: int = MAX_HOSTS,
+    secureResolver: Any = None,
 ) -> defer.Deferred[list[Destination]]:
     """
     The hosts to try, in order, for mail to ``domain`` over ``route``.
@@ -121,7 +127,9 @@ def resolveDestinations(
     L{IResolver}, e.g. from L{twisted.names.client.createResolver}) for the
     domain's MX records; equal preferences are shuffled with ``rng``
     (RFC 5321 5.1), port 25. An address literal (``[192.0.2.1]``) is
-    delivered to directly.
+    delivered to directly. With ``secureResolver`` (an L{ISecureResolver},
+    for DANE routes) the MX records are asked of it instead, and the
+    destinations say whether its answer was validated.
 
     @return: a Deferred firing with at most ``maxHosts`` destinations, or
         failing with L{PermanentRoutingError} (NXDOMAIN, null MX) or
@@ -144,10 +152,22 @@ def resolveDestinations(
         name = _aLabel(domain)
     except ValueError:
         return defer.fail(PermanentRoutingError("invalid domain name", "5.1.2"))
+    rng = rng or _module_random
+    if secureResolver is not None:
+        d = defer.maybeDeferred(secureResolver.lookupSecure, name, dns.MX)
+        d.addCallback(
+            lambda answer: [
+                attrs.evolve(destination, mxSecure=answer.authenticated)
+                for destination in _fromAnswer(
+                    (list(answer.records), [], []), name, route, rng, maxHosts
+                )
+            ]
+        )
+        d.addErrback(_translateFailure)
+        return d
     d = defer.maybeDeferred(resolver.lookupMailExchange, name.encode("ascii"))
     d.addCallbacks(
-        lambda result: _fromAnswer(result, name, route, rng or _module_random, maxHosts),
-        _translateFailure,
+        lambda result: _fromAnswer(result, name, route, rng, maxHosts), _translateFailure
     )
     return d
 
@@ -246,13 +266,14 @@ def _translateFailure(failure: Any) -> None:
 
 def groupRecipients(
     messages: Iterable[QueuedMessage],
-    routeFor: Callable[[str], Route | None],
+    routeFor: Callable[[str, Address | None], Route | None],
 ) -> dict[DestinationKey | None, list[tuple[QueuedMessage, tuple[Address, ...]]]]:
     """
     Group each message's pending recipients by destination so that one
     batch (one connection, one transaction per message) serves each.
 
-    ``routeFor(domain)`` is called once per distinct lowercased domain.
+    ``routeFor(domain, sender)`` is called once per distinct lowercased
+    domain and sender.
     Recipients on the same smarthost route share a group whatever their
     domain; MX routes group by domain (its A-label form, so both spellings
     of an IDN share a group). Recipients for which ``routeFor``
@@ -260,15 +281,17 @@ def groupRecipients(
     them pending and logs. Messages keep their order, and so do recipients
     within a message.
     """
-    routes: dict[str, Route | None] = {}
+    routes: dict[tuple[str, str], Route | None] = {}
     groups: dict[DestinationKey | None, list[tuple[QueuedMessage, tuple[Address, ...]]]] = {}
     for message in messages:
         perKey: dict[DestinationKey | None, list[Address]] = {}
+        sender = message.envelope.sender
+        senderText = "" if sender is None else str(sender).lower()
         for state in message.pendingRecipients:
             domain = state.address.domain.lower()
-            if domain not in routes:
-                routes[domain] = routeFor(domain)
-            route = routes[domain]
+            if (domain, senderText) not in routes:
+                routes[domain, senderText] = routeFor(domain, sender)
+            route = routes[domain, senderText]
             key: DestinationKey | None
             if route is None:
                 key = None

@@ -13,7 +13,7 @@ tickets whose key is replaced every ticket lifetime, and logs every failed
 handshake with the client's address and OpenSSL's reason.
 """
 
-from mailgw.tls.client import clientCreator, describeTLS
+from mailgw.tls.client import PeerTLSCreator, clientCreator, describeTLS, trustStore
 from mailgw.tls.files import (
     MINIMUM_VERSIONS,
     TLSConfigError,
@@ -26,6 +26,7 @@ from mailgw.tls.server import DEFAULT_TICKET_LIFETIME, ServerTLSOptions, serverC
 __all__ = [
     "DEFAULT_TICKET_LIFETIME",
     "MINIMUM_VERSIONS",
+    "PeerTLSCreator",
     "ServerTLSOptions",
     "TLSConfigError",
     "clientCreator",
@@ -34,4 +35,5 @@ __all__ = [
     "loadPrivateKey",
     "makeSelfSigned",
     "serverContextFactory",
+    "trustStore",
 ]
