@@ -58,6 +58,7 @@ from mailgw.filter.settings import (
     loadFilter,
     loadReinject,
 )
+from mailgw.sharedconfig import sharedLimits
 
 
 class TLSMode(enum.Enum):
@@ -162,6 +163,14 @@ class LimitsConfig:
     messagesPerUser: int = 1000
     recipientsPerUser: int = 5000
     quotaWindow: float = 3600
+    # Counts shared by every node (mailgw/sharedconfig.py, docs/cluster.md).
+    backend: str = ""
+    namespace: str = "mailgw"
+    backendPasswordFile: str = ""
+    backendSyncInterval: float = 0.05
+    backendStaleness: float = 1.0
+    backendTimeout: float = 2.0
+    backendRetry: float = 5.0
 
 
 @attrs.frozen
@@ -512,6 +521,7 @@ def _limits(t: _Table) -> LimitsConfig:
         messagesPerUser=t.get("messages_per_user", _integer(0), d.messagesPerUser),
         recipientsPerUser=t.get("recipients_per_user", _integer(0), d.recipientsPerUser),
         quotaWindow=t.get("quota_window", _duration(), d.quotaWindow),
+        **sharedLimits(t),
     )
     if limits.authDelayMax < limits.authDelay:
         raise t.error(

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -116,6 +116,14 @@ class Metrics:
             "Webhook deliveries, by outcome (sent, retried, failed, dropped).",
             ("outcome",),
         )
+        self.sharedUp = Gauge(
+            PREFIX + "shared_limits_up",
+            "1 while the shared limits engine answers; 0 while counting locally (or no engine).",
+            registry=registry,
+        )
+        self.sharedErrors = counter(
+            "shared_limits_errors", "Batches the shared limits engine failed or did not answer."
+        )
         self.commitSeconds = Histogram(
             PREFIX + "spool_commit_seconds",
             "Time from the end of DATA's checks to the durable commit (fsync).",
@@ -173,6 +181,12 @@ class Metrics:
 
     def webhook(self, outcome: str) -> None:
         self.webhooks.labels(outcome).inc()
+
+    def sharedLimitsUp(self, up: bool) -> None:
+        self.sharedUp.set(1 if up else 0)
+
+    def sharedLimitsError(self) -> None:
+        self.sharedErrors.inc()
 
 
 def metricNames(registry: CollectorRegistry) -> set[str]:

@@ -37,6 +37,8 @@ from mailgw.filter.build import filterIntake, filterStage, makeEtrn, reinjectFac
 from mailgw.health import MetricsService, gatewayChecks, makeSite
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
+from mailgw.limits.backend import SharedLimitsService, makeSharedCounters
+from mailgw.limits.shared import SyncedCounters
 from mailgw.metrics import Metrics
 from mailgw.policy.recipients import RecipientDomainPolicy
 from mailgw.policy.senders import SenderLoginPolicy
@@ -103,13 +105,16 @@ def makePolicy(config: Config, clock: Any) -> ISubmissionPolicy:
     return senders
 
 
-def makeGuards(config: Config, clock: Any) -> Guards:
-    """The shared abuse defences: connection limits, AUTH throttle, quotas."""
+def makeGuards(config: Config, clock: Any, shared: SyncedCounters | None = None) -> Guards:
+    """
+    The shared abuse defences: connection limits, AUTH throttle, quotas;
+    counting site-wide through ``shared`` when given (docs/cluster.md).
+    """
     limits = config.limits
     return Guards(
-        connections=ConnectionLimiter(clock, limits),
-        auth=AuthThrottle(clock, limits),
-        quota=SubmissionQuota(clock, limits),
+        connections=ConnectionLimiter(clock, limits, shared=shared),
+        auth=AuthThrottle(clock, limits, shared=shared),
+        quota=SubmissionQuota(clock, limits, shared=shared),
     )
 
 
@@ -195,7 +200,13 @@ class GatewayService(MultiService):
         self.spool: ISpool = spool
         self.settings = serverSettings(config)
         self.policy = policy if policy is not None else makePolicy(config, reactor)
-        self.guards = guards if guards is not None else makeGuards(config, reactor)
+        #: The counts shared with the other nodes ([limits] backend), or None.
+        self.sharedCounters = None
+        if guards is None:
+            self.sharedCounters = makeSharedCounters(config.limits, config.source, reactor)
+        self.guards = (
+            guards if guards is not None else makeGuards(config, reactor, self.sharedCounters)
+        )
         self.signer = makeSigner(config.dkim, config.source)  # DKIM keys: read now
         self.relay: IRelay = relay if relay is not None else self._makeRelay(resolver)
         # The content filter, if any, comes before the routes (docs/content-filter.md).
@@ -213,6 +224,8 @@ class GatewayService(MultiService):
             self.spool, queueRelay, reactor, config.queue, self.settings.hostname
         )
         self.runner.setServiceParent(self)
+        if self.sharedCounters is not None:
+            SharedLimitsService(self.sharedCounters).setServiceParent(self)
         #: The webhook sender ([webhooks]), or None: no webhooks configured.
         self.webhooks: WebhookSender | None = _webhooks(config, reactor, self.runner)
         if self.webhooks is not None:
@@ -259,6 +272,8 @@ class GatewayService(MultiService):
             self.relay.metrics = metrics
         if self.guards.auth is not None:
             self.guards.auth.metrics = metrics
+        if self.sharedCounters is not None:
+            self.sharedCounters.metrics = metrics
         if self.config.metrics.listen:
             self.api = makeApi(self.config, self.runner, lambda: self.guards.quota)
             site = makeSite(metrics.registry, gatewayChecks(self), self.api)
