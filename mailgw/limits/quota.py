@@ -5,6 +5,7 @@ may submit per window, so that a stolen password sends little spam.
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from mailgw.config import LimitsConfig
@@ -42,6 +43,7 @@ class SubmissionQuota:
         shared: SyncedCounters | None = None,
     ) -> None:
         self._settings = settings
+        self._shared = shared
         window = settings.quotaWindow
         s = settings
         self._messages = makeTable(
@@ -50,6 +52,23 @@ class SubmissionQuota:
         self._recipients = makeTable(
             clock, shared, "quota-recipients", s.recipientsPerUser, window, maxKeys
         )
+
+    def prefetch(self, user: str) -> Deferred[None] | None:
+        """
+        ``user`` is logging in: with shared counts, ask for the site's
+        counts of ``user`` now, in the background, and return a Deferred
+        that fires once they are in (L{SyncedCounters.fresh}), for the
+        login's answer to wait on, so that its MAIL and RCPT see them.
+        Without shared counts: None.
+        """
+        if self._shared is None:
+            return None
+        key = user.casefold()
+        if self._settings.messagesPerUser:
+            self._messages.prefetch(key)
+        if self._settings.recipientsPerUser:
+            self._recipients.prefetch(key)
+        return self._shared.fresh()
 
     def checkMessage(self, user: str) -> SMTPReply | None:
         """None when ``user`` may start a message; else the 451 4.7.1 reply."""

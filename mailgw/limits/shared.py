@@ -283,6 +283,10 @@ class SyncedCounters:
     _stopped: bool = attrs.field(init=False, default=False)
     _known: bool = attrs.field(init=False, default=False)
     _hurry: bool = attrs.field(init=False, default=False)
+    # Batches sent and batches ended; what waits for a batch's end (fresh()).
+    _sentBatches: int = attrs.field(init=False, default=0)
+    _doneBatches: int = attrs.field(init=False, default=0)
+    _waiters: list[tuple[int, Deferred[None]]] = attrs.field(init=False, factory=list)
 
     def table(
         self, name: str, budget: float, window: float, maxKeys: int = DEFAULT_MAX_KEYS
@@ -296,6 +300,31 @@ class SyncedCounters:
         self._tables[name] = table
         return table
 
+    def fresh(self) -> Deferred[None]:
+        """
+        A Deferred that fires (with None, never failing) once every level
+        asked for and every change made before the call has been sent and
+        answered (up to ``maxBatch`` of them), or the engine is found down;
+        at once when nothing is outstanding or the engine is down. The
+        server waits on it where a decision soon follows a fetch (a login's
+        quota, L{mailgw.limits.SubmissionQuota.prefetch}): at most one round
+        trip, never more than ``timeout``.
+        """
+        busy = any(table._busy() for table in self._tables.values())
+        target = self._sentBatches + (1 if busy else 0)
+        if not self.up or self._stopped or target <= self._doneBatches:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append((target, d))
+        return d
+
+    def _wake(self, everyone: bool = False) -> None:
+        done = self._doneBatches
+        ready = [d for target, d in self._waiters if everyone or target <= done]
+        self._waiters = [(t, d) for t, d in self._waiters if not (everyone or t <= done)]
+        for d in ready:
+            d.callback(None)
+
     def start(self) -> None:
         """Probe the engine now; syncing goes on until L{stop}."""
         self._stopped = False
@@ -307,6 +336,7 @@ class SyncedCounters:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
+        self._wake(everyone=True)
         result: Deferred[None] = self.engine.close()
         return result
 
@@ -347,6 +377,7 @@ class SyncedCounters:
         except Exception:  # the contract says it never raises; fail safe if it does
             d = _failed()
         d.addTimeout(self.timeout, self.clock)
+        self._sentBatches += 1
         self._inFlight = d
         d.addCallbacks(
             self._answered, self._unanswered, callbackArgs=(batch,), errbackArgs=(batch,)
@@ -354,12 +385,14 @@ class SyncedCounters:
 
     def _answered(self, levels: list[float], batch: list[tuple[SyncedTable, str, float]]) -> None:
         self._inFlight = None
+        self._doneBatches += 1
         if len(levels) != len(batch):
             self._unanswered(Failure(ValueError("the engine answered a wrong count")), batch)
             return
         for (table, text, amount), level in zip(batch, levels, strict=True):
             table._confirmed(text, amount, float(level))
         self._state(True)
+        self._wake()
         if any(table._busy() for table in self._tables.values()):
             # What a full batch left behind waited long enough already.
             hurry = self._hurry or len(batch) >= self.maxBatch
@@ -367,11 +400,13 @@ class SyncedCounters:
 
     def _unanswered(self, reason: Failure, batch: list[tuple[SyncedTable, str, float]]) -> None:
         self._inFlight = None
+        self._doneBatches += 1
         for table, text, amount in batch:
             table._failed(text, amount)
         if self.metrics is not None:
             self.metrics.sharedLimitsError()
         self._state(False, reason)
+        self._wake(everyone=True)
         self._schedule(self.retry)
 
     def _state(self, up: bool, reason: Failure | None = None) -> None:

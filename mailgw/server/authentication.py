@@ -222,6 +222,9 @@ class AuthPhase:
             if decision.refuse and decision.reply is not None:
                 return decision.reply
             delay, attempt = decision.delay, decision.attempt
+        # Shared counts: the user's quota is fetched while the password is checked.
+        quota, login = self._listener.guards.quota, username(credentials)
+        ready = quota.prefetch(login) if quota is not None and login else None
         self._attempt = attempt
         portal, clock = self._listener.portal, self._listener.clock
         if delay > 0:
@@ -232,6 +235,8 @@ class AuthPhase:
             self._delayed = d
         else:
             d = maybeDeferred(portal.login, credentials, None, ISubmitter)
+        if ready is not None:  # answer once the user's quota is known (one round trip at most)
+            d.addBoth(lambda result: ready.addBoth(lambda _: result))
         return d.addBoth(self._settle, attempt, credentials)
 
     def _afterDelay(self, credentials: Any) -> Deferred[Any]:
