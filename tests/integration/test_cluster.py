@@ -108,9 +108,7 @@ class ClusterTests(TestCase):
         self.redis.start()
         self.lines: list[str] = []
 
-        def observer(event: dict[str, Any]) -> None:
-            self.lines.append(formatEvent(event))
-
+        observer = lambda event: self.lines.append(formatEvent(event))  # noqa: E731
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         base = shortDirectory(self)
@@ -161,8 +159,8 @@ class ClusterTests(TestCase):
             f"    server {name} 127.0.0.1:{port} send-proxy-v2 check port {metrics}"
             for name, port, metrics in backends
         )
-        config = base / "haproxy.cfg"
-        config.write_text(
+        haproxyConfig = base / "haproxy.cfg"
+        haproxyConfig.write_text(
             f"""global
     maxconn 256
     stats socket {self.stats} mode 600 level admin
@@ -187,13 +185,13 @@ backend mailgw
 """
         )
         check = subprocess.run(
-            [haproxy, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30
+            [haproxy, "-c", "-f", str(haproxyConfig)], capture_output=True, text=True, timeout=30
         )
         self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
         self.haproxyLog = base / "haproxy.log"
         with open(self.haproxyLog, "wb") as out:
             self.haproxy = subprocess.Popen(
-                [haproxy, "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT
+                [haproxy, "-db", "-f", str(haproxyConfig)], stdout=out, stderr=subprocess.STDOUT
             )
         self.addCleanup(stopProcess, self.haproxy)
         yield self.waitFor(lambda: self.nodes[0].sharedCounters.up, "n1 shares")  # type: ignore[union-attr]
