@@ -153,7 +153,10 @@ class GatewayService(MultiService):
     ``policy`` (default: sender ownership, L{SenderLoginPolicy}), ``guards``
     (default: the limits of ``config.limits``), ``spool``, ``relay`` and
     ``resolver`` (for MX routes) may replace the defaults (tests and
-    embedders). ``controlSocket`` is the
+    embedders). ``sharedCounters`` (a L{SyncedCounters} over any
+    L{ISharedCounters} engine, e.g. a supervisor's) replaces the one made
+    from ``[limits] backend``; the gateway starts and stops its syncing.
+    ``controlSocket`` is the
     control socket's path (default: in the spool directory when the spool
     is the on-disk one; "" for none).
     """
@@ -171,6 +174,7 @@ class GatewayService(MultiService):
         relay: IRelay | None = None,
         resolver: Any = None,
         guards: Guards | None = None,
+        sharedCounters: SyncedCounters | None = None,
         controlSocket: str | None = None,
         exitOnListenFailure: bool = False,
         metrics: Metrics | None = None,
@@ -201,8 +205,8 @@ class GatewayService(MultiService):
         self.settings = serverSettings(config)
         self.policy = policy if policy is not None else makePolicy(config, reactor)
         #: The counts shared with the other nodes ([limits] backend), or None.
-        self.sharedCounters = None
-        if guards is None:
+        self.sharedCounters = sharedCounters
+        if guards is None and sharedCounters is None:
             self.sharedCounters = makeSharedCounters(config.limits, config.source, reactor)
         self.guards = (
             guards if guards is not None else makeGuards(config, reactor, self.sharedCounters)
