@@ -193,6 +193,7 @@ def collect(path: str, bind: bool = True) -> tuple[Report, Any]:
     from mailgw.certcheck import configuredCertificateReport
     from mailgw.config import loadConfig
     from mailgw.dkim.keys import keyProblems
+    from mailgw.limits.backend import makeSharedCounters
     from mailgw.service import makeCheckers, makePolicy
 
     report = Report(path)
@@ -217,6 +218,7 @@ def collect(path: str, bind: bool = True) -> tuple[Report, Any]:
     report.run(lambda: makePolicy(config, clock=None))
     report.run(lambda: _checkRelayCAs(config))
     report.run(lambda: checkSecrets(config))
+    report.run(lambda: makeSharedCounters(config.limits, config.source, reactor=None))
     report.errors.extend(str(e) for e in keyProblems(config.dkim, config.source)[1])
     checkSpool(config, report)
     checkListeners(config, report, bind)
