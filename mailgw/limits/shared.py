@@ -14,7 +14,10 @@ counted, and also
     older than C{staleness} seconds (or missing);
   - answers a read at once with the larger of this process's own count and
     the shared level: the engine's last report, leaked to now, plus what
-    this process changed since that report was asked for.
+    this process changed since that report was asked for;
+  - on L{SyncedTable.prefetch} (a connection opens, a user logs in) asks for
+    a key's level at once, and L{SyncedCounters.fresh} lets the server wait
+    (one round trip at most) until it is in.
 
 While the engine is unreachable (a batch failed or timed out) every read
 answers with this process's own count alone (fail safe: the local limits
