@@ -34,6 +34,7 @@ from mailgw.health import MetricsService, gatewayChecks, makeSite
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 from mailgw.metrics import Metrics
+from mailgw.milter.chain import makeMilters
 from mailgw.policy.senders import SenderLoginPolicy
 from mailgw.proxy import ProxyFactory
 from mailgw.queue.runner import QueueRunner
@@ -182,6 +183,8 @@ class GatewayService(MultiService):
         self.settings = serverSettings(config)
         self.policy = policy if policy is not None else makePolicy(config, reactor)
         self.guards = guards if guards is not None else makeGuards(config, reactor)
+        # [milter] servers: every new session asks them (None: no milter).
+        self.milters = makeMilters(config.milter.servers, reactor, self.settings)
         self.relay: IRelay = relay if relay is not None else self._makeRelay(resolver)
         # The queue: committing a message through it schedules it.
         self.runner = QueueRunner(
@@ -273,7 +276,9 @@ class GatewayService(MultiService):
         self.checkers, self.policy = checkers, policy
         self.portal = makePortal(checkers)
         self.settings = serverSettings(new)
+        self.milters = makeMilters(new.milter.servers, self.reactor, self.settings)
         for factory in self.factories:
+            factory.milters = self.milters
             # The mechanisms offered follow the portal's checkers.
             factory.portal = self.portal
             factory.policy, factory.settings = policy, self.settings
@@ -317,6 +322,7 @@ class GatewayService(MultiService):
             guards=self.guards,
             metrics=self.metrics,
         )
+        factory.milters = self.milters
         self.factories.append(factory)
         # RFC 8314 3.3: on the submissions port TLS starts with the first byte.
         wrapped: Any = factory

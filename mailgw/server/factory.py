@@ -55,6 +55,8 @@ class SubmissionFactory(Factory):
         self.connections: set[SubmissionServer] = set()
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
         self.metrics = metrics
+        #: L{mailgw.interfaces.IMilterChain} ([milter] servers), or None: no milter.
+        self.milters: Any = None
 
     @property
     def mechanisms(self) -> tuple[str, ...]:

@@ -56,6 +56,9 @@ class SubmissionServer(Connection):
         self._user: str | None = None
         self._loggedInOnce = False
         self._auth = AuthPhase(listener, self._clientAddress)
+        #: [milter] servers (L{mailgw.interfaces.IMilterChain}), or None: no milter.
+        chain = getattr(listener, "milters", None)
+        self._milters = chain.open() if chain is not None else None
         self._transaction = self._newTransaction()
         self.record = SessionRecord(listener=listener.listenerName)
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
@@ -69,7 +72,9 @@ class SubmissionServer(Connection):
     # -- state -----------------------------------------------------------
 
     def _newTransaction(self) -> Transaction:
-        return Transaction(self.listener, self.session, self._user)
+        record = getattr(self, "record", None)  # not yet while __init__ runs
+        mechanism = (record.mechanism if record is not None else None) or ""
+        return Transaction(self.listener, self.session, self._user, self._milters, mechanism)
 
     def _resetTransaction(self) -> None:
         self._transaction.abandon()
@@ -131,11 +136,23 @@ class SubmissionServer(Connection):
             self._counted = address
         settings = self.listener.settings
         self.startTimer(PREAUTH, settings.preAuthTimeout, replies.PREAUTH_TIMEOUT)
-        self.write(SMTPReply(220, "", f"{settings.hostname} ESMTP mailgw").toBytes())
+        if self._milters is not None:
+            self.wait(self._milters.connect(self.session()), self._greet)
+        else:
+            self._greet(None)
+
+    def _greet(self, refusal: SMTPReply | None) -> None:
+        if refusal is not None:
+            self.close(refusal)  # a milter refused the client at connect
+            return
+        hostname = self.listener.settings.hostname
+        self.write(SMTPReply(220, "", f"{hostname} ESMTP mailgw").toBytes())
 
     def releaseResources(self) -> None:
         self._auth.abandon()
         self._transaction.abandon()
+        if self._milters is not None:
+            self._milters.close()
 
     def connectionEnded(self) -> None:
         limiter = self.listener.guards.connections
@@ -246,8 +263,19 @@ class SubmissionServer(Connection):
         if self._helo is not None and self._junkCommand():
             return
         self._resetTransaction()
-        self._helo = name[:255]
+        previous, self._helo = self._helo, name[:255]
         self._esmtp = esmtp
+        if self._milters is not None:
+            self.wait(self._milters.helo(self.session()), lambda r: self._helloed(r, previous))
+        else:
+            self._helloed(None, previous)
+
+    def _helloed(self, refusal: SMTPReply | None, previous: str | None) -> None:
+        if refusal is not None:
+            self._helo = previous
+            self.reply(refusal)
+            return
+        esmtp = self._esmtp
         settings = self.listener.settings
         if not esmtp:
             self.write(SMTPReply(250, "", settings.hostname).toBytes())
@@ -370,8 +398,10 @@ class SubmissionServer(Connection):
         self._answer(self._transaction.rcpt(argument), self.reply)
 
     def do_DATA(self, argument: str) -> None:
+        self._answer(self._transaction.data(argument), self._dataAnswered)
+
+    def _dataAnswered(self, answer: SMTPReply) -> None:
         transaction = self._transaction
-        answer = transaction.data(argument)
         if transaction.stage is Stage.DATA:
             self.rawSink = self._messageData
         elif transaction.stage is not Stage.ENVELOPE:

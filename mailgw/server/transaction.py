@@ -18,6 +18,7 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,7 +26,7 @@ from twisted.python.failure import Failure
 from mailgw import replies
 from mailgw.address import AddressError, ParameterError, parsePath, splitPathAndParameters
 from mailgw.envelope import Address, BodyType, Envelope, Session
-from mailgw.interfaces import IMessageWriter
+from mailgw.interfaces import IEditableWriter, IMessageWriter, IMilterSession
 from mailgw.queue.spool import SpoolError, SpoolFullError
 from mailgw.replies import SMTPReply
 from mailgw.server.data import DataReader
@@ -64,10 +65,19 @@ class Transaction:
 
     _log = Logger()
 
-    def __init__(self, listener: Listener, session: Callable[[], Session], user: str | None):
+    def __init__(
+        self,
+        listener: Listener,
+        session: Callable[[], Session],
+        user: str | None,
+        milters: IMilterSession | None = None,
+        authType: str = "",
+    ):
         self._listener = listener
         self._session = session
         self._user = user
+        # [milter] servers: asked at each step (None: no milter, nothing asked).
+        self._milters, self._authType = milters, authType
         self.stage = Stage.ENVELOPE
         self.sender: Address | None | _NoSender = NO_SENDER
         self.recipients: list[Address] = []
@@ -96,6 +106,8 @@ class Transaction:
         self.stage = Stage.ABANDONED
         self._reader = None
         self._dropWriter()
+        if self._milters is not None and self.started:
+            self._milters.abort()
 
     def _dropWriter(self) -> None:
         writer, self._writer = self._writer, None
@@ -146,13 +158,19 @@ class Transaction:
             needUTF8 = not smtputf8 and not pathText.isascii()
             return replies.NEED_SMTPUTF8 if needUTF8 else replies.BAD_SENDER
 
-        def checked(outcome: Any) -> SMTPReply:
-            refusal = self._policyReply(outcome)
+        def accepted(refusal: SMTPReply | None) -> SMTPReply:
             if refusal is not None:
                 return refusal
             self.sender = sender
             self._body, self._smtputf8, self._declaredSize = body, smtputf8, size
             return replies.SENDER_OK
+
+        def checked(outcome: Any) -> Answer:
+            refusal = self._policyReply(outcome)
+            if refusal is not None or self._milters is None:
+                return accepted(refusal)
+            d = self._milters.mail(self._session(), sender, self._authType)
+            return d.addCallback(accepted)
 
         policy = self._listener.policy
         return maybeDeferred(policy.checkSender, self._session(), sender).addBoth(checked)
@@ -189,13 +207,18 @@ class Transaction:
             if refusal is not None:
                 return refusal
 
-        def checked(outcome: Any) -> SMTPReply:
-            refusal = self._policyReply(outcome)
+        def accepted(refusal: SMTPReply | None) -> SMTPReply:
             if refusal is not None:
                 return refusal
             if recipient not in self.recipients:
                 self.recipients.append(recipient)
             return replies.RECIPIENT_OK
+
+        def checked(outcome: Any) -> Answer:
+            refusal = self._policyReply(outcome)
+            if refusal is not None or self._milters is None:
+                return accepted(refusal)
+            return self._milters.rcpt(recipient).addCallback(accepted)
 
         policy = self._listener.policy
         d = maybeDeferred(policy.checkRecipient, self._session(), sender, recipient)
@@ -203,7 +226,7 @@ class Transaction:
 
     # -- DATA ----------------------------------------------------------------
 
-    def data(self, argument: str) -> SMTPReply:
+    def data(self, argument: str) -> Answer:
         """DATA: 354 and the message is read (L{feed}), or an error."""
         sender = self.sender
         if argument:
@@ -227,16 +250,15 @@ class Transaction:
             return self._spoolReply(Failure(e))
         self._writer = writer
         try:
-            writer.write(
-                receivedHeader(
-                    session,
-                    envelope,
-                    settings.hostname,
-                    writer.queueId,
-                    self._listener.clock.seconds(),
-                    settings.receivedClientAddress,
-                )
+            received = receivedHeader(
+                session,
+                envelope,
+                settings.hostname,
+                writer.queueId,
+                self._listener.clock.seconds(),
+                settings.receivedClientAddress,
             )
+            writer.write(received)
         except Exception as e:
             self.abandon()
             return self._spoolReply(Failure(e))
@@ -256,6 +278,20 @@ class Transaction:
             acceptBareLF=settings.acceptBareLF and self._user is not None,
         )
         self._envelope = envelope
+        if self._milters is not None:
+            # The milters see the message as the spool stores it, trace header first.
+            d = self._milters.data(writer.queueId, settings.maxHeaderSize * 2)
+            self._milters.feed(received)
+            return d.addCallback(self._dataChecked)
+        self.stage = Stage.DATA
+        return replies.START_DATA
+
+    def _dataChecked(self, refusal: SMTPReply | None) -> SMTPReply:
+        if self.stage is not Stage.ENVELOPE or self._writer is None:
+            return replies.LOCAL_ERROR  # abandoned meanwhile
+        if refusal is not None:
+            self.abandon()
+            return refusal
         self.stage = Stage.DATA
         return replies.START_DATA
 
@@ -267,6 +303,8 @@ class Transaction:
         assert self._writer is not None and self._reader is not None
         if not data:
             return
+        if self._milters is not None:
+            self._milters.feed(data)
         try:
             self._writer.write(data)
         except Exception as e:
@@ -307,6 +345,48 @@ class Transaction:
         if refusal is not None:
             self.abandon()
             return refusal
+        if self._milters is not None:
+            d = self._milters.endOfMessage()
+            return d.addCallback(self._milterVerdict, envelope, size)
+        return self._commit(envelope, size)
+
+    def _milterVerdict(self, verdict: Any, envelope: Envelope, size: int) -> Answer:
+        """What the milters made of the message: refuse, discard, or commit it changed."""
+        writer = self._writer
+        if self.stage is not Stage.CHECKING or writer is None:
+            return replies.LOCAL_ERROR  # abandoned while the milters decided
+        queueId = writer.queueId
+        if verdict.reply is None and not verdict.discard and verdict.recipients == ():
+            verdict = attrs.evolve(verdict, discard=True)  # every recipient deleted
+        if verdict.reply is not None or verdict.discard:
+            self.abandon()
+            what = "discarded" if verdict.discard else f"refused ({verdict.reply.code})"
+            self._log.info(
+                "milter {by} {what} {queueId} from=<{sender}> user={user!r}",
+                by=verdict.by or "-",
+                what=what,
+                queueId=queueId,
+                sender=str(envelope.sender or ""),
+                user=self._user,
+            )
+            return verdict.reply or _format(replies.QUEUED, queueId=queueId)
+        edits, recipients, hold = verdict.edits, verdict.recipients, verdict.holdReason
+        if edits or recipients is not None or hold is not None:
+            if not IEditableWriter.providedBy(writer):
+                self._log.error("Milter changes, but the spool cannot apply them")
+                self.abandon()
+                return replies.LOCAL_ERROR
+            writer.amend(edits.rewrite if edits else None, recipients, hold)
+            if recipients is not None:
+                envelope = attrs.evolve(envelope, recipients=recipients)
+            if hold is not None:
+                self._log.info(
+                    "milter {by} quarantined {queueId}: {reason}",
+                    by=verdict.by, queueId=queueId, reason=hold,
+                )  # fmt: skip
+        return self._commit(envelope, size)
+
+    def _commit(self, envelope: Envelope, size: int) -> Answer:
         writer, self._writer = self._writer, None
         assert writer is not None
         self.stage = Stage.COMMITTING
