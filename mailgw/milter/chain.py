@@ -109,7 +109,7 @@ class MilterSession:
 
         def failed(failure: Failure) -> SMTPReply | None:
             fallback(link, failure.getErrorMessage())
-            return link.stuck
+            return None  # the greeting goes out; MAIL gets the default action's reply
 
         return d.addCallbacks(connected, failed)
 
@@ -179,6 +179,8 @@ class MilterSession:
             if link.has(codec.NOBODY) or link.skipBody:
                 continue
             for start in range(0, len(data), codec.CHUNK):
+                if link.skipBody or link.outcome is not None or not link.usable:
+                    break  # its answer to an earlier chunk came already
                 packet = codec.packet(codec.BODY, data[start : start + codec.CHUNK])
                 self._enqueue(link, packet, not link.has(codec.NR_BODY))
 
@@ -293,7 +295,7 @@ class MilterSession:
         self, link: Link, place: bytes, macros: dict[str, str], packet: bytes, no: int, nr: int
     ) -> Step:
         if link.stuck is not None:
-            return succeed(link.stuck)
+            return succeed(_stuck(link, place))
         inMessage = place in (codec.RCPT, codec.DATA)
         if not link.usable or link.has(no) or (inMessage and link.messageOff):
             return succeed(None)
@@ -309,7 +311,7 @@ class MilterSession:
             final = responses[-1]
             if len(responses) > 1:
                 fallback(link, "changes before end of message")
-                return link.stuck
+                return _stuck(link, place)
             if final.code == codec.ACCEPT:
                 if place in (codec.CONNECT, codec.HELO):
                     link.off = True
@@ -328,7 +330,7 @@ class MilterSession:
 
         def failed(failure: Failure) -> SMTPReply | None:
             fallback(link, failure.getErrorMessage())
-            return link.stuck
+            return _stuck(link, place)
 
         return client.ask(packet, timeout).addCallbacks(answered, failed)
 
@@ -336,6 +338,15 @@ class MilterSession:
     def discarded(self) -> bool:
         """A milter said DISCARD before the end of message."""
         return self._discarded
+
+
+def _stuck(link: Link, place: bytes) -> SMTPReply | None:
+    """
+    The default action's reply for a command at ``place``: none at connect
+    and HELO (Postfix too greets and answers EHLO, so the client can log in
+    and gets the 4xx/5xx at MAIL, where it knows to retry or bounce).
+    """
+    return None if place in (codec.CONNECT, codec.HELO) else link.stuck
 
 
 def makeMilters(

@@ -90,8 +90,8 @@ class MilterClient(Protocol):
     # -- the connection ---------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._arm(self.commandTimeout)  # first: a reply may come within write()
         self.transport.write(codec.optneg())
-        self._arm(self.commandTimeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self._gone:
@@ -125,8 +125,8 @@ class MilterClient(Protocol):
             return fail(MilterUnavailable("a command is already in flight"))
         d: Deferred[list[Response]] = Deferred()
         self._pending, self._collected = d, []
-        self.transport.write(data)
         self._arm(self.commandTimeout if timeout is None else timeout)
+        self.transport.write(data)
         return d
 
     def quit(self) -> None:

@@ -33,14 +33,15 @@ class MilterServer:
     Twisted client endpoint string. Times are seconds: ``connectTimeout``
     for the connection and the option negotiation, ``commandTimeout`` for
     each SMTP command's step, ``contentTimeout`` for each header or body
-    chunk and for the end of message.
+    chunk and for the end of message (below ``[server] idle_timeout``, or
+    the session's own deadline ends the wait first).
     """
 
     address: str
     endpoint: str
     connectTimeout: float = 30.0
     commandTimeout: float = 30.0
-    contentTimeout: float = 300.0
+    contentTimeout: float = 120.0
     defaultAction: str = "tempfail"
 
 
