@@ -62,19 +62,24 @@ class EncodeTests(SynchronousTestCase):
 
 class DecodeTests(SynchronousTestCase):
     def test_roundTrips(self) -> None:
+        R, P = Response, codec.packet
         cases = [
-            (codec.packet(codec.CONTINUE), Response(codec.CONTINUE)),
-            (codec.packet(codec.REPLYCODE, b"550 5.7.1 no\0"), Response(codec.REPLYCODE, text="550 5.7.1 no")),
-            (codec.packet(codec.ADDHEADER, b"X-A\0b c\0"), Response(codec.ADDHEADER, name=b"X-A", value=b"b c")),
-            (codec.packet(codec.CHGHEADER, b"\0\0\0\x02Subject\0\0"),
-             Response(codec.CHGHEADER, index=2, name=b"Subject", value=b"")),
-            (codec.packet(codec.INSHEADER, b"\0\0\0\0D\0v\0"), Response(codec.INSHEADER, name=b"D", value=b"v")),
-            (codec.packet(codec.REPLBODY, b"\0any\r\nbytes"), Response(codec.REPLBODY, data=b"\0any\r\nbytes")),
-            (codec.packet(codec.ADDRCPT, b"<a@b>\0"), Response(codec.ADDRCPT, text="<a@b>")),
-            (codec.packet(codec.QUARANTINE, b"why\0"), Response(codec.QUARANTINE, text="why")),
-            (codec.packet(codec.OPTNEG, struct.pack(">III", 6, 1, 2) + b"extra"),
-             Response(codec.OPTNEG, version=6, actions=1, steps=2)),
-        ]  # fmt: skip
+            (P(codec.CONTINUE), R(codec.CONTINUE)),
+            (P(codec.REPLYCODE, b"550 5.7.1 no\0"), R(codec.REPLYCODE, text="550 5.7.1 no")),
+            (P(codec.ADDHEADER, b"X-A\0b c\0"), R(codec.ADDHEADER, name=b"X-A", value=b"b c")),
+            (
+                P(codec.CHGHEADER, b"\0\0\0\x02Subject\0\0"),
+                R(codec.CHGHEADER, index=2, name=b"Subject", value=b""),
+            ),
+            (P(codec.INSHEADER, b"\0\0\0\0D\0v\0"), R(codec.INSHEADER, name=b"D", value=b"v")),
+            (P(codec.REPLBODY, b"\0any\r\nbytes"), R(codec.REPLBODY, data=b"\0any\r\nbytes")),
+            (P(codec.ADDRCPT, b"<a@b>\0"), R(codec.ADDRCPT, text="<a@b>")),
+            (P(codec.QUARANTINE, b"why\0"), R(codec.QUARANTINE, text="why")),
+            (
+                P(codec.OPTNEG, struct.pack(">III", 6, 1, 2) + b"extra"),
+                R(codec.OPTNEG, version=6, actions=1, steps=2),
+            ),
+        ]
         for raw, expected in cases:
             self.assertEqual(Decoder().feed(raw), [expected])
 
