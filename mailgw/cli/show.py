@@ -21,7 +21,9 @@ from mailgw.cli.errors import CommandError
 
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
-_SECTIONS = ("server", "tls", "auth", "spool", "queue", "limits", "policy", "proxy", "metrics")
+_SECTIONS = (
+    "server", "tls", "auth", "spool", "queue", "limits", "policy", "proxy", "metrics", "milter"
+)  # fmt: skip
 
 
 def addShowConfigParser(subparsers: Any) -> None:
@@ -53,6 +55,8 @@ def _value(value: Any) -> str:
         return "[" + ", ".join(_value(v) for v in value) + "]"
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return _value(str(value))
+    if hasattr(value, "toTOML"):  # a milter: an inline table
+        return str(value.toTOML())
     if attrs.has(type(value)):  # a Smarthost
         return _value(str(value))
     # A JSON string is a valid TOML basic string.

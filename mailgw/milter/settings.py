@@ -10,6 +10,7 @@ for IPv6; Sendmail's ``inet:PORT@HOST`` is accepted too) and
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -43,6 +44,16 @@ class MilterServer:
     commandTimeout: float = 30.0
     contentTimeout: float = 120.0
     defaultAction: str = "tempfail"
+
+    def toTOML(self) -> str:
+        """This milter as a TOML inline table (``mailgw show-config``)."""
+        return (
+            f"{{ address = {json.dumps(self.address)}, "
+            f"connect_timeout = {self.connectTimeout!r}, "
+            f"command_timeout = {self.commandTimeout!r}, "
+            f"content_timeout = {self.contentTimeout!r}, "
+            f"default_action = {json.dumps(self.defaultAction)} }}"
+        )
 
 
 @attrs.frozen

@@ -114,11 +114,13 @@ class OpenDKIMTests(MilterRelayTestCase):
         d = self.dkimDir
         (d / "keytable").write_text(f"sel._domainkey.example.com example.com:sel:{d}/sel.private\n")
         (d / "signingtable").write_text("*@example.com sel._domainkey.example.com\n")
+        # InternalHosts leaves our client out: OpenDKIM signs because the
+        # client authenticated (the {auth_type} macro), as for a remote client.
         (d / "opendkim.conf").write_text(
             f"Syslog no\nMode s\nSocket inet:{port}@127.0.0.1\nPidFile {d}/opendkim.pid\n"
             f"KeyTable file:{d}/keytable\nSigningTable refile:{d}/signingtable\n"
             f"Canonicalization {self.canonicalization}\nRequireSafeKeys no\n"
-            "InternalHosts 127.0.0.1\nBackground no\nUMask 077\n"
+            "InternalHosts 192.0.2.1\nBackground no\nUMask 077\n"
         )
         program = "opendkim" if haveCommand("opendkim") else "/usr/sbin/opendkim"
         self.process = startMilter(
