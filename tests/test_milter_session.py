@@ -510,3 +510,34 @@ class NoMilterTests(SynchronousTestCase):
         h = Harness()
         self.assertIsNone(h.factory.milters)
         self.assertIn(b"250 2.0.0 Ok: queued", send(h))
+
+
+class AbandonedMessageTests(SynchronousTestCase):
+    """A message refused while a milter still reads it: ABORT after its answer, then MAIL."""
+
+    def test_tooBigWhileTheMilterReadsTheBody(self) -> None:
+        milter = FakeMilter(hang={codec.BODY})
+        h = Harness(maxMessageSize=200)
+        h.factory.milters = fakeChain(h.clock, milter)
+        h.connect()
+        h.login()
+        h.command(b"MAIL FROM:<alice@example.com>")
+        h.command(b"RCPT TO:<bob@example.org>")
+        h.command(b"DATA")
+        h.send(b"Subject: s\r\n\r\nfirst\r\n")
+        self.assertEqual(milter.sent(codec.BODY), [b"first\r\n"])  # unanswered
+        h.send(b"x" * 300 + b"\r\n.\r\n")
+        reply = h.take()
+        self.assertTrue(reply.startswith(b"552"), reply)
+        client = milter.clients[-1]
+        self.assertEqual(h.command(b"MAIL FROM:<a@b.c>"), b"")  # waits for the milter
+        client.dataReceived(response(codec.REJECT))  # its stale answer to the body chunk
+        self.assertEqual(h.take(), b"250 2.1.0 Ok\r\n")
+        codes = [c for c, _ in milter.commands if c != codec.MACRO]
+        self.assertEqual(codes[-3:], [codec.BODY, codec.ABORT, codec.MAIL])
+        # The stale REJECT did not stick to the next message.
+        milter.hang.clear()
+        h.command(b"RCPT TO:<b@c.d>")
+        h.command(b"DATA")
+        h.send(MESSAGE + b".\r\n")
+        self.assertIn(b"250 2.0.0 Ok: queued", h.take())

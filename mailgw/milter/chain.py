@@ -215,13 +215,19 @@ class MilterSession:
             return
         link.queue.clear()
         link.busy = False
+        if link.aborting:
+            link.aborting = False
+            if link.usable and link.client is not None:
+                link.client.send(codec.packet(codec.ABORT))
         waiters, link.drained = link.drained, []
         for waiter in waiters:
             waiter.callback(None)
 
     def _contentAnswered(self, responses: list[codec.Response], link: Link) -> None:
         final = responses[-1]
-        if len(responses) > 1:
+        if link.aborting:
+            pass  # an answer about a message that is gone
+        elif len(responses) > 1:
             fallback(link, "changes before end of message")
         elif final.code == codec.SKIP and link.has(codec.SKIP_OK):
             link.skipBody = True
@@ -258,7 +264,9 @@ class MilterSession:
         self._splitter = None
         self._recipients = []
         for link in self._links:
-            if link.inMessage and link.client is not None and not link.busy:
+            if link.busy:
+                link.aborting = True  # ABORT once the command in flight is answered
+            elif link.inMessage and link.client is not None:
                 link.client.send(codec.packet(codec.ABORT))
             link.inMessage = False
             link.queue.clear()
@@ -294,6 +302,10 @@ class MilterSession:
     def _ask(
         self, link: Link, place: bytes, macros: dict[str, str], packet: bytes, no: int, nr: int
     ) -> Step:
+        if link.busy:
+            # The end of an abandoned message is still being read: after it.
+            d = self._drained(link)
+            return d.addCallback(lambda _: self._ask(link, place, macros, packet, no, nr))
         if link.stuck is not None:
             return succeed(_stuck(link, place))
         inMessage = place in (codec.RCPT, codec.DATA)
