@@ -541,3 +541,27 @@ class AbandonedMessageTests(SynchronousTestCase):
         h.command(b"DATA")
         h.send(MESSAGE + b".\r\n")
         self.assertIn(b"250 2.0.0 Ok: queued", h.take())
+
+
+class ClientLeavesDuringConnectTests(SynchronousTestCase):
+    def test_milterConnectionClosedWhenItCompletes(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        milter = FakeMilter()
+        h = Harness()
+        chain = fakeChain(h.clock, milter)
+        pending: list[Deferred[object]] = []
+
+        def slowConnect(server: object) -> Deferred[object]:
+            d: Deferred[object] = Deferred()
+            pending.append(d)
+            return d
+
+        realConnect, chain.connect = chain.connect, slowConnect  # type: ignore[assignment]
+        h.factory.milters = chain
+        h.connect()
+        h.hangUp()
+        assert realConnect is not None
+        realConnect(chain.servers[0]).addCallback(pending[0].callback)
+        self.assertEqual(milter.commands[-1][0], codec.QUIT)
+        self.assertNotIn(codec.CONNECT, [c for c, _ in milter.commands])

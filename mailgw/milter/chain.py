@@ -86,6 +86,7 @@ class MilterSession:
         self._queueId = ""
         self._recipients: list[Address] = []
         self._discarded = self._discardAll = False
+        self._closed = False
 
     # -- the session's steps ------------------------------------------------
 
@@ -103,8 +104,11 @@ class MilterSession:
     def _connectOne(self, link: Link, macros: dict[str, str], packet: bytes) -> Step:
         d = self._chain._connect(link.server)
 
-        def connected(result: tuple[MilterClient, Negotiated]) -> Step:
+        def connected(result: tuple[MilterClient, Negotiated]) -> Step | None:
             link.client, link.options = result
+            if self._closed:  # the client left while we connected
+                result[0].quit()
+                return None
             return self._ask(link, codec.CONNECT, macros, packet, codec.NOCONNECT, codec.NR_CONN)
 
         def failed(failure: Failure) -> SMTPReply | None:
@@ -272,6 +276,7 @@ class MilterSession:
             link.queue.clear()
 
     def close(self) -> None:
+        self._closed = True
         for link in self._links:
             if link.client is not None:
                 if link.busy:
