@@ -108,6 +108,13 @@ SCHEMA = {
     "policy": ["sender_login_maps", "check_header_from", "allow_null_sender"],
     "proxy": ["trusted", "header_timeout"],
     "metrics": ["listen"],
+    "milter": [
+        "servers",
+        "connect_timeout",
+        "command_timeout",
+        "content_timeout",
+        "default_action",
+    ],
     "relay": ROUTE_KEYS,
 }
 
@@ -195,6 +202,14 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
     },
     "metrics": {
         "listen": [9466, ["tcp:9466"], "bogus:9466", "ssl:9466"],
+    },
+    "milter": {
+        # A bad entry of the list is named by its index (tests/test_milter_edits.py).
+        "servers": ["inet:127.0.0.1:8891", 8891, {"address": "inet:127.0.0.1:8891"}],
+        "connect_timeout": [0, -1, "30"],
+        "command_timeout": [0, "30s"],
+        "content_timeout": [-120, True],
+        "default_action": ["discard", "TEMPFAIL", 1],
     },
     "relay": {
         "smarthosts": [
