@@ -181,6 +181,17 @@ class ClientTests(SynchronousTestCase):
         self.client.dataReceived(codec.packet(codec.ADDHEADER, b"X\0y\0") * 10001)
         self.assertEqual(len(failures), 1)
 
+    def test_octetFlood(self) -> None:
+        self.negotiate()
+        self.client.maxCollected = 1000
+        failures: list[object] = []
+        self.client.ask(codec.packet(codec.BODYEOB)).addErrback(failures.append)
+        self.client.dataReceived(codec.packet(codec.REPLBODY, b"x" * 600))
+        self.assertEqual(failures, [])
+        self.client.dataReceived(codec.packet(codec.REPLBODY, b"x" * 600))
+        self.assertEqual(len(failures), 1)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_connectionLostFailsTheCommand(self) -> None:
         self.negotiate()
         failures: list[object] = []

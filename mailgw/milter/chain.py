@@ -106,6 +106,7 @@ class MilterSession:
 
         def connected(result: tuple[MilterClient, Negotiated]) -> Step | None:
             link.client, link.options = result
+            result[0].maxCollected = self._chain.maxMessageSize + 16 * 1024 * 1024
             if self._closed:  # the client left while we connected
                 result[0].quit()
                 return None

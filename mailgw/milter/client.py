@@ -50,6 +50,9 @@ MODIFICATIONS = frozenset(
 )
 #: Modification responses kept per command at most (a flood is an error).
 MAX_MODIFICATIONS = 10000
+#: Octets of modification responses kept per command at most, unless the
+#: chain sets its own bound (the largest message plus room for headers).
+MAX_COLLECTED = 64 * 1024 * 1024
 
 
 class MilterUnavailable(Exception):
@@ -82,6 +85,8 @@ class MilterClient(Protocol):
         self._decoder = codec.Decoder()
         self._pending: Deferred[list[Response]] | None = None
         self._collected: list[Response] = []
+        self._collectedSize = 0
+        self.maxCollected = MAX_COLLECTED
         self._timer: IDelayedCall | None = None
         self._timeout = 0.0
         self._negotiating = True
@@ -124,7 +129,7 @@ class MilterClient(Protocol):
         if self._pending is not None:
             return fail(MilterUnavailable("a command is already in flight"))
         d: Deferred[list[Response]] = Deferred()
-        self._pending, self._collected = d, []
+        self._pending, self._collected, self._collectedSize = d, [], 0
         self._arm(self.commandTimeout if timeout is None else timeout)
         self.transport.write(data)
         return d
@@ -155,6 +160,9 @@ class MilterClient(Protocol):
             self._arm(self._timeout)
             return
         self._collected.append(response)
+        self._collectedSize += len(response.data) + len(response.value) + len(response.text)
+        if self._collectedSize > self.maxCollected:
+            raise MilterProtocolError("too many octets of changes")
         if response.code in FINAL:
             d, self._pending, collected = self._pending, None, self._collected
             self._collected = []
