@@ -270,6 +270,13 @@ class IMilterSession(Interface):
     def feed(data):  # type: ignore[no-untyped-def]
         """Message bytes, exactly as written to the spool (no result)."""
 
+    def backlog():  # type: ignore[no-untyped-def]
+        """
+        @return: None, or a Deferred that fires once the milters have caught
+            up with the message bytes fed: until then the session reads no
+            more of the client (bounded memory for a slow milter).
+        """
+
     def endOfMessage():  # type: ignore[no-untyped-def]
         """
         @return: a Deferred of a L{mailgw.milter.verdict.MessageVerdict};

@@ -565,3 +565,29 @@ class ClientLeavesDuringConnectTests(SynchronousTestCase):
         realConnect(chain.servers[0]).addCallback(pending[0].callback)
         self.assertEqual(milter.commands[-1][0], codec.QUIT)
         self.assertNotIn(codec.CONNECT, [c for c, _ in milter.commands])
+
+
+class SlowMilterBackPressureTests(SynchronousTestCase):
+    def test_readingStopsWhileTheMilterIsBehind(self) -> None:
+        from mailgw.milter.chain import MAX_QUEUED
+
+        milter = FakeMilter(hang={codec.BODY})
+        h = withMilters(milter)
+        h.login()
+        h.command(b"MAIL FROM:<a@b.c>")
+        h.command(b"RCPT TO:<b@c.d>")
+        h.command(b"DATA")
+        h.send(b"Subject: big\r\n\r\n")
+        line = b"y" * 998 + b"\r\n"
+        for _ in range(3000):  # 3 MB, as fast as the client can
+            h.send(line * 1)
+        link = h.protocol._milters._links[0]  # type: ignore[union-attr]
+        self.assertLessEqual(link.queuedBytes, MAX_QUEUED + 70000)
+        self.assertEqual(h.transport.producerState, "paused")
+        milter.hang.clear()
+        milter.clients[-1].dataReceived(response(codec.CONTINUE))
+        h.send(b".\r\n")
+        self.assertIn(b"250 2.0.0 Ok: queued", h.take())
+        [(message, data)] = h.spool.committed.values()
+        self.assertTrue(data.endswith(line * 3000))
+        self.assertEqual(b"".join(milter.sent(codec.BODY)), line * 3000)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +52,10 @@ from mailgw.replies import SMTPReply
 _log = Logger(namespace="mailgw.milter")
 
 Step = Deferred[SMTPReply | None]
+
+#: Message octets queued for one milter before the session stops reading
+#: the client until that milter has caught up (memory stays bounded).
+MAX_QUEUED = 1024 * 1024
 
 
 @implementer(IMilterChain)
@@ -198,28 +202,50 @@ class MilterSession:
 
     def _enqueue(self, link: Link, packet: bytes, reply: bool) -> None:
         link.queue.append((packet, reply))
+        link.queuedBytes += len(packet)
         if not link.busy:
             self._pump(link)
 
     def _pump(self, link: Link) -> None:
-        while link.queue and link.usable and link.outcome is None:
-            packet, reply = link.queue.popleft()
-            client = link.client
-            assert client is not None
-            if not reply:
-                client.send(packet)
-                continue
-            link.busy = True
-            d = client.ask(packet, link.server.contentTimeout)
-            d.addCallbacks(
-                self._contentAnswered,
-                self._contentFailed,
-                callbackArgs=(link,),
-                errbackArgs=(link,),
-            )
+        """
+        Send what is queued, one command in flight; a loop, not a recursion,
+        however many answers come back before ``ask`` returns.
+        """
+        if link.pumping:
+            return  # an answer within ask(): the loop below goes on
+        link.pumping = True
+        try:
+            while link.queue and not link.busy and self._wanted(link):
+                packet, reply = link.queue.popleft()
+                link.queuedBytes -= len(packet)
+                client = link.client
+                assert client is not None
+                if not reply:
+                    client.send(packet)
+                    continue
+                link.busy = True
+                d = client.ask(packet, link.server.contentTimeout)
+                d.addCallbacks(
+                    self._contentAnswered,
+                    self._contentFailed,
+                    callbackArgs=(link,),
+                    errbackArgs=(link,),
+                )
+        finally:
+            link.pumping = False
+        if not link.busy:
+            self._idle(link)
+
+    @staticmethod
+    def _wanted(link: Link) -> bool:
+        return link.usable and link.outcome is None and not link.messageOff
+
+    def _idle(self, link: Link) -> None:
+        """Nothing in flight: drop what is no longer wanted, then wake the waiters."""
+        if link.queue and self._wanted(link):
             return
         link.queue.clear()
-        link.busy = False
+        link.queuedBytes = 0
         if link.aborting:
             link.aborting = False
             if link.usable and link.client is not None:
@@ -229,6 +255,7 @@ class MilterSession:
             waiter.callback(None)
 
     def _contentAnswered(self, responses: list[codec.Response], link: Link) -> None:
+        link.busy = False
         final = responses[-1]
         if link.aborting:
             pass  # an answer about a message that is gone
@@ -237,6 +264,7 @@ class MilterSession:
         elif final.code == codec.SKIP and link.has(codec.SKIP_OK):
             link.skipBody = True
             link.queue = deque(p for p in link.queue if p[0][4:5] != codec.BODY)
+            link.queuedBytes = sum(len(p[0]) for p in link.queue)
         elif final.code == codec.ACCEPT:
             link.messageOff = True
         elif final.code != codec.CONTINUE:
@@ -244,8 +272,15 @@ class MilterSession:
         self._pump(link)
 
     def _contentFailed(self, failure: Failure, link: Link) -> None:
+        link.busy = False
         fallback(link, failure.getErrorMessage())
         self._pump(link)
+
+    def backlog(self) -> Deferred[None] | None:
+        late = [link for link in self._links if link.queuedBytes > MAX_QUEUED]
+        if not late:
+            return None
+        return gatherResults([self._drained(link) for link in late]).addCallback(lambda _: None)
 
     def _drained(self, link: Link) -> Deferred[None]:
         if not link.busy:
@@ -275,6 +310,7 @@ class MilterSession:
                 link.client.send(codec.packet(codec.ABORT))
             link.inMessage = False
             link.queue.clear()
+            link.queuedBytes = 0
 
     def close(self) -> None:
         self._closed = True

@@ -42,6 +42,9 @@ class Link:
     outcome: tuple[str, SMTPReply | None] | None = None
     queue: deque[tuple[bytes, bool]] = attrs.field(factory=deque)
     busy: bool = False
+    pumping: bool = False
+    #: Octets waiting in ``queue`` (the session stops reading past a bound).
+    queuedBytes: int = 0
     #: The message was abandoned while a content command was in flight:
     #: its answer is ignored, and SMFIC_ABORT follows it.
     aborting: bool = False

@@ -412,6 +412,9 @@ class SubmissionServer(Connection):
         transaction = self._transaction
         rest = transaction.feed(data)
         if rest is None:
+            backlog = transaction.backlog()
+            if backlog is not None:
+                self.wait(backlog, lambda _: None)  # a slow milter: read on once it caught up
             return None
         self.rawSink = None
         self._answer(transaction.finish(), self._messageAnswered)

@@ -315,6 +315,10 @@ class Transaction:
         assert self._reader is not None
         return self._reader.feed(data)
 
+    def backlog(self) -> Deferred[None] | None:
+        """A Deferred to wait for before reading more of the message (slow milters), or None."""
+        return self._milters.backlog() if self._milters is not None else None
+
     def finish(self) -> Answer:
         """
         The data has ended: check the message, then commit it. The answer
