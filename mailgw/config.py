@@ -58,6 +58,7 @@ from mailgw.filter.settings import (
     loadFilter,
     loadReinject,
 )
+from mailgw.milter.settings import MilterConfig, milterConfig
 
 
 class TLSMode(enum.Enum):
@@ -326,6 +327,7 @@ class Config:
     reinject: ReinjectConfig = ReinjectConfig()
     etrn: EtrnConfig = EtrnConfig()
     dkim: DKIMConfig = DKIMConfig()
+    milter: MilterConfig = MilterConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -734,6 +736,7 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "reinject": loadReinject,
     "etrn": loadEtrn,
     "dkim": dkimSection,
+    "milter": milterConfig,
 }
 
 

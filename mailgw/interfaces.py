@@ -277,3 +277,77 @@ class IMessageSigner(Interface):
         @raise KeyError: as C{opener}; any other exception is transient for
             the delivery, as a failure of C{opener} is.
         """
+
+
+class IEditableWriter(IMessageWriter):
+    """
+    A message writer whose message may still be changed between the end of
+    its data and its commit (milters' changes, a quarantine).
+    """
+
+    def amend(rewrite, recipients, holdReason):  # type: ignore[no-untyped-def]
+        """
+        Change the message at its commit, before anything is made durable:
+        ``rewrite(source, target)`` (or None) copies the bytes written so far
+        to a new file object, changed, in the spool's threads (blocking);
+        ``recipients`` (or None) replaces the envelope's recipients;
+        ``holdReason`` (or None) commits the message held, with that reason.
+        Call at most once, before L{commit}; the commit's failures are those
+        of L{IMessageWriter.commit}.
+        """
+
+
+class IMilterChain(Interface):
+    """
+    Filters applied to every SMTP session in order, as Postfix's
+    ``smtpd_milters`` (L{mailgw.milter.chain.MilterChain}).
+    """
+
+    def open():  # type: ignore[no-untyped-def]
+        """@return: an L{IMilterSession} for a new SMTP session."""
+
+
+class IMilterSession(Interface):
+    """
+    One SMTP session's use of the milters. Each step returns a Deferred
+    that fires with None (go on) or the L{mailgw.replies.SMTPReply} that
+    answers the command instead; it never fails and never waits longer than
+    the milters' deadlines (a milter that is down gets its default action).
+    """
+
+    def connect(session):  # type: ignore[no-untyped-def]
+        """The client connected (before the greeting)."""
+
+    def helo(session):  # type: ignore[no-untyped-def]
+        """HELO or EHLO (``session.helo``), with the TLS in use."""
+
+    def mail(session, sender, authType):  # type: ignore[no-untyped-def]
+        """MAIL; ``session.user`` and ``authType`` (the SASL mechanism) name the login."""
+
+    def rcpt(recipient):  # type: ignore[no-untyped-def]
+        """RCPT (after the policy accepted it)."""
+
+    def data(queueId, headerLimit):  # type: ignore[no-untyped-def]
+        """DATA, once the message has its queue id."""
+
+    def feed(data):  # type: ignore[no-untyped-def]
+        """Message bytes, exactly as written to the spool (no result)."""
+
+    def backlog():  # type: ignore[no-untyped-def]
+        """
+        @return: None, or a Deferred that fires once the milters have caught
+            up with the message bytes fed: until then the session reads no
+            more of the client (bounded memory for a slow milter).
+        """
+
+    def endOfMessage():  # type: ignore[no-untyped-def]
+        """
+        @return: a Deferred of a L{mailgw.milter.verdict.MessageVerdict};
+            it never fails.
+        """
+
+    def abort():  # type: ignore[no-untyped-def]
+        """The transaction ended without an end of message (RSET, a refusal, a close)."""
+
+    def close():  # type: ignore[no-untyped-def]
+        """The SMTP session ended."""

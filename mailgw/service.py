@@ -38,6 +38,7 @@ from mailgw.health import MetricsService, gatewayChecks, makeSite
 from mailgw.interfaces import IRelay, ISpool, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 from mailgw.metrics import Metrics
+from mailgw.milter.chain import makeMilters
 from mailgw.policy.recipients import RecipientDomainPolicy
 from mailgw.policy.senders import SenderLoginPolicy
 from mailgw.proxy import ProxyFactory
@@ -197,6 +198,8 @@ class GatewayService(MultiService):
         self.policy = policy if policy is not None else makePolicy(config, reactor)
         self.guards = guards if guards is not None else makeGuards(config, reactor)
         self.signer = makeSigner(config.dkim, config.source)  # DKIM keys: read now
+        # [milter] servers: every new session asks them (None: no milter).
+        self.milters = makeMilters(config.milter.servers, reactor, self.settings)
         self.relay: IRelay = relay if relay is not None else self._makeRelay(resolver)
         # The content filter, if any, comes before the routes (docs/content-filter.md).
         queueRelay = filterStage(
@@ -313,7 +316,9 @@ class GatewayService(MultiService):
         self.checkers, self.policy = checkers, policy
         self.portal = makePortal(checkers)
         self.settings = serverSettings(new)
+        self.milters = makeMilters(new.milter.servers, self.reactor, self.settings)
         for factory in self.factories:
+            factory.milters = self.milters
             # The mechanisms offered follow the portal's checkers.
             factory.portal = self.portal
             factory.policy, factory.settings = policy, self.settings
@@ -369,6 +374,7 @@ class GatewayService(MultiService):
             metrics=self.metrics,
             etrn=makeEtrn(self.config, self.runner),
         )
+        factory.milters = self.milters
         self.factories.append(factory)
         # RFC 8314 3.3: on the submissions port TLS starts with the first byte.
         wrapped: Any = factory

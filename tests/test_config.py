@@ -127,6 +127,13 @@ SCHEMA = {
     ],
     "reinject": ["listen", "networks"],
     "etrn": ["enabled", "networks"],
+    "milter": [
+        "servers",
+        "connect_timeout",
+        "command_timeout",
+        "content_timeout",
+        "default_action",
+    ],
     "relay": ROUTE_KEYS,
 }
 
@@ -249,6 +256,14 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
     "etrn": {
         "enabled": ["yes", 1],
         "networks": BAD_NETWORKS,
+    },
+    "milter": {
+        # A bad entry of the list is named by its index (tests/test_milter_edits.py).
+        "servers": ["inet:127.0.0.1:8891", 8891, {"address": "inet:127.0.0.1:8891"}],
+        "connect_timeout": [0, -1, "30"],
+        "command_timeout": [0, "30s"],
+        "content_timeout": [-120, True],
+        "default_action": ["discard", "TEMPFAIL", 1],
     },
     "relay": {
         "smarthosts": [

@@ -59,6 +59,12 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{ord(match.group()):02x}" if ord(match.group()) < 0x100 else "\ufffd"
 
 
+def _held(m: QueuedMessage) -> str:
+    if not m.held:
+        return "no"
+    return f"yes: {printable(m.holdReason)}" if m.holdReason else "yes"
+
+
 def printable(text: str, multiline: bool = False) -> str:
     """
     ``text`` with what could drive a terminal escaped; tabs are kept, and
@@ -255,6 +261,7 @@ def _messageJSON(message: QueuedMessage, now: float) -> dict[str, Any]:
         "sender": None if sender is None else str(sender),
         "held": message.held,
         "contentFilter": message.envelope.contentFilter or None,
+        "holdReason": message.holdReason,
         "nextAttempt": message.nextAttempt,
         "recipients": [
             # The spool's own form of a recipient (status, attempts, last
@@ -345,7 +352,7 @@ def queueShow(args: argparse.Namespace) -> int:
         ("Size", f"{m.size} bytes"),
         ("Sender", _sender(m)),
         ("Body", body),
-        ("Held", "yes" if m.held else "no"),
+        ("Held", _held(m)),
         ("Next try", nextTry),
         ("Delay warning", "sent" if m.warned else "not sent"),
         ("User", s.user if s.user is not None else "(none)"),
@@ -526,7 +533,8 @@ def _inSpool(
             if command == "hold":
                 _wait(spool.update(attrs.evolve(message, held=True)))
             elif command == "release":
-                _wait(spool.update(attrs.evolve(message, held=False, nextAttempt=_now())))
+                released = attrs.evolve(message, held=False, holdReason="", nextAttempt=_now())
+                _wait(spool.update(released))
             else:
                 _wait(spool.remove(queueId))
             count += 1

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw.envelope import QueuedMessage
-from mailgw.interfaces import IMessageWriter
+from mailgw.interfaces import IEditableWriter, IMessageWriter
 
 _log = Logger(namespace="mailgw.queue.runner")
 
@@ -32,7 +32,7 @@ def takesReport(deliverMany: Callable[..., Any]) -> bool:
         return False
 
 
-@implementer(IMessageWriter)
+@implementer(IEditableWriter)
 class SchedulingWriter:
     """
     A spool writer whose commit also schedules the message: once the spool
@@ -59,6 +59,10 @@ class SchedulingWriter:
 
     def abort(self) -> None:
         self._writer.abort()
+
+    def amend(self, rewrite: Any, recipients: Any, holdReason: str | None) -> None:
+        """L{IEditableWriter.amend} of the spool's writer (TypeError: it has none)."""
+        IEditableWriter(self._writer).amend(rewrite, recipients, holdReason)
 
     def commit(self) -> Deferred[str]:
         return self._writer.commit().addCallback(self._committed)

@@ -159,7 +159,8 @@ class OperatorControl:
             message = self._lookup(queueId)
         except Exception as e:
             return fail(e)
-        self._messages[queueId] = attrs.evolve(message, held=held)
+        reason = message.holdReason if held else ""  # a release ends a quarantine
+        self._messages[queueId] = attrs.evolve(message, held=held, holdReason=reason)
         _log.info(
             "Queue {queueId}: {what} {reason}",
             queueId=queueId,
