@@ -47,6 +47,7 @@ from mailgw._configparse import (  # ConfigError, mergeOverrides, readConfigFile
     mergeOverrides,  # noqa: F401
     readConfigFile,
 )
+from mailgw.breaker.config import BreakerConfig, readBreaker
 
 
 class TLSMode(enum.Enum):
@@ -253,6 +254,7 @@ class Config:
     policy: PolicyConfig = PolicyConfig()
     proxy: ProxyConfig = ProxyConfig()
     metrics: MetricsConfig = MetricsConfig()
+    breaker: BreakerConfig = BreakerConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -565,6 +567,7 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "policy": _policy,
     "proxy": _proxy,
     "metrics": lambda t: MetricsConfig(listen=t.get("listen", _endpoint, "")),
+    "breaker": readBreaker,
 }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
@@ -27,6 +27,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mailgw.auth.realm import makePortal
+from mailgw.breaker.build import makeBreaker
 from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
@@ -155,6 +156,7 @@ class GatewayService(MultiService):
         controlSocket: str | None = None,
         exitOnListenFailure: bool = False,
         metrics: Metrics | None = None,
+        webhookSender: Any = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -188,6 +190,7 @@ class GatewayService(MultiService):
             self.spool, self.relay, reactor, config.queue, self.settings.hostname
         )
         self.runner.setServiceParent(self)
+        self.breaker = self._addBreaker(webhookSender)
         if controlSocket is None and isinstance(self.spool, Spool):
             controlSocket = defaultSocketPath(config.spool.directory)
         #: What ``mailgw reload`` calls (``twistd mailgw``: the SIGHUP reload,
@@ -195,7 +198,11 @@ class GatewayService(MultiService):
         self.reloader: Callable[[], bool] = self.reload
         if controlSocket:
             control = _OptionalControl(
-                controlSocket, self.runner, reactor, reload=lambda: self.reloader()
+                controlSocket,
+                self.runner,
+                reactor,
+                reload=lambda: self.reloader(),
+                breaker=self.breaker,
             )
             control.setServiceParent(self)
         if metrics is None and config.metrics.listen:
@@ -212,6 +219,25 @@ class GatewayService(MultiService):
             self._addListener(description, implicitTLS=True)
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
+
+    def _addBreaker(self, webhookSender: Any) -> Any:
+        """The account breaker (docs/breaker.md), hooked into queue and logins; None if off."""
+        onDisk = self._spoolThreads is not None
+        breaker = makeBreaker(
+            self.config.breaker,
+            self.reactor,
+            self.runner,
+            self.settings.hostname,
+            self.config.spool.directory if onDisk else None,
+            threadRunner(self.reactor, self._spoolThreads) if onDisk else None,
+            webhookSender,
+        )
+        if breaker is not None:
+            self.runner.screen, self.runner.bounced = breaker.screen, breaker.bounced
+            self.guards.breaker = breaker
+            if isinstance(breaker, Service):
+                breaker.setServiceParent(self)
+        return breaker
 
     def _watch(self, metrics: Metrics) -> None:
         """Count into ``metrics``; serve them on ``[metrics] listen`` when set."""

@@ -111,7 +111,12 @@ def addQueueParser(subparsers: Subparsers) -> None:
         ("release", "release held messages: they are tried now"),
         ("delete", "remove messages from the queue without a bounce"),
     ):
-        action(name, help, queueControl).add_argument("ids", nargs="+", metavar="ID")
+        sub = action(name, help, queueControl)
+        sub.add_argument("ids", nargs="*" if name == "release" else "+", metavar="ID")
+    releasing = actions.choices["release"]
+    releasing.add_argument(
+        "--account", metavar="ACCOUNT", help="release every held message of this account"
+    )
 
 
 def spoolDirectory(args: argparse.Namespace) -> str:
@@ -404,6 +409,12 @@ _DONE = {
 
 def queueControl(args: argparse.Namespace) -> int:
     """``flush``, ``hold``, ``release``, ``delete``: through the gateway if it runs."""
+    if args.action == "release" and (args.account is None) == (not args.ids):
+        raise CommandError("release needs queue ids or --account ACCOUNT (not both)")
+    if args.action == "release" and args.account is not None:
+        from mailgw.cli.account import releaseAccount
+
+        return releaseAccount(args)
     directory = spoolDirectory(args)
     socketPath = defaultSocketPath(directory)
     command, ids = args.action, list(dict.fromkeys(args.ids))

@@ -21,7 +21,18 @@ from mailgw.cli.errors import CommandError
 
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
-_SECTIONS = ("server", "tls", "auth", "spool", "queue", "limits", "policy", "proxy", "metrics")
+_SECTIONS = (
+    "server",
+    "tls",
+    "auth",
+    "spool",
+    "queue",
+    "limits",
+    "policy",
+    "proxy",
+    "metrics",
+    "breaker",
+)
 
 
 def addShowConfigParser(subparsers: Any) -> None:

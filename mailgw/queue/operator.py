@@ -146,3 +146,26 @@ class OperatorControl:
             return result
 
         return maybeDeferred(self._spool.remove, queueId).addBoth(done)
+
+    def heldOf(self, account: str) -> list[str]:
+        """The queue ids of ``account``'s held messages, oldest first."""
+        messages = [m for m in self._messages.values() if m.held and m.session.user == account]
+        return [m.queueId for m in sorted(messages, key=lambda m: (m.arrival, m.queueId))]
+
+    def holdAtIntake(self, held: QueuedMessage, why: str) -> Deferred[None]:
+        """
+        ``held``, just committed, is recorded as held before it was ever
+        scheduled (the breaker); fires once that is on disk. Should the
+        update fail, the message stays held here (logged).
+        """
+        _log.info("Queue {queueId}: held at intake ({why})", queueId=held.queueId, why=why)
+
+        def failed(failure: Failure) -> None:
+            _log.error(
+                "Queue {queueId}: cannot record it as held ({error}); it stays held until a "
+                "restart",
+                queueId=held.queueId,
+                error=failure.value,
+            )
+
+        return maybeDeferred(self._spool.update, held).addCallbacks(lambda _: None, failed)
