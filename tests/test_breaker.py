@@ -107,7 +107,7 @@ class BreakerTests(SynchronousTestCase):
             {k: payload[k] for k in ("account", "rule", "value", "threshold", "client", "queueId",
                                      "action", "time", "timestamp")},  # fmt: skip
             {
-                "account": USER, "rule": "messages", "value": 6, "threshold": 5,
+                "account": USER, "rule": "messages", "value": 6, "threshold": 5.0,
                 "client": "192.0.2.7", "queueId": "Q5", "action": "hold-and-refuse",
                 "time": "2023-11-14T22:13:26+00:00", "timestamp": START + 6,
             },

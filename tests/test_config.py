@@ -108,6 +108,14 @@ SCHEMA = {
     "policy": ["sender_login_maps", "check_header_from", "allow_null_sender"],
     "proxy": ["trusted", "header_timeout"],
     "metrics": ["listen"],
+    "breaker": [
+        "enabled", "on_trip", "min_history_hours", "history_days", "messages_factor",
+        "messages_floor", "recipients_factor", "recipients_floor", "domains_factor",
+        "domains_floor", "networks_factor", "networks_floor", "bounces_factor", "bounces_floor",
+        "bounces_minimum", "new_account_messages", "new_account_recipients",
+        "new_account_domains", "new_account_networks", "forget_after", "max_accounts",
+        "save_interval", "admin_address", "webhook",
+    ],  # fmt: skip
     "relay": ROUTE_KEYS,
 }
 
@@ -195,6 +203,32 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
     },
     "metrics": {
         "listen": [9466, ["tcp:9466"], "bogus:9466", "ssl:9466"],
+    },
+    "breaker": {
+        "enabled": [1, "yes"],
+        "on_trip": ["refuse", "", True],
+        "min_history_hours": [-1, 1.5, "20"],
+        "history_days": [0, "28"],
+        "messages_factor": [0.5, 0, "3", True, float("nan")],
+        "messages_floor": [0, "20"],
+        "recipients_factor": [0.99],
+        "recipients_floor": [0],
+        "domains_factor": [0.9],
+        "domains_floor": [0],
+        "networks_factor": [-2],
+        "networks_floor": [0],
+        "bounces_factor": [0],
+        "bounces_floor": [1.5, -0.1, "0.2"],
+        "bounces_minimum": [0],
+        "new_account_messages": [0],
+        "new_account_recipients": [0],
+        "new_account_domains": [0],
+        "new_account_networks": [0, "5"],
+        "forget_after": [0, -1, "90d"],
+        "max_accounts": [0],
+        "save_interval": [0, "10"],
+        "admin_address": ["nobody", "<a@b.example>", "a b@c.example", 5, "@x.example"],
+        "webhook": ["true", 1],
     },
     "relay": {
         "smarthosts": [

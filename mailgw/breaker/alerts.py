@@ -39,7 +39,7 @@ class LogAlert:
 
     def tripped(self, event: dict[str, Any]) -> None:
         _log.warn(
-            "breaker tripped user={user!r} rule={rule} value={value} threshold={threshold} "
+            "breaker tripped user={user!r} rule={rule} value={value:g} threshold={threshold:g} "
             "client={client} queueId={queueId} action={action}: {text}",
             user=event["account"],
             rule=event["rule"],

@@ -68,7 +68,7 @@ def _scaled(
         basis = (
             f"the ceiling of an account with {f.history} of {c.minHistoryHours} hours of history"
         )
-        threshold: float = ceiling
+        threshold = float(ceiling)
     else:
         scaled = factor * peak
         threshold = max(float(floor), scaled)

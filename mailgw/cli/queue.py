@@ -18,6 +18,7 @@ import json
 import os
 import re
 import stat
+import sys
 import time
 from typing import Any
 
@@ -410,7 +411,8 @@ _DONE = {
 def queueControl(args: argparse.Namespace) -> int:
     """``flush``, ``hold``, ``release``, ``delete``: through the gateway if it runs."""
     if args.action == "release" and (args.account is None) == (not args.ids):
-        raise CommandError("release needs queue ids or --account ACCOUNT (not both)")
+        print("mailgw queue release: error: give queue ids or --account ACCOUNT", file=sys.stderr)
+        return 2  # a usage error
     if args.action == "release" and args.account is not None:
         from mailgw.cli.account import releaseAccount
 
