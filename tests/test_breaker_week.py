@@ -30,7 +30,7 @@ BODY = b"From: alice@example.com\r\nSubject: hello\r\n\r\nsee you\r\n"
 class Gateway:
     """The queue, the relay and the breaker, driven like the sessions would."""
 
-    def __init__(self, config: BreakerConfig = BreakerConfig()) -> None:
+    def __init__(self, config: BreakerConfig | None = None) -> None:
         self.clock = Clock()
         self.clock.advance(MONDAY)
         self.spool = MemorySpool(clock=self.clock)
@@ -40,7 +40,7 @@ class Gateway:
         self.runner = QueueRunner(
             self.spool, self.relay, self.clock, QueueConfig(retryJitter=0), "mx.example.com"
         )
-        self.breaker = AccountBreaker(self.clock, config)
+        self.breaker = AccountBreaker(self.clock, config or BreakerConfig())
         self.runner.screen, self.runner.bounced = self.breaker.screen, self.breaker.bounced
         self.runner.startService()
         self.refused: set[str] = set()
@@ -93,8 +93,8 @@ class WeekTests(SynchronousTestCase):
         figures = state["figures"]
         print(f"\nthe week: {len(messages)} messages, baseline {figures}")
         self.assertGreaterEqual(figures["history"], 20)  # past the new-account ceilings
-        self.assertGreater(gateway.breaker.accounts[USER].current.bounces
-                           + sum(h.bounces for h in gateway.breaker.accounts[USER].history), 0)  # fmt: skip
+        account = gateway.breaker.accounts[USER]
+        self.assertGreater(account.current.bounces + sum(h.bounces for h in account.history), 0)
 
     def burst(self, **kwargs: Any) -> tuple[Gateway, float, list[str], list[str]]:
         """The week, then a takeover a day later at 03:00; (gateway, start, before, after)."""
