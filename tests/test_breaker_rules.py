@@ -90,13 +90,14 @@ class RuleTests(SynchronousTestCase):
 
     def test_newAccountCeilings(self) -> None:
         new = attrs.evolve(QUIET, history=19, peakMessages=1)
-        self.assertEqual(check(attrs.evolve(new, messages=50), "messages"), (False, 50.0))
-        self.assertEqual(check(attrs.evolve(new, messages=51), "messages"), (True, 50.0))
-        self.assertEqual(check(attrs.evolve(new, recipients=101), "recipients"), (True, 100.0))
-        self.assertEqual(check(attrs.evolve(new, domains=31), "domains"), (True, 30.0))
+        self.assertEqual(check(attrs.evolve(new, messages=200), "messages"), (False, 200.0))
+        self.assertEqual(check(attrs.evolve(new, messages=201), "messages"), (True, 200.0))
+        self.assertEqual(check(attrs.evolve(new, recipients=401), "recipients"), (True, 400.0))
+        self.assertEqual(check(attrs.evolve(new, domains=50), "domains"), (False, 50.0))
+        self.assertEqual(check(attrs.evolve(new, domains=51), "domains"), (True, 50.0))
         self.assertEqual(check(attrs.evolve(new, networks=5), "networks"), (False, 5.0))
         self.assertEqual(check(attrs.evolve(new, networks=6), "networks"), (True, 5.0))
-        found = firstTripped(attrs.evolve(new, messages=51), CONFIG)
+        found = firstTripped(attrs.evolve(new, messages=201), CONFIG)
         assert found is not None
         self.assertIn("the ceiling of an account with 19 of 20 hours of history", found.text)
 

@@ -50,9 +50,9 @@ class BreakerConfig:
     bouncesFactor: float = 3.0
     bouncesFloor: float = 0.2
     bouncesMinimum: int = 10
-    newAccountMessages: int = 50
-    newAccountRecipients: int = 100
-    newAccountDomains: int = 30
+    newAccountMessages: int = 200
+    newAccountRecipients: int = 400
+    newAccountDomains: int = 50
     newAccountNetworks: int = 5
     forgetAfter: float = 90 * 86400.0
     maxAccounts: int = 100000
