@@ -137,7 +137,9 @@ class GatewayService(MultiService):
     ``resolver`` (for MX routes) may replace the defaults (tests and
     embedders). ``controlSocket`` is the
     control socket's path (default: in the spool directory when the spool
-    is the on-disk one; "" for none).
+    is the on-disk one; "" for none). ``webhookSender`` (``send(event,
+    payload)``) carries the account breaker's ``account.tripped`` event
+    when ``[breaker] webhook`` is on.
     """
 
     log = Logger()

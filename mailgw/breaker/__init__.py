@@ -9,5 +9,6 @@ account's learnt figures and its last hour), ``rules`` (the rules, pure
 functions of figures), ``breaker`` (L{IAccountBreaker} in memory),
 ``store`` (the state file in the spool directory and the persistent
 breaker), ``alerts`` (the alert seam: log line, admin message, webhook),
-``control`` (the control-socket commands of ``mailgw account``).
+``control`` (the control-socket commands of ``mailgw account``), ``build``
+(the breaker of a configuration).
 """
