@@ -58,6 +58,7 @@ _RESTART_ONLY = (
     ("limits", lambda c: c.limits),
     ("queue", lambda c: c.queue),
     ("proxy", lambda c: c.proxy),
+    ("breaker", lambda c: c.breaker),
 )
 
 

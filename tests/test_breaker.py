@@ -311,3 +311,12 @@ class StoreTests(SynchronousTestCase):
         breaker.observeLogin(USER, "192.0.2.7")
         self.successResultOf(breaker.stopService())
         self.assertEqual(SpoolReader(self.directory).pending(), [])
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_restartOnly(self) -> None:
+        from mailgw.config import Config
+        from mailgw.reloading import restartOnly
+
+        changed = Config(breaker=attrs.evolve(CONFIG, messagesFactor=5.0))
+        self.assertEqual(restartOnly(Config(breaker=CONFIG), changed), ["breaker"])
