@@ -147,7 +147,15 @@ class BaselineTests(SynchronousTestCase):
         # The window is the last 3600 seconds: three messages, x.example known.
         self.assertEqual((f.messages, f.domains), (3, 2))
         f = state.figures(START + HOUR + 31)
-        self.assertEqual((f.messages, f.recipients, f.domains, f.networks), (1, 1, 0, 0))
+        self.assertEqual(
+            (f.messages, f.recipients, f.domains, f.networks, f.sent, f.bounces), (1, 1, 0, 0, 1, 1)
+        )
+        # A recipient used again stays in the window from its last use.
+        state.message(START + HOUR + 40, ["a@x.example"], 28)
+        state.bounce(START + HOUR + 41, 2, 28)
+        f = state.figures(START + 2 * HOUR + 20)
+        self.assertEqual((f.messages, f.recipients, f.sent, f.bounces), (1, 1, 1, 2))
+        self.assertEqual(state.figures(START + 3 * HOUR).sent, 0)
 
     def test_forgetsOldDomainsAndHours(self) -> None:
         state = self.state()

@@ -94,11 +94,6 @@ class Figures:
         return attrs.asdict(self)
 
 
-def _prune(events: deque[Any], since: float) -> None:
-    while events and (events[0] if isinstance(events[0], float) else events[0][0]) <= since:
-        events.popleft()
-
-
 @attrs.define
 class AccountState:
     """
@@ -119,11 +114,15 @@ class AccountState:
     # The sliding window; not stored (a restart starts it afresh).
     _rcptInHour: set[str] = attrs.field(factory=set)
     _messages: deque[float] = attrs.field(factory=lambda: deque(maxlen=WINDOW_CAP))
-    _sent: deque[tuple[float, int]] = attrs.field(factory=lambda: deque(maxlen=WINDOW_CAP))
-    _bounces: deque[tuple[float, int]] = attrs.field(factory=lambda: deque(maxlen=WINDOW_CAP))
+    _sent: deque[tuple[float, int]] = attrs.field(factory=deque)
+    _bounces: deque[tuple[float, int]] = attrs.field(factory=deque)
+    _totals: list[int] = attrs.field(factory=lambda: [0, 0])  # of _sent, of _bounces
+    # Recipient -> last use, least recently used first (each use moves it last).
     _recipients: dict[str, float] = attrs.field(factory=dict)
     _newDomains: deque[float] = attrs.field(factory=lambda: deque(maxlen=WINDOW_CAP))
     _newNetworks: deque[float] = attrs.field(factory=lambda: deque(maxlen=WINDOW_CAP))
+    # The baseline's figures, computed again only when the history changes.
+    _peaks: tuple[int, int, int, int, float] | None = None
 
     # -- learning ----------------------------------------------------------------
 
@@ -137,7 +136,7 @@ class AccountState:
         if current.messages or current.networks or current.bounces:
             self.history.append(attrs.evolve(current, recipients=len(self._rcptInHour)
                                              or current.recipients))  # fmt: skip
-        self.current, self._rcptInHour = HourStats(hour), set()
+        self.current, self._rcptInHour, self._peaks = HourStats(hour), set(), None
         oldest = hour - historyDays * 24
         if self.history and self.history[0].hour <= oldest:
             self.history = [h for h in self.history if h.hour > oldest]
@@ -158,7 +157,7 @@ class AccountState:
         rcpts = list(dict.fromkeys(recipients))
         newDomains = 0
         for rcpt in rcpts:
-            if len(self._recipients) < WINDOW_CAP or rcpt in self._recipients:
+            if self._recipients.pop(rcpt, None) is not None or len(self._recipients) < WINDOW_CAP:
                 self._recipients[rcpt] = now
             if len(self._rcptInHour) < WINDOW_CAP:
                 self._rcptInHour.add(rcpt)
@@ -167,7 +166,7 @@ class AccountState:
                 self._newDomains.append(now)
                 newDomains += 1
         self._messages.append(now)
-        self._sent.append((now, len(rcpts)))
+        self._add(self._sent, 0, now, len(rcpts))
         c = self.current
         self.current = attrs.evolve(
             c,
@@ -179,8 +178,17 @@ class AccountState:
 
     def bounce(self, now: float, count: int, historyDays: int) -> None:
         self._roll(now, historyDays)
-        self._bounces.append((now, count))
+        self._add(self._bounces, 1, now, count)
         self.current = attrs.evolve(self.current, bounces=self.current.bounces + count)
+
+    def _add(self, window: deque[tuple[float, int]], total: int, now: float, n: int) -> None:
+        if len(window) < WINDOW_CAP:
+            window.append((now, n))
+            self._totals[total] += n
+
+    def _expire(self, window: deque[tuple[float, int]], total: int, since: float) -> None:
+        while window and window[0][0] <= since:
+            self._totals[total] -= window.popleft()[1]
 
     @staticmethod
     def _learn(learnt: dict[str, list[float]], key: str, now: float, cap: int) -> bool:
@@ -204,6 +212,7 @@ class AccountState:
                        self._newNetworks):  # fmt: skip
             window.clear()
         self._recipients.clear()
+        self._totals = [0, 0]
 
     def forgetHour(self, now: float) -> None:
         """Do not learn the hour that tripped: it is not how the account behaves."""
@@ -213,28 +222,44 @@ class AccountState:
 
     def figures(self, now: float) -> Figures:
         since = max(now - HOUR, self.armedAt - 1e-9)
-        for window in (self._messages, self._sent, self._bounces, self._newDomains,
-                       self._newNetworks):  # fmt: skip
-            _prune(window, since)
-        if self._recipients:
-            # Oldest first (insertion order is refreshed by each use).
-            for rcpt in [r for r, t in self._recipients.items() if t <= since]:
-                del self._recipients[rcpt]
-        history = self.history
-        sent = sum(h.sent for h in history)
+        for window in (self._messages, self._newDomains, self._newNetworks):
+            while window and window[0] <= since:
+                window.popleft()
+        self._expire(self._sent, 0, since)
+        self._expire(self._bounces, 1, since)
+        recipients = self._recipients
+        while recipients:
+            oldest = next(iter(recipients))
+            if recipients[oldest] > since:
+                break
+            del recipients[oldest]
+        peaks = self._peaks
+        if peaks is None:
+            peaks = self._peaks = self._baseline()
         return Figures(
             messages=len(self._messages),
-            recipients=len(self._recipients),
+            recipients=len(recipients),
             domains=len(self._newDomains),
             networks=len(self._newNetworks),
-            sent=sum(n for _, n in self._sent),
-            bounces=sum(n for _, n in self._bounces),
-            peakMessages=max((h.messages for h in history), default=0),
-            peakRecipients=max((h.recipients for h in history), default=0),
-            peakDomains=max((h.domains for h in history), default=0),
-            peakNetworks=max((h.networks for h in history), default=0),
-            bounceShare=sum(h.bounces for h in history) / sent if sent else 0.0,
-            history=len(history),
+            sent=self._totals[0],
+            bounces=self._totals[1],
+            peakMessages=peaks[0],
+            peakRecipients=peaks[1],
+            peakDomains=peaks[2],
+            peakNetworks=peaks[3],
+            bounceShare=peaks[4],
+            history=len(self.history),
+        )
+
+    def _baseline(self) -> tuple[int, int, int, int, float]:
+        history = self.history
+        sent = sum(h.sent for h in history)
+        return (
+            max((h.messages for h in history), default=0),
+            max((h.recipients for h in history), default=0),
+            max((h.domains for h in history), default=0),
+            max((h.networks for h in history), default=0),
+            sum(h.bounces for h in history) / sent if sent else 0.0,
         )
 
     # -- storage -----------------------------------------------------------------------
