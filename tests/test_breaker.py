@@ -297,7 +297,7 @@ class StoreTests(SynchronousTestCase):
         os.mkdir(blocker)
         with capturedLogs() as events:
             breaker.observeLogin(USER, "192.0.2.7")
-            breaker.changed(True)
+            breaker.changed(USER, True)
         self.assertTrue(any("breaker: cannot write" in formatEvent(e) for e in events))
         self.assertFalse(os.path.exists(os.path.join(self.directory, STATE_NAME)))
         os.rmdir(blocker)

@@ -29,8 +29,8 @@ HOUR = 3600.0
 #: The most events one window keeps (an account past this is far past every rule).
 WINDOW_CAP = 20000
 #: The most recipient domains and client networks learnt per account.
-MAX_DOMAINS = 2000
-MAX_NETWORKS = 256
+MAX_DOMAINS = 500
+MAX_NETWORKS = 64
 
 
 def networkOf(address: str) -> str:

@@ -35,9 +35,9 @@ def isoTime(timestamp: float) -> str:
 class AccountBreaker:
     """
     See L{IAccountBreaker}. ``alerts`` are told of each trip after the log
-    line (L{LogAlert}, always first). ``changed`` (set by the persistent
-    breaker) is called after every change, with True when it should be
-    saved at once (a trip, a reset).
+    line (L{LogAlert}, always first). ``changed(account, urgent)`` (set by
+    the persistent breaker) is called after every change of an account,
+    ``urgent`` when it should be saved at once (a trip, a reset).
     """
 
     def __init__(
@@ -50,7 +50,7 @@ class AccountBreaker:
         self.config = config
         self.alerts: list[IBreakerAlert] = [LogAlert(), *alerts]
         self.accounts: dict[str, AccountState] = {}
-        self.changed: Callable[[bool], None] = lambda urgent: None
+        self.changed: Callable[[str, bool], None] = lambda account, urgent: None
 
     @property
     def refuseLogins(self) -> bool:
@@ -89,7 +89,7 @@ class AccountBreaker:
             self._evaluate(account, state, now, clientAddress, None)
         else:
             state.lastSeen = now
-        self.changed(False)
+        self.changed(account, False)
         if state.trip is not None and self.refuseLogins:
             _log.info(
                 "breaker: login refused user={user!r} client={client} (tripped by {rule})",
@@ -109,11 +109,11 @@ class AccountBreaker:
             state.message(now, recipients, self.config.historyDays)
             self._evaluate(account, state, now, clientAddress, queueId)
         if state.trip is None:
-            self.changed(False)
+            self.changed(account, False)
             return False
         state.held += 1
         state.lastSeen = now
-        self.changed(False)
+        self.changed(account, False)
         return True
 
     def observeBounces(self, account: str, count: int, queueId: str) -> None:
@@ -124,7 +124,7 @@ class AccountBreaker:
         if state.trip is None:
             state.bounce(now, count, self.config.historyDays)
             self._evaluate(account, state, now, None, queueId)
-            self.changed(False)
+            self.changed(account, False)
 
     def _evaluate(
         self, account: str, state: AccountState, now: float, client: str | None,
@@ -142,7 +142,7 @@ class AccountBreaker:
                 alert.tripped(dict(state.trip))
             except Exception:
                 _log.failure("breaker: alert {alert!r} failed", alert=alert)
-        self.changed(True)
+        self.changed(account, True)
 
     def _event(
         self, account: str, check: Check, figures: dict[str, Any], now: float,
@@ -217,7 +217,7 @@ class AccountBreaker:
             user=account,
             what="tripped" if wasTripped else "armed",
         )
-        self.changed(True)
+        self.changed(account, True)
         return wasTripped
 
     # -- storage ---------------------------------------------------------------------

@@ -56,7 +56,7 @@ class BreakerConfig:
     newAccountNetworks: int = 5
     forgetAfter: float = 90 * 86400.0
     maxAccounts: int = 100000
-    saveInterval: float = 10.0
+    saveInterval: float = 60.0
     adminAddress: str = ""
     webhook: bool = False
 

@@ -35,6 +35,10 @@ STATE_FORMAT = 1
 _log = Logger(namespace="mailgw.breaker")
 
 
+def _encode(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 class CorruptState(ValueError):
     """The state file is not one this code can read."""
 
@@ -75,9 +79,12 @@ class StateFile:
 
     def write(self, accounts: dict[str, Any]) -> None:
         """Replace the file with ``accounts``, durably. @raise OSError."""
-        data = json.dumps(
-            {"version": STATE_FORMAT, "accounts": accounts}, separators=(",", ":")
-        ).encode("utf-8")
+        self.writeEncoded({name: _encode(value) for name, value in accounts.items()})
+
+    def writeEncoded(self, accounts: dict[str, str]) -> None:
+        """As L{write}, each account's value already JSON. @raise OSError."""
+        body = ",".join(f"{json.dumps(name)}:{value}" for name, value in accounts.items())
+        data = f'{{"version":{STATE_FORMAT},"accounts":{{{body}}}}}'.encode()
         directory = os.path.dirname(self.path) or "."
         temporary = self.path + ".tmp"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -116,8 +123,12 @@ class PersistentBreaker(AccountBreaker, Service):
         self._run = runInThread
         self._timer: IDelayedCall | None = None
         self._saving: Deferred[None] | None = None
-        self._dirty = False
+        self._dirty: set[str] = set()
         self.changed = self._changed
+        # Each account as last written, JSON: touched only by the writes
+        # (one at a time, in a thread), so that a write encodes only the
+        # accounts changed since the last one.
+        self._encoded: dict[str, str] = {}
 
     def load(self) -> None:
         """Read the state file (at start-up, before any login): bad state is a fresh one."""
@@ -139,6 +150,7 @@ class PersistentBreaker(AccountBreaker, Service):
             )
             return
         taken = self.restore(accounts)
+        self._dirty.update(self.accounts)
         tripped = sum(1 for s in self.accounts.values() if s.trip is not None)
         _log.info(
             "breaker: {count} accounts read from {path}, {tripped} tripped",
@@ -156,8 +168,8 @@ class PersistentBreaker(AccountBreaker, Service):
         self._cancelTimer()
         return self.save()
 
-    def _changed(self, urgent: bool) -> None:
-        self._dirty = True
+    def _changed(self, account: str, urgent: bool) -> None:
+        self._dirty.add(account)
         if urgent:
             self._cancelTimer()
             self.save()
@@ -185,16 +197,18 @@ class PersistentBreaker(AccountBreaker, Service):
             return waiter
         if not self._dirty:
             return succeed(None)
-        self._dirty = False
+        dirty, self._dirty = self._dirty, set()
         self.expire()
-        snapshot = self.toJSON()
-        d = self._run(self.file.write, snapshot)
+        # On the reactor thread, only copies of the accounts changed since
+        # the last write; encoding and writing them runs in the thread.
+        changed = {n: self.accounts[n].toJSON() for n in dirty if n in self.accounts}
+        d = self._run(self._writeBlocking, changed, set(self.accounts))
         self._saving = d
 
         def done(result: Any) -> None:
             self._saving = None
             if isinstance(result, Failure):
-                self._dirty = True  # the next change, or the stop, writes again
+                self._dirty |= dirty  # the next change, or the stop, writes them again
                 _log.error(
                     "breaker: cannot write {path}: {error}", path=self.file.path,
                     error=result.value,
@@ -202,3 +216,11 @@ class PersistentBreaker(AccountBreaker, Service):
 
         d.addBoth(done)
         return d
+
+    def _writeBlocking(self, changed: dict[str, Any], names: set[str]) -> None:
+        encoded = self._encoded
+        for name in [n for n in encoded if n not in names]:
+            del encoded[name]
+        for name, value in changed.items():
+            encoded[name] = _encode(value)
+        self.file.writeEncoded(encoded)
