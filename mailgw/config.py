@@ -48,6 +48,7 @@ from mailgw._configparse import (  # ConfigError, mergeOverrides, readConfigFile
     readConfigFile,
 )
 from mailgw.apiconfig import ApiConfig, WebhooksConfig, apiSection, webhooksSection
+from mailgw.breaker.config import BreakerConfig, readBreaker
 from mailgw.dkim.config import DKIMConfig, dkimSection
 from mailgw.envelope import Address
 from mailgw.filter.settings import (
@@ -328,6 +329,7 @@ class Config:
     etrn: EtrnConfig = EtrnConfig()
     dkim: DKIMConfig = DKIMConfig()
     milter: MilterConfig = MilterConfig()
+    breaker: BreakerConfig = BreakerConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -737,6 +739,7 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "etrn": loadEtrn,
     "dkim": dkimSection,
     "milter": milterConfig,
+    "breaker": readBreaker,
 }
 
 

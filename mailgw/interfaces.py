@@ -351,3 +351,64 @@ class IMilterSession(Interface):
 
     def close():  # type: ignore[no-untyped-def]
         """The SMTP session ended."""
+
+
+class IAccountBreaker(Interface):
+    """
+    The account circuit breaker (docs/breaker.md): learns each account's
+    usual behaviour from what the gateway sees and trips when the last
+    hour departs from it. A tripped account's new messages are held and,
+    when so configured, its logins refused, until an operator resets it.
+    None of these methods fails: a problem is logged, and mail keeps
+    flowing.
+    """
+
+    refuseLogins = Attribute("bool: a tripped account's logins are refused (454 4.7.0)")
+
+    def observeLogin(account, clientAddress):  # type: ignore[no-untyped-def]
+        """
+        ``account`` logged in from ``clientAddress`` (checked by a backend).
+
+        @return: True when the login may go on; False when the account is
+            tripped and logins are refused.
+        """
+
+    def observeMessage(account, recipients, clientAddress, queueId):  # type: ignore[no-untyped-def]
+        """
+        ``account`` committed message ``queueId`` to ``recipients``
+        (strings ``local@domain``).
+
+        @return: True when the message must be held (the account is
+            tripped, or this message tripped it).
+        """
+
+    def observeBounces(account, count, queueId):  # type: ignore[no-untyped-def]
+        """``count`` recipients of ``account``'s message ``queueId`` bounced (permanent)."""
+
+    def isTripped(account):  # type: ignore[no-untyped-def]
+        """@return: True while ``account`` is tripped."""
+
+    def state(account):  # type: ignore[no-untyped-def]
+        """
+        @return: a JSON-able dict (the trip if any, the last hour, the
+            baseline and every rule's check), or None for an unknown account.
+        """
+
+    def reset(account):  # type: ignore[no-untyped-def]
+        """
+        Re-arm ``account``: the trip is forgotten, its logins and messages
+        are let through again, the baseline is kept.
+
+        @return: True if it was tripped.
+        @raise KeyError: unknown account.
+        """
+
+
+class IBreakerAlert(Interface):
+    """Where a trip is announced (the log, an admin's mailbox, a webhook)."""
+
+    def tripped(event):  # type: ignore[no-untyped-def]
+        """
+        Announce ``event`` (the JSON-able payload of docs/breaker.md);
+        returns nothing and never raises: a failure is logged.
+        """

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
@@ -29,6 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from mailgw.api import ApiResource, makeApi
 from mailgw.apiconfig import readSecret
 from mailgw.auth.realm import makePortal
+from mailgw.breaker.build import makeBreaker
 from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
@@ -151,7 +152,9 @@ class GatewayService(MultiService):
     ``resolver`` (for MX routes) may replace the defaults (tests and
     embedders). ``controlSocket`` is the
     control socket's path (default: in the spool directory when the spool
-    is the on-disk one; "" for none).
+    is the on-disk one; "" for none). ``webhookSender`` (``send(event,
+    payload)``; default: the ``[webhooks]`` sender) carries the account
+    breaker's ``account.tripped`` event when ``[breaker] webhook`` is on.
     """
 
     log = Logger()
@@ -170,6 +173,7 @@ class GatewayService(MultiService):
         controlSocket: str | None = None,
         exitOnListenFailure: bool = False,
         metrics: Metrics | None = None,
+        webhookSender: Any = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -220,6 +224,10 @@ class GatewayService(MultiService):
         self.webhooks: WebhookSender | None = _webhooks(config, reactor, self.runner)
         if self.webhooks is not None:
             self.webhooks.setServiceParent(self)
+        # An embedder's sender, or the [webhooks] one, carries the breaker's alerts.
+        self.breaker = self._addBreaker(
+            webhookSender if webhookSender is not None else self.webhooks
+        )
         if controlSocket is None and isinstance(self.spool, Spool):
             controlSocket = defaultSocketPath(config.spool.directory)
         #: What ``mailgw reload`` calls (``twistd mailgw``: the SIGHUP reload,
@@ -227,7 +235,11 @@ class GatewayService(MultiService):
         self.reloader: Callable[[], bool] = self.reload
         if controlSocket:
             control = _OptionalControl(
-                controlSocket, self.runner, reactor, reload=lambda: self.reloader()
+                controlSocket,
+                self.runner,
+                reactor,
+                reload=lambda: self.reloader(),
+                breaker=self.breaker,
             )
             control.setServiceParent(self)
         if metrics is None and config.metrics.listen:
@@ -252,6 +264,25 @@ class GatewayService(MultiService):
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
 
+    def _addBreaker(self, webhookSender: Any) -> Any:
+        """The account breaker (docs/breaker.md), hooked into queue and logins; None if off."""
+        onDisk = self._spoolThreads is not None
+        breaker = makeBreaker(
+            self.config.breaker,
+            self.reactor,
+            self.runner,
+            self.settings.hostname,
+            self.config.spool.directory if onDisk else None,
+            threadRunner(self.reactor, self._spoolThreads) if onDisk else None,
+            webhookSender,
+        )
+        if breaker is not None:
+            self.runner.screen, self.runner.bounced = breaker.screen, breaker.bounced
+            self.guards.breaker = breaker
+            if isinstance(breaker, Service):
+                breaker.setServiceParent(self)
+        return breaker
+
     def _watch(self, metrics: Metrics) -> None:
         """Count into ``metrics``; serve them on ``[metrics] listen`` when set."""
         metrics.watchQueue(self.runner, self.reactor)
@@ -264,6 +295,8 @@ class GatewayService(MultiService):
             self.guards.auth.metrics = metrics
         if self.config.metrics.listen:
             self.api = makeApi(self.config, self.runner, lambda: self.guards.quota)
+            if self.api is not None and self.breaker is not None:
+                self.api.accountSections["breaker"] = self.breaker.state
             site = makeSite(metrics.registry, gatewayChecks(self), self.api)
             self.metricsService = MetricsService(self.reactor, self.config.metrics.listen, site)
             self.metricsService.setServiceParent(self)

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import stat
+import sys
 import time
 from typing import Any
 
@@ -122,7 +123,12 @@ def addQueueParser(subparsers: Subparsers) -> None:
         ("release", "release held messages: they are tried now"),
         ("delete", "remove messages from the queue without a bounce"),
     ):
-        action(name, help, queueControl).add_argument("ids", nargs="+", metavar="ID")
+        sub = action(name, help, queueControl)
+        sub.add_argument("ids", nargs="*" if name == "release" else "+", metavar="ID")
+    releasing = actions.choices["release"]
+    releasing.add_argument(
+        "--account", metavar="ACCOUNT", help="release every held message of this account"
+    )
 
 
 def spoolDirectory(args: argparse.Namespace) -> str:
@@ -426,6 +432,13 @@ _DONE = {
 
 def queueControl(args: argparse.Namespace) -> int:
     """``flush``, ``hold``, ``release``, ``delete``: through the gateway if it runs."""
+    if args.action == "release" and (args.account is None) == (not args.ids):
+        print("mailgw queue release: error: give queue ids or --account ACCOUNT", file=sys.stderr)
+        return 2  # a usage error
+    if args.action == "release" and args.account is not None:
+        from mailgw.cli.account import releaseAccount
+
+        return releaseAccount(args)
     directory = spoolDirectory(args)
     socketPath = defaultSocketPath(directory)
     command, ids = args.action, list(dict.fromkeys(args.ids))

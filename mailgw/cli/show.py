@@ -23,7 +23,7 @@ from mailgw.cli.errors import CommandError
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
 _SECTIONS: tuple[str, ...] = ("server", "tls", "auth", "spool", "queue", "limits", "policy")
-_SECTIONS += ("proxy", "metrics", "api", "webhooks", "reinject", "etrn", "milter")
+_SECTIONS += ("proxy", "metrics", "api", "webhooks", "reinject", "etrn", "milter", "breaker")
 
 
 def addShowConfigParser(subparsers: Any) -> None:

@@ -42,7 +42,9 @@ class SchedulingWriter:
     scheduled.
     """
 
-    def __init__(self, writer: IMessageWriter, accept: Callable[[QueuedMessage], None]) -> None:
+    def __init__(
+        self, writer: IMessageWriter, accept: Callable[[QueuedMessage], Deferred[None] | None]
+    ) -> None:
         self._writer = writer
         self._accept = accept
 
@@ -67,10 +69,12 @@ class SchedulingWriter:
     def commit(self) -> Deferred[str]:
         return self._writer.commit().addCallback(self._committed)
 
-    def _committed(self, queueId: str) -> str:
+    def _committed(self, queueId: str) -> str | Deferred[str]:
         message = self._writer.message
         if message is not None:
-            self._accept(message)
+            waiting = self._accept(message)
+            if waiting is not None:  # held at intake: once that is on disk
+                return waiting.addCallback(lambda _: queueId)
         else:  # pragma: no cover - every ISpool of ours sets it
             _log.error("Committed {queueId} has no state to schedule", queueId=queueId)
         return queueId

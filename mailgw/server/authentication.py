@@ -252,6 +252,11 @@ class AuthPhase:
             limiter = self._listener.guards.connections
             if limiter is not None:
                 limiter.authenticated(self._clientAddress())
+            breaker = self._listener.guards.breaker
+            if breaker is not None and not breaker.observeLogin(
+                avatar.login, self._clientAddress()
+            ):
+                return LoginOutcome(replies.AUTH_TEMPFAIL)  # tripped: 454 4.7.0 (logged)
             self._log.info(
                 "auth ok user={user!r} client={client}",
                 user=avatar.login,
