@@ -29,11 +29,20 @@ from twisted.python.failure import Failure
 
 from mailgw import replies
 from mailgw.auth import MechanismUnavailable
+from mailgw.auth.relay import IRelayedCredentials, RelayChallenge, RelayedCredentials
 from mailgw.auth.scram import IScramCredentials
 from mailgw.interfaces import ISubmitter
 from mailgw.limits.auth import AuthAttempt
 from mailgw.replies import SMTPReply
-from mailgw.server.sasl import Challenge, Exchange, SASLFailure, fromClient, makeExchange
+from mailgw.server.sasl import (
+    Challenge,
+    Exchange,
+    RelayedExchange,
+    SASLFailure,
+    fromClient,
+    makeExchange,
+    relayFor,
+)
 from mailgw.server.scram import NeedKeys, ScramExchange, lookupKeys
 from mailgw.server.settings import Listener
 
@@ -107,7 +116,7 @@ class AuthPhase:
     def __init__(self, listener: Listener, clientAddress: Callable[[], str]) -> None:
         self._listener = listener
         self._clientAddress = clientAddress
-        self._exchange: Exchange | _ServerFinal | None = None
+        self._exchange: Exchange | RelayedExchange | _ServerFinal | None = None
         self._mechanism = ""
         self._attempt: AuthAttempt | None = None
         # The delay before the check, while it runs: cancelled by abandon().
@@ -131,6 +140,11 @@ class AuthPhase:
             initial = _decode(words[1].encode("ascii"))
             if initial is None:
                 return replies.AUTH_BAD_BASE64
+        relay = relayFor(self._listener.portal, mechanism)
+        if relay is not None:
+            relayed = RelayedExchange(mechanism, relay.converse(mechanism, self._clientAddress()))
+            self._exchange, self._mechanism = relayed, mechanism
+            return self._relay(relayed, initial)
         exchange = makeExchange(mechanism, self._listener.settings.hostname)
         self._exchange, self._mechanism = exchange, mechanism
         return self._step(mechanism, lambda: exchange.start(initial))
@@ -140,24 +154,40 @@ class AuthPhase:
         exchange = self._exchange
         assert exchange is not None
         if raw.strip() == b"*":
-            self._exchange = None
+            self._endExchange()
             return replies.AUTH_CANCELLED
         response = _decode(raw.strip())
         if response is None:
-            self._exchange = None
+            self._endExchange()
             return replies.AUTH_BAD_BASE64
         if isinstance(exchange, _ServerFinal):
             self._exchange = None  # RFC 4954 4: the client answers final data with nothing
             return succeed(exchange.outcome) if response == b"" else replies.AUTH_BAD_BASE64
+        if isinstance(exchange, RelayedExchange):
+            return self._relay(exchange, response)
         return self._step(self._mechanism, lambda: exchange.respond(response))
 
     def cancel(self) -> None:
         """The exchange ends without an answer (its line was too long)."""
-        self._exchange = None
+        self._endExchange()
+
+    def _endExchange(self) -> None:
+        """
+        The exchange is dropped before its end. A relayed one is cancelled
+        at its service; once the throttle has counted it, it stays counted
+        (abandoned), as a hang-up would.
+        """
+        exchange, self._exchange = self._exchange, None
+        if isinstance(exchange, RelayedExchange):
+            # The attempt first: cancelling may settle a step at once.
+            attempt, self._attempt = self._attempt, None
+            exchange.conversation.cancel()
+            if attempt is not None:
+                attempt.abandoned()
 
     def abandon(self) -> None:
         """The session ends: an exchange is dropped, an attempt in flight is abandoned."""
-        self._exchange = None
+        self._endExchange()
         attempt, self._attempt = self._attempt, None
         if attempt is not None:
             attempt.abandoned()
@@ -231,6 +261,69 @@ class AuthPhase:
             d = maybeDeferred(portal.login, credentials, None, ISubmitter)
         return d.addBoth(self._settle, attempt, credentials)
 
+    def _relay(self, exchange: RelayedExchange, data: bytes | None) -> AuthStep:
+        """
+        One step of an exchange a backend's service conducts: ``data``
+        (the client's response; None: no initial response) goes to the
+        service, its challenge comes back as a 334 and its verdict goes to
+        the portal. The throttle counts the attempt once, at the first
+        data the client sends, and it stays in flight until the verdict.
+        """
+        attempt, delay = self._attempt, 0.0
+        throttle = self._listener.guards.auth
+        if data is not None and not exchange.counted:
+            exchange.counted = True
+            exchange.claim(data)
+            if throttle is not None:
+                claimed = exchange.claimed
+                login = claimed.decode("utf-8", "replace") if claimed is not None else None
+                decision = throttle.begin(self._clientAddress(), login, exchange.mechanism)
+                if decision.refuse and decision.reply is not None:
+                    self._endExchange()
+                    if decision.disconnect:
+                        return CloseWith(decision.reply)
+                    return decision.reply
+                delay, attempt = decision.delay, decision.attempt
+                self._attempt = attempt
+        conversation = exchange.conversation
+        if delay > 0:
+            # As for a local login: after a few failures every answer waits.
+            def afterDelay() -> Deferred[Any]:
+                self._delayed = None
+                return conversation.step(data)
+
+            d: Deferred[Any] = deferLater(self._listener.clock, delay, afterDelay)
+            self._delayed = d
+        else:
+            d = conversation.step(data)
+        return d.addCallbacks(
+            self._relayed,
+            self._relayFailed,
+            callbackArgs=(exchange, attempt),
+            errbackArgs=(exchange, attempt),
+        )
+
+    def _relayed(
+        self, answer: Any, exchange: RelayedExchange, attempt: AuthAttempt | None
+    ) -> LoginOutcome | Deferred[LoginOutcome]:
+        if self._exchange is not exchange:
+            return LoginOutcome(replies.AUTH_TEMPFAIL)  # the session ended meanwhile
+        if isinstance(answer, RelayChallenge):
+            encoded = base64.b64encode(answer.data).decode("ascii")
+            return LoginOutcome(SMTPReply(334, "", encoded))
+        self._exchange = None
+        credentials = RelayedCredentials(answer.login or exchange.claimed or b"", answer)
+        d = maybeDeferred(self._listener.portal.login, credentials, None, ISubmitter)
+        return d.addBoth(self._settle, attempt, credentials)
+
+    def _relayFailed(
+        self, failure: Failure, exchange: RelayedExchange, attempt: AuthAttempt | None
+    ) -> LoginOutcome:
+        if self._exchange is exchange:
+            self._exchange = None
+            exchange.conversation.cancel()
+        return self._settle(failure, attempt, None)
+
     def _afterDelay(self, credentials: Any) -> Deferred[Any]:
         self._delayed = None
         return maybeDeferred(self._listener.portal.login, credentials, None, ISubmitter)
@@ -255,13 +348,11 @@ class AuthPhase:
                 client=self._clientAddress(),
             )
             outcome = LoginOutcome(replies.AUTH_OK, avatar.login)
-            if IScramCredentials.providedBy(credentials):
-                # SMTP has no data on 235: the server signature goes in a 334.
+            final = _serverFinal(credentials)
+            if final is not None:
+                # SMTP has no data on 235: the server's final data goes in a 334.
                 self._exchange = _ServerFinal(outcome)
-                signature = base64.b64encode(
-                    b"v=" + base64.b64encode(credentials.serverSignature())
-                )
-                return LoginOutcome(SMTPReply(334, "", signature.decode("ascii")))
+                return LoginOutcome(SMTPReply(334, "", base64.b64encode(final).decode("ascii")))
             return outcome
         if result.check(MechanismUnavailable):
             if attempt is not None:
@@ -284,6 +375,16 @@ class AuthPhase:
             user=(username(credentials) or "")[:128],
             client=self._clientAddress(),
         )
+
+
+def _serverFinal(credentials: Any) -> bytes | None:
+    """The server's final data of a successful exchange (SCRAM's ``v=``), if any."""
+    if IScramCredentials.providedBy(credentials):
+        return b"v=" + base64.b64encode(credentials.serverSignature())
+    if IRelayedCredentials.providedBy(credentials):
+        final: bytes | None = credentials.verdict.final
+        return final
+    return None
 
 
 def _decode(response: bytes) -> bytes | None:

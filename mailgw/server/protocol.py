@@ -343,7 +343,7 @@ class SubmissionServer(Connection):
 
     def _loggedIn(self, outcome: LoginOutcome) -> None:
         left, self._preAuthLeft = self._preAuthLeft, None
-        if self._metrics is not None:
+        if self._metrics is not None and outcome.reply.code != 334:  # 334: mid-exchange
             code = outcome.reply.code
             result = "success" if outcome.user else "failure" if code >= 500 else "tempfail"
             self._metrics.authAttempt(self.record.mechanism or "unknown", result)

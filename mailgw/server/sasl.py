@@ -17,18 +17,27 @@ import attrs
 from twisted.cred.credentials import CramMD5Credentials, ICredentials, UsernamePassword
 from twisted.cred.portal import Portal
 
-from mailgw.auth.mechanisms import MECHANISMS, byInterfaces, checkerMechanisms, ordered
+from mailgw.auth.mechanisms import (
+    LOCAL_INTERFACE,
+    MECHANISMS,
+    byInterfaces,
+    checkerMechanisms,
+    ordered,
+)
+from mailgw.auth.relay import IRelayedCredentials, ISASLConversation, ISASLRelay
 
 __all__ = [
     "MECHANISMS",
     "Challenge",
     "Done",
     "Exchange",
+    "RelayedExchange",
     "SASLFailure",
     "availableMechanisms",
     "fromClient",
     "makeExchange",
     "portalMechanisms",
+    "relayFor",
 ]
 
 
@@ -186,6 +195,65 @@ def portalMechanisms(portal: Portal) -> tuple[str, ...]:
         for interface, checker in portal.checkers.items()
         for m in checkerMechanisms(checker, interface)
     )
+
+
+@attrs.define
+class RelayedExchange:
+    """
+    An exchange a backend's service conducts (L{mailgw.auth.relay}): the
+    AUTH phase carries each response to ``conversation`` and each of its
+    challenges back. ``claimed`` is the login the client named (for the
+    throttle and the logs, never trusted); ``counted`` is set once the
+    throttle has counted the attempt.
+    """
+
+    mechanism: str
+    conversation: ISASLConversation
+    claimed: bytes | None = None
+    counted: bool = False
+
+    def claim(self, response: bytes) -> None:
+        """Note the login a response names, where the mechanism puts one."""
+        if self.claimed is None:
+            self.claimed = claimedLogin(self.mechanism, response)
+
+
+def claimedLogin(mechanism: str, response: bytes) -> bytes | None:
+    """
+    The login a client response names: CRAM-MD5's ``user SP digest``, a
+    SCRAM client-first's ``n=user``; None when it names none (or it is not
+    well formed: the service will say so).
+    """
+    if mechanism == "CRAM-MD5":
+        user, space, _ = response.rpartition(b" ")
+        return user if space and user else None
+    if mechanism.startswith("SCRAM-"):
+        for part in response.split(b",")[2:3]:
+            if part.startswith(b"n=") and len(part) > 2:
+                return part[2:].replace(b"=2C", b",").replace(b"=3D", b"=")
+    return None
+
+
+def relayFor(portal: Portal, mechanism: str) -> ISASLRelay | None:
+    """
+    The checker that relays ``mechanism`` to its service, or None: a
+    mechanism that a checker of mailgw's own credentials serves (the
+    C{passwd:} file's CRAM-MD5 or SCRAM keys) is served here, never
+    relayed; otherwise the first relaying checker, in the portal's order,
+    that serves it now.
+    """
+    local = LOCAL_INTERFACE.get(mechanism)
+    checker = portal.checkers.get(local) if local is not None else None  # type: ignore[call-overload]
+    if checker is not None and mechanism in checkerMechanisms(checker, local):
+        return None
+    registered = portal.checkers.get(IRelayedCredentials)  # type: ignore[call-overload]
+    candidates = getattr(registered, "checkers", [registered] if registered else [])
+    for candidate in candidates:
+        if ISASLRelay.providedBy(candidate) and mechanism in checkerMechanisms(
+            candidate, IRelayedCredentials
+        ):
+            return candidate  # type: ignore[no-any-return]
+    return None
 
 
 def makeExchange(mechanism: str, hostname: str) -> Exchange:

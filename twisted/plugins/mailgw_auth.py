@@ -17,6 +17,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailgw.auth.passwd import PasswdChecker, PasswdFileError, readUsers
+from mailgw.auth.relay import IRelayedCredentials
 from mailgw.auth.scram import IScramCredentials
 
 _passwdHelp = """
@@ -185,6 +186,9 @@ smtpd_sasl_type = dovecot:
 
 PLAIN and LOGIN are passed to Dovecot as PLAIN with service=smtp, secured
 and the client's address; EHLO offers them while Dovecot lists PLAIN.
+CRAM-MD5 and SCRAM-SHA-256 exchanges are relayed to Dovecot (it makes the
+challenges and checks the answers) while its handshake lists them, unless
+another backend (a passwd: file with CRAM or SCRAM secrets) serves them.
 While Dovecot cannot be reached or does not answer within 30 seconds,
 logins get 454 4.7.0 and mailgw reconnects by itself, with a back-off.
 """
@@ -197,7 +201,7 @@ class DovecotCheckerFactory:
     authType = "dovecot"
     authHelp = _dovecotHelp
     argStringFormat = "PATH or tcp:HOST:PORT"
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, IRelayedCredentials)
 
     def generateChecker(self, argstring: str) -> Any:
         """
