@@ -86,7 +86,9 @@ SQLite. FILE is a TOML file naming the driver, the database, the query
     pool_size = 4
 
 Stored hashes: argon2id, bcrypt, SHA512-CRYPT, SHA256-CRYPT and Dovecot's
-{SCHEME} values. See docs/auth.md.
+{SCHEME} values. `mechanisms = ["PLAIN", "LOGIN", "SCRAM-SHA-256"]` also
+offers SCRAM-SHA-256 (for {SCRAM-SHA-256} or, with allow_plain, {PLAIN}
+values); CRAM-MD5 needs {PLAIN} values and allow_plain. See docs/auth.md.
 """
 
 
@@ -97,7 +99,7 @@ class SQLCheckerFactory:
     authType = "sql"
     authHelp = _sqlHelp
     argStringFormat = "FILE"
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IScramCredentials)
 
     def generateChecker(self, argstring: str) -> Any:
         """
