@@ -45,6 +45,7 @@ from mailgw.auth.relay import (
     RelayChallenge,
     RelayVerdict,
 )
+from mailgw.auth.workers import IRetirable
 
 __all__ = ["DovecotChecker", "DovecotConversation", "DovecotUnavailable", "RELAYED"]
 
@@ -54,7 +55,7 @@ RELAYED = ("CRAM-MD5", "SCRAM-SHA-256")
 _log = Logger()
 
 
-@implementer(ICredentialsChecker, ISASLMechanisms, ISASLRelay)
+@implementer(ICredentialsChecker, ISASLMechanisms, ISASLRelay, IRetirable)
 class DovecotChecker:
     """
     Checks plain passwords with Dovecot's auth service at ``endpoint``.
@@ -94,6 +95,7 @@ class DovecotChecker:
         self.idleTimeout = idleTimeout
         self._idle: Any = None
         self._inFlight = 0
+        self._retired = False
         self._connection: DovecotAuthProtocol | None = None
         self._connecting: list[Deferred[DovecotAuthProtocol]] | None = None
         self._backoff = 0.0
@@ -205,6 +207,12 @@ class DovecotChecker:
         self._cancelIdle()
         self._dropConnection()
 
+    def retire(self) -> None:
+        """Replaced by a reload: close the connection once no login is in flight."""
+        self._retired = True
+        if self._inFlight == 0:
+            self.stop()
+
     def _cancelIdle(self) -> None:
         idle, self._idle = self._idle, None
         if idle is not None and idle.active():
@@ -213,7 +221,9 @@ class DovecotChecker:
     def _settled(self, result: Any) -> Any:
         """A login is answered: with none left in flight, close the connection when idle."""
         self._inFlight -= 1
-        if self._inFlight == 0 and self._connection is not None:
+        if self._inFlight == 0 and self._retired:
+            self.stop()
+        elif self._inFlight == 0 and self._connection is not None:
             self._cancelIdle()
             self._idle = self.clock.callLater(self.idleTimeout, self._dropConnection)
         return result

@@ -382,16 +382,24 @@ def sharedDatabase(settings: SQLSettings, reactor: Any) -> SQLDatabase:
     return _databases.get(settings, reactor, lambda: SQLDatabase(settings, reactor))  # type: ignore[no-any-return]
 
 
+def _leaseDatabase(settings: SQLSettings, reactor: Any) -> tuple[SQLDatabase, Callable[[], None]]:
+    """L{sharedDatabase}, held until the returned release is called (by a retired checker)."""
+    database = _databases.acquire(settings, reactor, lambda: SQLDatabase(settings, reactor))
+    return database, lambda: _databases.release(settings, reactor, database)
+
+
 def makeSQLChecker(settings: SQLSettings, reactor: Any) -> Any:
     """
     The C{sql:} checker: a L{StoredHashChecker} over the L{SQLDatabase} of
     ``settings`` (L{sharedDatabase}),
     verifying hashes in ``reactor``'s own thread pool (not the database's,
-    so slow hashing never holds a connection).
+    so slow hashing never holds a connection). Retired (a reload replaced
+    it), it lets go of the database: its pool closes once no checker holds
+    it and its queries under way are done.
     """
     from mailgw.auth.stored import StoredHashChecker
 
-    database = sharedDatabase(settings, reactor)
+    database, release = _leaseDatabase(settings, reactor)
 
     def runInThread(f: Any, *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
@@ -402,4 +410,5 @@ def makeSQLChecker(settings: SQLSettings, reactor: Any) -> Any:
         allowPlain=settings.allowPlain,
         name=settings.source,
         mechanisms=settings.mechanisms,
+        release=release,
     )

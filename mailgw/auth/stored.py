@@ -34,6 +34,7 @@ from mailgw.auth.cache import InFlight, VerifiedCache
 from mailgw.auth.hashes import HashFormatError, cleartext, hashScheme, scramKeysOf, verifyStored
 from mailgw.auth.mechanisms import BY_INTERFACE, ISASLMechanisms, MechanismUnavailable
 from mailgw.auth.scram import DEFAULT_ITERATIONS, IScramCredentials, IScramKeys, ScramKeys, makeKeys
+from mailgw.auth.workers import IRetirable
 
 __all__ = ["Fetch", "StoredHashChecker", "StoredUser"]
 
@@ -61,7 +62,7 @@ Fetch = Callable[[str], defer.Deferred[StoredUser | None]]
 _SALT_SECRET = os.urandom(32)
 
 
-@implementer(ICredentialsChecker, ISASLMechanisms, IScramKeys)
+@implementer(ICredentialsChecker, ISASLMechanisms, IScramKeys, IRetirable)
 @attrs.define
 class StoredHashChecker:
     """
@@ -81,6 +82,8 @@ class StoredHashChecker:
         too, so a changed password in the backend misses it), or C{None}.
     @ivar mechanisms: the SASL mechanisms offered: PLAIN and LOGIN, and
         CRAM-MD5 and SCRAM-SHA-256 where the backend's values allow them.
+    @ivar release: called once by L{retire} (the backend lets go of its
+        connections), or C{None}.
     """
 
     fetch: Fetch
@@ -89,6 +92,7 @@ class StoredHashChecker:
     cache: VerifiedCache | None = attrs.field(factory=VerifiedCache)
     name: str = "stored"
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    release: Callable[[], None] | None = None
     credentialInterfaces: tuple[type, ...] = attrs.field(init=False)
     _dummy: str = attrs.field(init=False, repr=False)
     _inflight: InFlight = attrs.field(init=False, factory=InFlight, repr=False)
@@ -105,6 +109,11 @@ class StoredHashChecker:
 
     def saslMechanisms(self) -> tuple[str, ...]:
         return self.mechanisms
+
+    def retire(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
     def _verify(self, stored: str, password: bytes) -> bool:
         """Runs in a thread."""

@@ -171,9 +171,9 @@ class LDAPCheckerFactory:
             raise ValueError("ldap: needs ldap3 (pip install 'mailgw[ldap]')") from None
         from twisted.internet import reactor
 
-        from mailgw.auth.ldap import LDAPChecker, loadLDAPSettings, sharedDirectory
+        from mailgw.auth.ldap import loadLDAPSettings, makeLDAPChecker
 
-        return LDAPChecker(sharedDirectory(loadLDAPSettings(argstring), reactor))
+        return makeLDAPChecker(loadLDAPSettings(argstring), reactor)
 
 
 theLDAPCheckerFactory = LDAPCheckerFactory()
