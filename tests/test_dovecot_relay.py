@@ -24,7 +24,7 @@ from mailgw.auth.dovecot import DovecotChecker, DovecotUnavailable
 from mailgw.auth.passwd import PasswdChecker, addUser
 from mailgw.auth.relay import ISASLConversation, ISASLRelay, RelayChallenge, RelayVerdict
 from mailgw.config import LimitsConfig
-from mailgw.server.sasl import claimedLogin, relayFor
+from mailgw.server.sasl import claimedLogin, relayFor, servedLocally
 from tests.helpers import Harness
 from tests.test_dovecot import FakeDovecot, FakeEndpoint
 from tests.test_passwd import CHEAP
@@ -473,30 +473,69 @@ class SessionTests(_DovecotSession):
         self.assertEqual(self.checker._inFlight, 0)
 
 
-class LocalFirstTests(_DovecotSession):
-    """A C{passwd:} file that holds CRAM-MD5 secrets serves CRAM-MD5 itself."""
+class MixedTests(_DovecotSession):
+    """
+    A C{passwd:} file with CRAM-MD5 secrets and SCRAM keys before Dovecot:
+    CRAM-MD5 answers Dovecot's challenge and is checked by Dovecot, then by
+    the file; SCRAM is served by the file for its users, by Dovecot for the
+    others (chosen at client-first).
+    """
 
     def setUp(self) -> None:  # type: ignore[override]
         path = self.mktemp()
-        addUser(path, "erin@example.com", "pencil", hasher=CHEAP, cram=True)
+        addUser(path, "erin@example.com", "pencil", hasher=CHEAP, cram=True, scram=True,
+                scramIterations=4096)  # fmt: skip
+        addUser(path, "frank@example.com", "pencil", hasher=CHEAP)
         from twisted.internet import defer
 
         self.passwd = PasswdChecker(path, defer.maybeDeferred, hasher=CHEAP)
         super().setUp(extra=[self.passwd])
 
     def test_routing(self) -> None:
-        self.assertIsNone(relayFor(self.h.portal, "CRAM-MD5"))
+        self.assertIs(relayFor(self.h.portal, "CRAM-MD5"), self.checker)
         self.assertIs(relayFor(self.h.portal, "SCRAM-SHA-256"), self.checker)
         self.assertIsNone(relayFor(self.h.portal, "PLAIN"))
+        self.assertTrue(servedLocally(self.h.portal, "CRAM-MD5"))
 
-    def test_cramMD5Local(self) -> None:
-        challenge = self.challenge(self.say(b"AUTH CRAM-MD5"))
-        self.assertNotEqual(challenge, b"<1234.5678@dovecot.test>")  # ours
-        self.assertEqual(self.dovecot.server.requests(), [])
-        reply = self.say(cramResponse(challenge, "erin@example.com", "pencil"))
-        self.assertTrue(reply.startswith(b"235 "), reply)
+    def test_cramBoth(self) -> None:
+        for user, password in (("erin@example.com", "pencil"), ("carol@example.com", None)):
+            challenge = self.challenge(self.say(b"AUTH CRAM-MD5"))
+            self.assertEqual(challenge, b"<1234.5678@dovecot.test>")  # Dovecot's
+            reply = self.say(cramResponse(challenge, user, password or USERS[user]))
+            self.assertTrue(reply.startswith(b"235 "), reply)
+            self.assertEqual(self.h.protocol.session().user, user)
+            self.h.connect()
+            self.h.command(b"EHLO client.test")
+        self.assertEqual(self.outcomes(), ["succeeded", "succeeded"])
 
-    def test_scramRelayed(self) -> None:
-        reply = self.scram("carol@example.com", USERS["carol@example.com"])
+    def test_cramWrongEverywhere(self) -> None:
+        """Dovecot refused and the file has no secret for the user: a counted failure."""
+        for user in ("erin@example.com", "frank@example.com", "nobody@example.com"):
+            challenge = self.challenge(self.say(b"AUTH CRAM-MD5"))
+            reply = self.say(cramResponse(challenge, user, "wrong"))
+            self.assertEqual(reply, b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.assertEqual(self.outcomes(), ["failed"] * 3)
+
+    def test_scramLocalUser(self) -> None:
+        reply = self.scram("erin@example.com", "pencil")
         self.assertTrue(reply.startswith(b"235 "), reply)
-        self.assertEqual(self.outcomes(), ["succeeded"])
+        self.assertEqual(self.dovecot.server.requests(), [])  # Dovecot never asked
+
+    def test_scramDovecotUser(self) -> None:
+        for initial in (True, False):
+            reply = self.scram("carol@example.com", USERS["carol@example.com"], initial)
+            self.assertTrue(reply.startswith(b"235 "), reply)
+            self.h.connect()
+            self.h.command(b"EHLO client.test")
+        self.assertEqual(len(self.dovecot.server.requests()), 2)
+        self.assertEqual(self.outcomes(), ["succeeded", "succeeded"])
+
+    def test_scramDovecotUnreachable(self) -> None:
+        self.dovecot.server.close()
+        client = scramp.ScramClient(["SCRAM-SHA-256"], "carol@example.com", "x")
+        first = base64.b64encode(client.get_client_first().encode())
+        self.h.send(b"AUTH SCRAM-SHA-256 " + first + b"\r\n")
+        self.endpoint.refuse()
+        self.assertEqual(self.h.take(), b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(self.outcomes(), ["unavailable"])
+        self.assertTrue(self.flushLoggedErrors(DovecotUnavailable))

@@ -42,6 +42,7 @@ from mailgw.server.sasl import (
     fromClient,
     makeExchange,
     relayFor,
+    servedLocally,
 )
 from mailgw.server.scram import NeedKeys, ScramExchange, lookupKeys
 from mailgw.server.settings import Listener
@@ -70,10 +71,14 @@ class _ServerFinal:
 
 @attrs.frozen
 class LoginOutcome:
-    """The answer to a completed exchange; ``user`` is set when it succeeded."""
+    """
+    The answer to a completed exchange; ``user`` is set when it succeeded;
+    ``close``: send ``reply`` and close (the throttle's verdict).
+    """
 
     reply: SMTPReply
     user: str | None = None
+    close: bool = False
 
 
 # What one step of AUTH asks the session to do: answer now, send a
@@ -118,6 +123,7 @@ class AuthPhase:
         self._clientAddress = clientAddress
         self._exchange: Exchange | RelayedExchange | _ServerFinal | None = None
         self._mechanism = ""
+        self._fallbackRelay: Any = None
         self._attempt: AuthAttempt | None = None
         # The delay before the check, while it runs: cancelled by abandon().
         self._delayed: Deferred[Any] | None = None
@@ -140,9 +146,15 @@ class AuthPhase:
             initial = _decode(words[1].encode("ascii"))
             if initial is None:
                 return replies.AUTH_BAD_BASE64
-        relay = relayFor(self._listener.portal, mechanism)
-        if relay is not None:
-            relayed = RelayedExchange(mechanism, relay.converse(mechanism, self._clientAddress()))
+        portal = self._listener.portal
+        relay, local = relayFor(portal, mechanism), servedLocally(portal, mechanism)
+        # SCRAM: a local exchange, relayed at client-first for a user no
+        # local backend has keys for (_lookup); CRAM-MD5: relayed first.
+        self._fallbackRelay = relay if mechanism == "SCRAM-SHA-256" else None
+        if relay is not None and (mechanism == "CRAM-MD5" or not local):
+            relayed = RelayedExchange(
+                mechanism, relay.converse(mechanism, self._clientAddress()), localFallback=local
+            )
             self._exchange, self._mechanism = relayed, mechanism
             return self._relay(relayed, initial)
         exchange = makeExchange(mechanism, self._listener.settings.hostname)
@@ -220,9 +232,17 @@ class AuthPhase:
         exchange = self._exchange
         assert isinstance(exchange, ScramExchange)
 
-        def found(keys: Any) -> LoginOutcome:
+        def found(keys: Any) -> LoginOutcome | Deferred[LoginOutcome]:
             if self._exchange is not exchange:
                 return LoginOutcome(replies.AUTH_TEMPFAIL)  # the session ended meanwhile
+            relay = self._fallbackRelay
+            if keys is None and relay is not None:
+                # No local backend knows the user: Dovecot takes the exchange over.
+                relayed = RelayedExchange(
+                    "SCRAM-SHA-256", relay.converse("SCRAM-SHA-256", self._clientAddress())
+                )
+                self._exchange = relayed
+                return _asOutcome(self._relay(relayed, exchange.clientFirst()))
             encoded = base64.b64encode(exchange.keysFound(keys).data).decode("ascii")
             return LoginOutcome(SMTPReply(334, "", encoded))
 
@@ -271,6 +291,8 @@ class AuthPhase:
         """
         attempt, delay = self._attempt, 0.0
         throttle = self._listener.guards.auth
+        if data is not None:
+            exchange.response = data
         if data is not None and not exchange.counted:
             exchange.counted = True
             exchange.claim(data)
@@ -309,11 +331,18 @@ class AuthPhase:
         if self._exchange is not exchange:
             return LoginOutcome(replies.AUTH_TEMPFAIL)  # the session ended meanwhile
         if isinstance(answer, RelayChallenge):
+            exchange.challenge = answer.data
             encoded = base64.b64encode(answer.data).decode("ascii")
             return LoginOutcome(SMTPReply(334, "", encoded))
         self._exchange = None
+        portal = self._listener.portal
+        local = exchange.localCram(self._listener.settings.hostname)
+        if answer.login is None and local is not None:
+            # Refused by the service: the local backends check the same answer.
+            d = maybeDeferred(portal.login, local, None, ISubmitter).addErrback(_verified)
+            return d.addBoth(self._settle, attempt, local)
         credentials = RelayedCredentials(answer.login or exchange.claimed or b"", answer)
-        d = maybeDeferred(self._listener.portal.login, credentials, None, ISubmitter)
+        d = maybeDeferred(portal.login, credentials, None, ISubmitter)
         return d.addBoth(self._settle, attempt, credentials)
 
     def _relayFailed(
@@ -375,6 +404,24 @@ class AuthPhase:
             user=(username(credentials) or "")[:128],
             client=self._clientAddress(),
         )
+
+
+def _verified(failure: Failure) -> Failure:
+    """A local fallback's answer when the service already checked and refused the login."""
+    if failure.check(MechanismUnavailable):
+        return Failure(UnauthorizedLogin())  # the service's refusal stands, as a guess
+    return failure
+
+
+def _asOutcome(step: AuthStep) -> LoginOutcome | Deferred[LoginOutcome]:
+    """An L{AuthStep} where only an outcome can go (mid-exchange, after a lookup)."""
+    if isinstance(step, SMTPReply):
+        return LoginOutcome(step)
+    if isinstance(step, CloseWith):
+        return LoginOutcome(step.reply, close=True)
+    if isinstance(step, ChallengeLine):
+        raise AssertionError("a relayed step answers in a Deferred")
+    return step
 
 
 def _serverFinal(credentials: Any) -> bytes | None:

@@ -342,6 +342,9 @@ class SubmissionServer(Connection):
             self.wait(step, self._loggedIn)
 
     def _loggedIn(self, outcome: LoginOutcome) -> None:
+        if outcome.close:
+            self.close(outcome.reply)
+            return
         left, self._preAuthLeft = self._preAuthLeft, None
         if self._metrics is not None and outcome.reply.code != 334:  # 334: mid-exchange
             code = outcome.reply.code
