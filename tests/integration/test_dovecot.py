@@ -40,7 +40,7 @@ CRAM_USER = "cram@example.com"
 SCRAM_USER = "scram@example.com"
 
 
-def _config(base: Path, port: int) -> str:
+def _config(base: Path, port: int, extra: str = "") -> str:
     user = pwd.getpwuid(os.getuid()).pw_name
     group = grp.getgrgid(os.getgid()).gr_name
     return f"""
@@ -78,29 +78,35 @@ service anvil {{
 service stats {{
   chroot =
 }}
+{extra}
 """
 
 
 class Dovecot:
-    """A Dovecot auth service of our own, in ``base``."""
+    """
+    A Dovecot auth service of our own, in ``base``: ``users`` are
+    C{(login, scheme, password)}, each stored by C{doveadm pw} in its
+    scheme; ``extra`` is appended to the configuration.
+    """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(
+        self, base: Path, users: list[tuple[str, str, str]] | None = None, extra: str = ""
+    ) -> None:
         self.base = base
         self.port = freePort()
         self.socket = str(base / "auth-client")
         self.process: subprocess.Popen[bytes] | None = None
         (base / "run").mkdir()
         (base / "state").mkdir()
-        lines = [
-            f"{user}:{_hash(scheme)}::::::\n"
-            for user, scheme in (
-                (USER, "SHA512-CRYPT"),
-                (CRAM_USER, "CRAM-MD5"),
-                (SCRAM_USER, "SCRAM-SHA-256"),
-            )
-        ]
+        if users is None:
+            users = [
+                (USER, "SHA512-CRYPT", PASSWORD),
+                (CRAM_USER, "CRAM-MD5", PASSWORD),
+                (SCRAM_USER, "SCRAM-SHA-256", PASSWORD),
+            ]
+        lines = [f"{user}:{_hash(scheme, password)}::::::\n" for user, scheme, password in users]
         (base / "users").write_text("".join(lines))
-        (base / "dovecot.conf").write_text(_config(base, self.port))
+        (base / "dovecot.conf").write_text(_config(base, self.port, extra))
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -153,10 +159,10 @@ class Dovecot:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _hash(scheme: str) -> str:
-    """PASSWORD stored in ``scheme`` by Dovecot's own doveadm pw."""
+def _hash(scheme: str, password: str = PASSWORD) -> str:
+    """``password`` stored in ``scheme`` by Dovecot's own doveadm pw."""
     return subprocess.run(
-        [DOVEADM, "pw", "-s", scheme, "-p", PASSWORD], capture_output=True, check=True, text=True
+        [DOVEADM, "pw", "-s", scheme, "-p", password], capture_output=True, check=True, text=True
     ).stdout.strip()
 
 
