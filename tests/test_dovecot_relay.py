@@ -539,3 +539,46 @@ class MixedTests(_DovecotSession):
         self.assertEqual(self.h.take(), b"454 4.7.0 Temporary authentication failure\r\n")
         self.assertEqual(self.outcomes(), ["unavailable"])
         self.assertTrue(self.flushLoggedErrors(DovecotUnavailable))
+
+    def test_cramDovecotDownBeforeChallenge(self) -> None:
+        """Dovecot unreachable: CRAM-MD5 goes on with mailgw's challenge for the local users."""
+        self.dovecot.server.close()
+        self.h.send(b"AUTH CRAM-MD5\r\n")
+        self.endpoint.refuse()
+        challenge = self.challenge(self.h.take())
+        self.assertNotEqual(challenge, b"<1234.5678@dovecot.test>")  # ours
+        reply = self.say(cramResponse(challenge, "erin@example.com", "pencil"))
+        self.assertTrue(reply.startswith(b"235 "), reply)
+        self.assertEqual(self.outcomes(), ["succeeded"])
+        self.assertTrue(self.flushLoggedErrors(DovecotUnavailable))
+
+    def test_cramDovecotDownOthers454(self) -> None:
+        """A login no local backend accepts could be Dovecot's: 454, not 535."""
+        self.dovecot.server.close()
+        for user, password in (("carol@example.com", USERS["carol@example.com"]),
+                               ("erin@example.com", "wrong")):  # fmt: skip
+            self.h.send(b"AUTH CRAM-MD5\r\n")
+            if self.endpoint.waiting:  # else: within the back-off, no new attempt
+                self.endpoint.refuse()
+            challenge = self.challenge(self.h.take())
+            reply = self.say(cramResponse(challenge, user, password))
+            self.assertEqual(reply, b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(self.outcomes(), ["unavailable", "unavailable"])
+        self.flushLoggedErrors(DovecotUnavailable)
+
+    def test_cramDovecotLostAfterChallenge(self) -> None:
+        """Lost after its challenge: the answer is checked by the local backends."""
+        challenge = self.challenge(self.say(b"AUTH CRAM-MD5"))
+        self.dovecot.server.close()
+        reply = self.say(cramResponse(challenge, "erin@example.com", "pencil"))
+        self.assertTrue(reply.startswith(b"235 "), reply)
+        self.assertEqual(self.outcomes(), ["succeeded"])
+        self.flushLoggedErrors(DovecotUnavailable)
+
+    def test_cramDovecotLostAfterChallengeWrong(self) -> None:
+        challenge = self.challenge(self.say(b"AUTH CRAM-MD5"))
+        self.dovecot.server.close()
+        reply = self.say(cramResponse(challenge, "erin@example.com", "wrong"))
+        self.assertEqual(reply, b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(self.outcomes(), ["unavailable"])
+        self.flushLoggedErrors(DovecotUnavailable)

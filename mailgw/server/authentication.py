@@ -8,6 +8,8 @@ by L{AuthPhase} from that moment until exactly one outcome is recorded: the
 portal's answer settles it in the login Deferred's own callback, whether
 the client is still there or not; a close before the answer
 (L{AuthPhase.abandon}) settles it as abandoned, and the count stays.
+Exchanges a backend's service conducts are driven by
+L{mailgw.server.relaying}; the step values are in L{mailgw.server.authsteps}.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
@@ -29,11 +30,20 @@ from twisted.python.failure import Failure
 
 from mailgw import replies
 from mailgw.auth import MechanismUnavailable
-from mailgw.auth.relay import IRelayedCredentials, RelayChallenge, RelayedCredentials
+from mailgw.auth.relay import IRelayedCredentials
 from mailgw.auth.scram import IScramCredentials
 from mailgw.interfaces import ISubmitter
 from mailgw.limits.auth import AuthAttempt
 from mailgw.replies import SMTPReply
+from mailgw.server.authsteps import (
+    AuthStep,
+    ChallengeLine,
+    CloseWith,
+    LoginOutcome,
+    ServerFinal,
+    asOutcome,
+)
+from mailgw.server.relaying import RelayingSteps
 from mailgw.server.sasl import (
     Challenge,
     Exchange,
@@ -47,43 +57,7 @@ from mailgw.server.sasl import (
 from mailgw.server.scram import NeedKeys, ScramExchange, lookupKeys
 from mailgw.server.settings import Listener
 
-
-@attrs.frozen
-class ChallengeLine:
-    """Send this 334 line and read the client's response."""
-
-    line: bytes
-
-
-@attrs.frozen
-class CloseWith:
-    """Send ``reply`` and close the connection."""
-
-    reply: SMTPReply
-
-
-@attrs.frozen
-class _ServerFinal:
-    """A login succeeded; the client acknowledges the server's final data, then gets ``outcome``."""
-
-    outcome: LoginOutcome
-
-
-@attrs.frozen
-class LoginOutcome:
-    """
-    The answer to a completed exchange; ``user`` is set when it succeeded;
-    ``close``: send ``reply`` and close (the throttle's verdict).
-    """
-
-    reply: SMTPReply
-    user: str | None = None
-    close: bool = False
-
-
-# What one step of AUTH asks the session to do: answer now, send a
-# challenge, close, or wait for the portal's answer.
-AuthStep = SMTPReply | ChallengeLine | CloseWith | Deferred[LoginOutcome]
+__all__ = ["AuthPhase", "AuthStep", "ChallengeLine", "CloseWith", "LoginOutcome", "fingerprint"]
 
 
 #: The key of L{fingerprint}'s digests: per process, never stored.
@@ -110,7 +84,7 @@ def username(credentials: Any) -> str | None:
     return name
 
 
-class AuthPhase:
+class AuthPhase(RelayingSteps):
     """
     The AUTH state of one session: an exchange in progress, or an attempt
     waiting for the portal. ``clientAddress`` gives the client's address.
@@ -121,9 +95,11 @@ class AuthPhase:
     def __init__(self, listener: Listener, clientAddress: Callable[[], str]) -> None:
         self._listener = listener
         self._clientAddress = clientAddress
-        self._exchange: Exchange | RelayedExchange | _ServerFinal | None = None
+        self._exchange: Exchange | RelayedExchange | ServerFinal | None = None
         self._mechanism = ""
         self._fallbackRelay: Any = None
+        # A relay's failure, when a local exchange took over from it.
+        self._serviceDown: Failure | None = None
         self._attempt: AuthAttempt | None = None
         # The delay before the check, while it runs: cancelled by abandon().
         self._delayed: Deferred[Any] | None = None
@@ -151,6 +127,7 @@ class AuthPhase:
         # SCRAM: a local exchange, relayed at client-first for a user no
         # local backend has keys for (_lookup); CRAM-MD5: relayed first.
         self._fallbackRelay = relay if mechanism == "SCRAM-SHA-256" else None
+        self._serviceDown = None
         if relay is not None and (mechanism == "CRAM-MD5" or not local):
             relayed = RelayedExchange(
                 mechanism, relay.converse(mechanism, self._clientAddress()), localFallback=local
@@ -172,7 +149,7 @@ class AuthPhase:
         if response is None:
             self._endExchange()
             return replies.AUTH_BAD_BASE64
-        if isinstance(exchange, _ServerFinal):
+        if isinstance(exchange, ServerFinal):
             self._exchange = None  # RFC 4954 4: the client answers final data with nothing
             return succeed(exchange.outcome) if response == b"" else replies.AUTH_BAD_BASE64
         if isinstance(exchange, RelayedExchange):
@@ -190,6 +167,7 @@ class AuthPhase:
         (abandoned), as a hang-up would.
         """
         exchange, self._exchange = self._exchange, None
+        self._serviceDown = None
         if isinstance(exchange, RelayedExchange):
             # The attempt first: cancelling may settle a step at once.
             attempt, self._attempt = self._attempt, None
@@ -242,7 +220,7 @@ class AuthPhase:
                     "SCRAM-SHA-256", relay.converse("SCRAM-SHA-256", self._clientAddress())
                 )
                 self._exchange = relayed
-                return _asOutcome(self._relay(relayed, exchange.clientFirst()))
+                return asOutcome(self._relay(relayed, exchange.clientFirst()))
             encoded = base64.b64encode(exchange.keysFound(keys).data).decode("ascii")
             return LoginOutcome(SMTPReply(334, "", encoded))
 
@@ -279,79 +257,11 @@ class AuthPhase:
             self._delayed = d
         else:
             d = maybeDeferred(portal.login, credentials, None, ISubmitter)
+        down, self._serviceDown = self._serviceDown, None
+        if down is not None:
+            # The service that could have said yes was down: no local "no" is final.
+            d.addErrback(lambda _: down)
         return d.addBoth(self._settle, attempt, credentials)
-
-    def _relay(self, exchange: RelayedExchange, data: bytes | None) -> AuthStep:
-        """
-        One step of an exchange a backend's service conducts: ``data``
-        (the client's response; None: no initial response) goes to the
-        service, its challenge comes back as a 334 and its verdict goes to
-        the portal. The throttle counts the attempt once, at the first
-        data the client sends, and it stays in flight until the verdict.
-        """
-        attempt, delay = self._attempt, 0.0
-        throttle = self._listener.guards.auth
-        if data is not None:
-            exchange.response = data
-        if data is not None and not exchange.counted:
-            exchange.counted = True
-            exchange.claim(data)
-            if throttle is not None:
-                claimed = exchange.claimed
-                login = claimed.decode("utf-8", "replace") if claimed is not None else None
-                decision = throttle.begin(self._clientAddress(), login, exchange.mechanism)
-                if decision.refuse and decision.reply is not None:
-                    self._endExchange()
-                    if decision.disconnect:
-                        return CloseWith(decision.reply)
-                    return decision.reply
-                delay, attempt = decision.delay, decision.attempt
-                self._attempt = attempt
-        conversation = exchange.conversation
-        if delay > 0:
-            # As for a local login: after a few failures every answer waits.
-            def afterDelay() -> Deferred[Any]:
-                self._delayed = None
-                return conversation.step(data)
-
-            d: Deferred[Any] = deferLater(self._listener.clock, delay, afterDelay)
-            self._delayed = d
-        else:
-            d = conversation.step(data)
-        return d.addCallbacks(
-            self._relayed,
-            self._relayFailed,
-            callbackArgs=(exchange, attempt),
-            errbackArgs=(exchange, attempt),
-        )
-
-    def _relayed(
-        self, answer: Any, exchange: RelayedExchange, attempt: AuthAttempt | None
-    ) -> LoginOutcome | Deferred[LoginOutcome]:
-        if self._exchange is not exchange:
-            return LoginOutcome(replies.AUTH_TEMPFAIL)  # the session ended meanwhile
-        if isinstance(answer, RelayChallenge):
-            exchange.challenge = answer.data
-            encoded = base64.b64encode(answer.data).decode("ascii")
-            return LoginOutcome(SMTPReply(334, "", encoded))
-        self._exchange = None
-        portal = self._listener.portal
-        local = exchange.localCram(self._listener.settings.hostname)
-        if answer.login is None and local is not None:
-            # Refused by the service: the local backends check the same answer.
-            d = maybeDeferred(portal.login, local, None, ISubmitter).addErrback(_verified)
-            return d.addBoth(self._settle, attempt, local)
-        credentials = RelayedCredentials(answer.login or exchange.claimed or b"", answer)
-        d = maybeDeferred(portal.login, credentials, None, ISubmitter)
-        return d.addBoth(self._settle, attempt, credentials)
-
-    def _relayFailed(
-        self, failure: Failure, exchange: RelayedExchange, attempt: AuthAttempt | None
-    ) -> LoginOutcome:
-        if self._exchange is exchange:
-            self._exchange = None
-            exchange.conversation.cancel()
-        return self._settle(failure, attempt, None)
 
     def _afterDelay(self, credentials: Any) -> Deferred[Any]:
         self._delayed = None
@@ -380,7 +290,7 @@ class AuthPhase:
             final = _serverFinal(credentials)
             if final is not None:
                 # SMTP has no data on 235: the server's final data goes in a 334.
-                self._exchange = _ServerFinal(outcome)
+                self._exchange = ServerFinal(outcome)
                 return LoginOutcome(SMTPReply(334, "", base64.b64encode(final).decode("ascii")))
             return outcome
         if result.check(MechanismUnavailable):
@@ -404,24 +314,6 @@ class AuthPhase:
             user=(username(credentials) or "")[:128],
             client=self._clientAddress(),
         )
-
-
-def _verified(failure: Failure) -> Failure:
-    """A local fallback's answer when the service already checked and refused the login."""
-    if failure.check(MechanismUnavailable):
-        return Failure(UnauthorizedLogin())  # the service's refusal stands, as a guess
-    return failure
-
-
-def _asOutcome(step: AuthStep) -> LoginOutcome | Deferred[LoginOutcome]:
-    """An L{AuthStep} where only an outcome can go (mid-exchange, after a lookup)."""
-    if isinstance(step, SMTPReply):
-        return LoginOutcome(step)
-    if isinstance(step, CloseWith):
-        return LoginOutcome(step.reply, close=True)
-    if isinstance(step, ChallengeLine):
-        raise AssertionError("a relayed step answers in a Deferred")
-    return step
 
 
 def _serverFinal(credentials: Any) -> bytes | None:
