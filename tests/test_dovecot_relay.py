@@ -55,6 +55,8 @@ class ScriptedDovecot:
         self.state: dict[bytes, Any] = {}
         self.cancelled: list[bytes] = []
         self.hold = False  # leave requests unanswered (a slow Dovecot)
+        # SCRAM's server-final message in the OK (resp=), not in a CONT.
+        self.finalInOK = False
 
     def pump(self) -> None:
         if self.hold:
@@ -115,7 +117,13 @@ class ScriptedDovecot:
                 self.send(b"CONT", rid, base64.b64encode(server.get_server_first().encode()))
             elif server.stage.name == "get_server_first":
                 server.set_client_final(data.decode())
-                self.send(b"CONT", rid, base64.b64encode(server.get_server_final().encode()))
+                final = base64.b64encode(server.get_server_final().encode())
+                if self.finalInOK:
+                    del self.state[rid]
+                    user = server.names[0].encode()
+                    self.send(b"OK", rid, b"user=" + user, b"resp=" + final)
+                else:
+                    self.send(b"CONT", rid, final)
             else:  # the client's empty answer to the server-final message
                 del self.state[rid]
                 self.send(b"OK", rid, b"user=" + server.names[0].encode())
@@ -371,6 +379,13 @@ class SessionTests(_DovecotSession):
         reply = self.scram("dave@example.com", USERS["dave@example.com"], initial=False)
         self.assertEqual(reply, b"235 2.7.0 Authentication successful\r\n")
         self.assertEqual(self.h.protocol.session().user, "dave@example.com")
+        self.assertEqual(self.outcomes(), ["succeeded"])
+
+    def test_scramFinalInOK(self) -> None:
+        """Dovecot's server-final message in its OK: a 334 the client acknowledges, then 235."""
+        self.dovecot.finalInOK = True
+        reply = self.scram("carol@example.com", USERS["carol@example.com"])
+        self.assertEqual(reply, b"235 2.7.0 Authentication successful\r\n")
         self.assertEqual(self.outcomes(), ["succeeded"])
 
     def test_scramWrong(self) -> None:
