@@ -597,3 +597,33 @@ class MixedTests(_DovecotSession):
         self.assertEqual(reply, b"454 4.7.0 Temporary authentication failure\r\n")
         self.assertEqual(self.outcomes(), ["unavailable"])
         self.flushLoggedErrors(DovecotUnavailable)
+
+    def test_throttleAfterScramLookup(self) -> None:
+        """
+        The throttle's verdict met when Dovecot takes a SCRAM exchange over
+        (after the local lookup) is kept: a refusal is the reply, a
+        disconnect closes the session.
+        """
+
+        def answered(line: bytes) -> bytes:
+            reply = self.say(line)
+            if not reply:  # the throttle's delay, then Dovecot is asked
+                self.h.clock.advance(60)
+                self.dovecot.pump()
+                reply = self.h.take()
+            return reply
+
+        codes: list[bytes] = []
+        for _ in range(50):
+            client = scramp.ScramClient(["SCRAM-SHA-256"], "carol@example.com", "wrong")
+            first = base64.b64encode(client.get_client_first().encode())
+            reply = answered(b"AUTH SCRAM-SHA-256 " + first)
+            if reply.startswith(b"334 "):
+                client.set_server_first(self.challenge(reply).decode())
+                reply = answered(base64.b64encode(client.get_client_final().encode()))
+            codes.append(reply[:3])
+            if not reply.startswith(b"535 ") or self.h.closing:
+                break
+        self.assertIn(codes[-1], (b"421", b"454"), codes)
+        self.assertEqual(self.h.closing, codes[-1] == b"421")
+        self.assertEqual(self.checker._inFlight, 0)
