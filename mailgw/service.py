@@ -29,6 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from mailgw.api import ApiResource, makeApi
 from mailgw.apiconfig import readSecret
 from mailgw.auth.realm import makePortal
+from mailgw.auth.workers import retireReplaced
 from mailgw.breaker.build import makeBreaker
 from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
@@ -122,7 +123,7 @@ def makeCheckers(config: Config) -> list[ICredentialsChecker]:
     @raise ConfigError: a backend string is unknown or its checker cannot
         be made (e.g. the passwd file is missing).
     """
-    checkers = []
+    checkers: list[ICredentialsChecker] = []
     for backend in config.auth.backends:
         try:
             checkers.append(strcred.makeChecker(backend))
@@ -133,6 +134,7 @@ def makeCheckers(config: Config) -> list[ICredentialsChecker]:
             OSError,
         ) as e:
             authType = backend.partition(":")[0]
+            retireReplaced(checkers, ())  # those made already let go of their pools
             raise ConfigError(config.source, "auth.backends", f"{authType}: {e}") from None
     return checkers
 
@@ -331,6 +333,7 @@ class GatewayService(MultiService):
         @return: True when applied, False when refused.
         """
         new = config if config is not None else self.config
+        checkers: list[ICredentialsChecker] = []
         try:
             contextFactory = self._checkTLS(new)
             checkers = makeCheckers(new) if self._ownCheckers else self.checkers
@@ -339,6 +342,8 @@ class GatewayService(MultiService):
             policy = makePolicy(new, self.reactor) if self._ownPolicy else self.policy
             signer = makeSigner(new.dkim, new.source)
         except ConfigError as e:
+            if self._ownCheckers:
+                retireReplaced(checkers, self.checkers)  # made for nothing
             self.log.error(
                 "Reload refused, the running configuration stays in force: {error}", error=e
             )
@@ -346,6 +351,8 @@ class GatewayService(MultiService):
         for key in restartOnly(self.config, new):
             self.log.warn("Reload: {key} changed; it takes effect at the next restart", key=key)
         self.tlsContext.swap(contextFactory)
+        # The old checkers get no new login: their pools close once idle.
+        retireReplaced(self.checkers, checkers)
         self.checkers, self.policy = checkers, policy
         self.portal = makePortal(checkers)
         self.settings = serverSettings(new)

@@ -391,8 +391,11 @@ class SubmissionServer(Connection):
             self.wait(step, self._loggedIn)
 
     def _loggedIn(self, outcome: LoginOutcome) -> None:
+        if outcome.close:
+            self.close(outcome.reply)
+            return
         left, self._preAuthLeft = self._preAuthLeft, None
-        if self._metrics is not None:
+        if self._metrics is not None and outcome.reply.code != 334:  # 334: mid-exchange
             code = outcome.reply.code
             result = "success" if outcome.user else "failure" if code >= 500 else "tempfail"
             self._metrics.authAttempt(self.record.mechanism or "unknown", result)
