@@ -32,21 +32,16 @@ def takesReport(deliverMany: Callable[..., Any]) -> bool:
         return False
 
 
-@implementer(IEditableWriter)
-class SchedulingWriter:
+@implementer(IMessageWriter)
+class ForwardingWriter:
     """
-    A spool writer whose commit also schedules the message: once the spool
-    says the message is durable, it is handed to the runner, and only then
-    does the commit's Deferred fire. Whatever becomes of the session that
-    wrote it (a client gone at the final dot), a committed message is
-    scheduled.
+    A message writer that hands every step to the spool's writer: the base
+    of the writers that add to its commit (L{SchedulingWriter}, the
+    reinjection listener's). A subclass changes L{write} or L{_committed}.
     """
 
-    def __init__(
-        self, writer: IMessageWriter, accept: Callable[[QueuedMessage], Deferred[None] | None]
-    ) -> None:
+    def __init__(self, writer: IMessageWriter) -> None:
         self._writer = writer
-        self._accept = accept
 
     @property
     def queueId(self) -> str:
@@ -62,12 +57,32 @@ class SchedulingWriter:
     def abort(self) -> None:
         self._writer.abort()
 
+    def commit(self) -> Deferred[str]:
+        return self._writer.commit().addCallback(self._committed)
+
+    def _committed(self, queueId: str) -> str | Deferred[str]:
+        return queueId
+
+
+@implementer(IEditableWriter)
+class SchedulingWriter(ForwardingWriter):
+    """
+    A spool writer whose commit also schedules the message: once the spool
+    says the message is durable, it is handed to the runner, and only then
+    does the commit's Deferred fire. Whatever becomes of the session that
+    wrote it (a client gone at the final dot), a committed message is
+    scheduled.
+    """
+
+    def __init__(
+        self, writer: IMessageWriter, accept: Callable[[QueuedMessage], Deferred[None] | None]
+    ) -> None:
+        super().__init__(writer)
+        self._accept = accept
+
     def amend(self, rewrite: Any, recipients: Any, holdReason: str | None) -> None:
         """L{IEditableWriter.amend} of the spool's writer (TypeError: it has none)."""
         IEditableWriter(self._writer).amend(rewrite, recipients, holdReason)
-
-    def commit(self) -> Deferred[str]:
-        return self._writer.commit().addCallback(self._committed)
 
     def _committed(self, queueId: str) -> str | Deferred[str]:
         message = self._writer.message
