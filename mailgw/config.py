@@ -48,6 +48,7 @@ from mailgw._configparse import (  # ConfigError, mergeOverrides, readConfigFile
     readConfigFile,
 )
 from mailgw.apiconfig import ApiConfig, WebhooksConfig, apiSection, webhooksSection
+from mailgw.breaker.config import BreakerConfig, readBreaker
 from mailgw.dkim.config import DKIMConfig, dkimSection
 from mailgw.envelope import Address
 from mailgw.filter.settings import (
@@ -58,6 +59,7 @@ from mailgw.filter.settings import (
     loadFilter,
     loadReinject,
 )
+from mailgw.milter.settings import MilterConfig, milterConfig
 from mailgw.sharedconfig import sharedLimits
 
 
@@ -335,6 +337,8 @@ class Config:
     reinject: ReinjectConfig = ReinjectConfig()
     etrn: EtrnConfig = EtrnConfig()
     dkim: DKIMConfig = DKIMConfig()
+    milter: MilterConfig = MilterConfig()
+    breaker: BreakerConfig = BreakerConfig()
     source: str = "<defaults>"
 
     def fqdn(self, getfqdn: Callable[[], str] = socket.getfqdn) -> str:
@@ -744,6 +748,8 @@ _SECTIONS: dict[str, Callable[[_Table], Any]] = {
     "reinject": loadReinject,
     "etrn": loadEtrn,
     "dkim": dkimSection,
+    "milter": milterConfig,
+    "breaker": readBreaker,
 }
 
 

@@ -15,7 +15,9 @@ Commands: ``flush`` (no ids: every message), ``flush-domain`` (with a
 as ETRN), ``hold``, ``release``,
 ``delete`` (at least one id), ``ping`` and ``reload`` (as SIGHUP: the
 configuration, certificate and files read again; ``ok`` false when the new
-ones were refused, and the log says why). A connection may send several
+ones were refused, and the log says why), and the breaker's
+``account-show``, ``account-reset`` and ``release-account`` (one account
+name in ``ids``: L{mailgw.breaker.control}). A connection may send several
 requests; they are answered one at a time, in order. docs/queue-cli.md is the
 operator's description.
 
@@ -41,7 +43,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 
-from mailgw.interfaces import IQueueControl
+from mailgw.breaker.control import ACCOUNT_COMMANDS, accountCommand
+from mailgw.interfaces import IAccountBreaker, IQueueControl
 from mailgw.queue.spool import isQueueId
 
 #: The socket's name in the spool directory.
@@ -53,7 +56,7 @@ MAX_LINE_LENGTH = 64 * 1024
 MAX_IDS = 1000
 #: Commands that act on each named message, and need at least one.
 PER_MESSAGE_COMMANDS = ("hold", "release", "delete")
-COMMANDS = ("flush", *PER_MESSAGE_COMMANDS, "ping", "reload", "flush-domain")
+COMMANDS = ("flush", *PER_MESSAGE_COMMANDS, "ping", "reload", "flush-domain", *ACCOUNT_COMMANDS)
 
 _log = Logger()
 
@@ -176,7 +179,10 @@ async def _flushDomain(control: IQueueControl, domain: str) -> dict[str, Any]:
 
 
 def handleRequest(
-    control: IQueueControl, line: bytes, reload: Callable[[], Any] | None = None
+    control: IQueueControl,
+    line: bytes,
+    reload: Callable[[], Any] | None = None,
+    breaker: IAccountBreaker | None = None,
 ) -> Deferred[dict[str, Any]]:
     """
     Carry out the request ``line`` on ``control``; ``reload`` reloads the
@@ -194,6 +200,8 @@ def handleRequest(
         return succeed({"ok": True, "count": 0})
     if command == "reload":
         return _reload(reload)
+    if command in ACCOUNT_COMMANDS:
+        return accountCommand(breaker, control, command, ids)
     if command == "flush" and not ids:
         return Deferred.fromCoroutine(_flushAll(control))
     if command == "flush-domain":
@@ -248,7 +256,8 @@ class ControlProtocol(LineReceiver, TimeoutMixin):
         self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
-        d = handleRequest(self.factory.control, line.rstrip(b"\r"), self.factory.reload)
+        factory = self.factory
+        d = handleRequest(factory.control, line.rstrip(b"\r"), factory.reload, factory.breaker)
         d.addErrback(self._failed)
         if d.called:
             d.addCallback(self._answer)
@@ -288,9 +297,11 @@ class ControlFactory(Factory):
         reactor: Any,
         idleTimeout: float = 60.0,
         reload: Callable[[], Any] | None = None,
+        breaker: IAccountBreaker | None = None,
     ) -> None:
         self.control = control
         self.reload = reload
+        self.breaker = breaker
         self.reactor = reactor
         self.idleTimeout = idleTimeout
         self.connections: set[ControlProtocol] = set()
@@ -355,10 +366,11 @@ class ControlService(Service):
         reactor: Any,
         idleTimeout: float = 60.0,
         reload: Callable[[], Any] | None = None,
+        breaker: IAccountBreaker | None = None,
     ) -> None:
         self.path = path
         self.reactor = reactor
-        self.factory = ControlFactory(control, reactor, idleTimeout, reload)
+        self.factory = ControlFactory(control, reactor, idleTimeout, reload, breaker)
         self.port: Any = None
 
     def startService(self) -> None:

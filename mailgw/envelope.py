@@ -98,6 +98,7 @@ _MESSAGE_KEYS = frozenset(
         "nextAttempt",
         "held",
         "warned",
+        "holdReason",
     ]
 )
 
@@ -340,7 +341,8 @@ class QueuedMessage:
     it came in on, and the state of every recipient.
 
     ``arrival`` and ``nextAttempt`` are POSIX timestamps. ``held`` messages
-    are not tried until released.
+    are not tried until released; ``holdReason`` says why a message was
+    held when it arrived (a milter's quarantine), "" otherwise.
     """
 
     queueId: str
@@ -352,6 +354,7 @@ class QueuedMessage:
     nextAttempt: float = 0.0
     held: bool = False
     warned: bool = False
+    holdReason: str = ""
     #: The format version of the file this state was read from (0: new).
     formatVersion: int = attrs.field(default=0, eq=False, repr=False, kw_only=True)
     extra: dict[str, Any] = _EXTRA
@@ -384,6 +387,12 @@ class QueuedMessage:
         return self.envelope.sender is None
 
     def toJSON(self) -> dict[str, Any]:
+        data = self._json()
+        if self.holdReason:
+            data["holdReason"] = self.holdReason
+        return data
+
+    def _json(self) -> dict[str, Any]:
         return _withExtra(
             self.extra,
             {
@@ -425,4 +434,5 @@ class QueuedMessage:
             nextAttempt=float(data.get("nextAttempt", 0.0)),
             held=bool(data.get("held", False)),
             warned=bool(data.get("warned", False)),
+            holdReason=str(data.get("holdReason") or ""),
         )

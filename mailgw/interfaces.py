@@ -279,6 +279,141 @@ class IMessageSigner(Interface):
         """
 
 
+class IEditableWriter(IMessageWriter):
+    """
+    A message writer whose message may still be changed between the end of
+    its data and its commit (milters' changes, a quarantine).
+    """
+
+    def amend(rewrite, recipients, holdReason):  # type: ignore[no-untyped-def]
+        """
+        Change the message at its commit, before anything is made durable:
+        ``rewrite(source, target)`` (or None) copies the bytes written so far
+        to a new file object, changed, in the spool's threads (blocking);
+        ``recipients`` (or None) replaces the envelope's recipients;
+        ``holdReason`` (or None) commits the message held, with that reason.
+        Call at most once, before L{commit}; the commit's failures are those
+        of L{IMessageWriter.commit}.
+        """
+
+
+class IMilterChain(Interface):
+    """
+    Filters applied to every SMTP session in order, as Postfix's
+    ``smtpd_milters`` (L{mailgw.milter.chain.MilterChain}).
+    """
+
+    def open():  # type: ignore[no-untyped-def]
+        """@return: an L{IMilterSession} for a new SMTP session."""
+
+
+class IMilterSession(Interface):
+    """
+    One SMTP session's use of the milters. Each step returns a Deferred
+    that fires with None (go on) or the L{mailgw.replies.SMTPReply} that
+    answers the command instead; it never fails and never waits longer than
+    the milters' deadlines (a milter that is down gets its default action).
+    """
+
+    def connect(session):  # type: ignore[no-untyped-def]
+        """The client connected (before the greeting)."""
+
+    def helo(session):  # type: ignore[no-untyped-def]
+        """HELO or EHLO (``session.helo``), with the TLS in use."""
+
+    def mail(session, sender, authType):  # type: ignore[no-untyped-def]
+        """MAIL; ``session.user`` and ``authType`` (the SASL mechanism) name the login."""
+
+    def rcpt(recipient):  # type: ignore[no-untyped-def]
+        """RCPT (after the policy accepted it)."""
+
+    def data(queueId, headerLimit):  # type: ignore[no-untyped-def]
+        """DATA, once the message has its queue id."""
+
+    def feed(data):  # type: ignore[no-untyped-def]
+        """Message bytes, exactly as written to the spool (no result)."""
+
+    def backlog():  # type: ignore[no-untyped-def]
+        """
+        @return: None, or a Deferred that fires once the milters have caught
+            up with the message bytes fed: until then the session reads no
+            more of the client (bounded memory for a slow milter).
+        """
+
+    def endOfMessage():  # type: ignore[no-untyped-def]
+        """
+        @return: a Deferred of a L{mailgw.milter.verdict.MessageVerdict};
+            it never fails.
+        """
+
+    def abort():  # type: ignore[no-untyped-def]
+        """The transaction ended without an end of message (RSET, a refusal, a close)."""
+
+    def close():  # type: ignore[no-untyped-def]
+        """The SMTP session ended."""
+
+
+class IAccountBreaker(Interface):
+    """
+    The account circuit breaker (docs/breaker.md): learns each account's
+    usual behaviour from what the gateway sees and trips when the last
+    hour departs from it. A tripped account's new messages are held and,
+    when so configured, its logins refused, until an operator resets it.
+    None of these methods fails: a problem is logged, and mail keeps
+    flowing.
+    """
+
+    refuseLogins = Attribute("bool: a tripped account's logins are refused (454 4.7.0)")
+
+    def observeLogin(account, clientAddress):  # type: ignore[no-untyped-def]
+        """
+        ``account`` logged in from ``clientAddress`` (checked by a backend).
+
+        @return: True when the login may go on; False when the account is
+            tripped and logins are refused.
+        """
+
+    def observeMessage(account, recipients, clientAddress, queueId):  # type: ignore[no-untyped-def]
+        """
+        ``account`` committed message ``queueId`` to ``recipients``
+        (strings ``local@domain``).
+
+        @return: True when the message must be held (the account is
+            tripped, or this message tripped it).
+        """
+
+    def observeBounces(account, count, queueId):  # type: ignore[no-untyped-def]
+        """``count`` recipients of ``account``'s message ``queueId`` bounced (permanent)."""
+
+    def isTripped(account):  # type: ignore[no-untyped-def]
+        """@return: True while ``account`` is tripped."""
+
+    def state(account):  # type: ignore[no-untyped-def]
+        """
+        @return: a JSON-able dict (the trip if any, the last hour, the
+            baseline and every rule's check), or None for an unknown account.
+        """
+
+    def reset(account):  # type: ignore[no-untyped-def]
+        """
+        Re-arm ``account``: the trip is forgotten, its logins and messages
+        are let through again, the baseline is kept.
+
+        @return: True if it was tripped.
+        @raise KeyError: unknown account.
+        """
+
+
+class IBreakerAlert(Interface):
+    """Where a trip is announced (the log, an admin's mailbox, a webhook)."""
+
+    def tripped(event):  # type: ignore[no-untyped-def]
+        """
+        Announce ``event`` (the JSON-able payload of docs/breaker.md);
+        returns nothing and never raises: a failure is logged.
+        """
+
+
 class ISharedCounters(Interface):
     """
     The engine that keeps counts shared by every process of a site (the

@@ -61,6 +61,7 @@ _RESTART_ONLY = (
     ("filter", lambda c: c.filter),
     ("reinject", lambda c: c.reinject),
     ("etrn", lambda c: c.etrn),
+    ("breaker", lambda c: c.breaker),
 )
 
 

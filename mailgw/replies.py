@@ -175,3 +175,8 @@ MESSAGE_RATE = SMTPReply(
 RECIPIENT_RATE = SMTPReply(
     452, "4.5.3", "Recipient rate limit exceeded for user {user}; try again later"
 )
+
+# milters ([milter] servers: the milter's own reply when it gives one)
+MILTER_REJECT = reply(550, "5.7.1", "Command rejected")
+MILTER_REJECT_CONNECT = reply(554, "5.7.1", "Connection rejected")
+MILTER_TEMPFAIL = reply(451, "4.7.1", "Service unavailable - try again later")

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
@@ -29,6 +29,8 @@ from twisted.python.threadpool import ThreadPool
 from mailgw.api import ApiResource, makeApi
 from mailgw.apiconfig import readSecret
 from mailgw.auth.realm import makePortal
+from mailgw.auth.workers import retireReplaced
+from mailgw.breaker.build import makeBreaker
 from mailgw.certcheck import configuredCertificateReport
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
@@ -40,6 +42,7 @@ from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 from mailgw.limits.backend import SharedLimitsService, makeSharedCounters
 from mailgw.limits.shared import SyncedCounters
 from mailgw.metrics import Metrics
+from mailgw.milter.chain import makeMilters
 from mailgw.policy.recipients import RecipientDomainPolicy
 from mailgw.policy.senders import SenderLoginPolicy
 from mailgw.proxy import ProxyFactory
@@ -125,7 +128,7 @@ def makeCheckers(config: Config) -> list[ICredentialsChecker]:
     @raise ConfigError: a backend string is unknown or its checker cannot
         be made (e.g. the passwd file is missing).
     """
-    checkers = []
+    checkers: list[ICredentialsChecker] = []
     for backend in config.auth.backends:
         try:
             checkers.append(strcred.makeChecker(backend))
@@ -136,6 +139,7 @@ def makeCheckers(config: Config) -> list[ICredentialsChecker]:
             OSError,
         ) as e:
             authType = backend.partition(":")[0]
+            retireReplaced(checkers, ())  # those made already let go of their pools
             raise ConfigError(config.source, "auth.backends", f"{authType}: {e}") from None
     return checkers
 
@@ -158,7 +162,9 @@ class GatewayService(MultiService):
     from ``[limits] backend``; the gateway starts and stops its syncing.
     ``controlSocket`` is the
     control socket's path (default: in the spool directory when the spool
-    is the on-disk one; "" for none).
+    is the on-disk one; "" for none). ``webhookSender`` (``send(event,
+    payload)``; default: the ``[webhooks]`` sender) carries the account
+    breaker's ``account.tripped`` event when ``[breaker] webhook`` is on.
     """
 
     log = Logger()
@@ -178,6 +184,7 @@ class GatewayService(MultiService):
         controlSocket: str | None = None,
         exitOnListenFailure: bool = False,
         metrics: Metrics | None = None,
+        webhookSender: Any = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -212,6 +219,8 @@ class GatewayService(MultiService):
             guards if guards is not None else makeGuards(config, reactor, self.sharedCounters)
         )
         self.signer = makeSigner(config.dkim, config.source)  # DKIM keys: read now
+        # [milter] servers: every new session asks them (None: no milter).
+        self.milters = makeMilters(config.milter.servers, reactor, self.settings)
         self.relay: IRelay = relay if relay is not None else self._makeRelay(resolver)
         # The content filter, if any, comes before the routes (docs/content-filter.md).
         queueRelay = filterStage(
@@ -234,6 +243,10 @@ class GatewayService(MultiService):
         self.webhooks: WebhookSender | None = _webhooks(config, reactor, self.runner)
         if self.webhooks is not None:
             self.webhooks.setServiceParent(self)
+        # An embedder's sender, or the [webhooks] one, carries the breaker's alerts.
+        self.breaker = self._addBreaker(
+            webhookSender if webhookSender is not None else self.webhooks
+        )
         if controlSocket is None and isinstance(self.spool, Spool):
             controlSocket = defaultSocketPath(config.spool.directory)
         #: What ``mailgw reload`` calls (``twistd mailgw``: the SIGHUP reload,
@@ -241,7 +254,11 @@ class GatewayService(MultiService):
         self.reloader: Callable[[], bool] = self.reload
         if controlSocket:
             control = _OptionalControl(
-                controlSocket, self.runner, reactor, reload=lambda: self.reloader()
+                controlSocket,
+                self.runner,
+                reactor,
+                reload=lambda: self.reloader(),
+                breaker=self.breaker,
             )
             control.setServiceParent(self)
         if metrics is None and config.metrics.listen:
@@ -266,6 +283,25 @@ class GatewayService(MultiService):
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
 
+    def _addBreaker(self, webhookSender: Any) -> Any:
+        """The account breaker (docs/breaker.md), hooked into queue and logins; None if off."""
+        onDisk = self._spoolThreads is not None
+        breaker = makeBreaker(
+            self.config.breaker,
+            self.reactor,
+            self.runner,
+            self.settings.hostname,
+            self.config.spool.directory if onDisk else None,
+            threadRunner(self.reactor, self._spoolThreads) if onDisk else None,
+            webhookSender,
+        )
+        if breaker is not None:
+            self.runner.screen, self.runner.bounced = breaker.screen, breaker.bounced
+            self.guards.breaker = breaker
+            if isinstance(breaker, Service):
+                breaker.setServiceParent(self)
+        return breaker
+
     def _watch(self, metrics: Metrics) -> None:
         """Count into ``metrics``; serve them on ``[metrics] listen`` when set."""
         metrics.watchQueue(self.runner, self.reactor)
@@ -280,6 +316,8 @@ class GatewayService(MultiService):
             self.sharedCounters.metrics = metrics
         if self.config.metrics.listen:
             self.api = makeApi(self.config, self.runner, lambda: self.guards.quota)
+            if self.api is not None and self.breaker is not None:
+                self.api.accountSections["breaker"] = self.breaker.state
             site = makeSite(metrics.registry, gatewayChecks(self), self.api)
             self.metricsService = MetricsService(self.reactor, self.config.metrics.listen, site)
             self.metricsService.setServiceParent(self)
@@ -314,6 +352,7 @@ class GatewayService(MultiService):
         @return: True when applied, False when refused.
         """
         new = config if config is not None else self.config
+        checkers: list[ICredentialsChecker] = []
         try:
             contextFactory = self._checkTLS(new)
             checkers = makeCheckers(new) if self._ownCheckers else self.checkers
@@ -322,6 +361,8 @@ class GatewayService(MultiService):
             policy = makePolicy(new, self.reactor) if self._ownPolicy else self.policy
             signer = makeSigner(new.dkim, new.source)
         except ConfigError as e:
+            if self._ownCheckers:
+                retireReplaced(checkers, self.checkers)  # made for nothing
             self.log.error(
                 "Reload refused, the running configuration stays in force: {error}", error=e
             )
@@ -329,10 +370,14 @@ class GatewayService(MultiService):
         for key in restartOnly(self.config, new):
             self.log.warn("Reload: {key} changed; it takes effect at the next restart", key=key)
         self.tlsContext.swap(contextFactory)
+        # The old checkers get no new login: their pools close once idle.
+        retireReplaced(self.checkers, checkers)
         self.checkers, self.policy = checkers, policy
         self.portal = makePortal(checkers)
         self.settings = serverSettings(new)
+        self.milters = makeMilters(new.milter.servers, self.reactor, self.settings)
         for factory in self.factories:
+            factory.milters = self.milters
             # The mechanisms offered follow the portal's checkers.
             factory.portal = self.portal
             factory.policy, factory.settings = policy, self.settings
@@ -388,6 +433,7 @@ class GatewayService(MultiService):
             metrics=self.metrics,
             etrn=makeEtrn(self.config, self.runner),
         )
+        factory.milters = self.milters
         self.factories.append(factory)
         # RFC 8314 3.3: on the submissions port TLS starts with the first byte.
         wrapped: Any = factory

@@ -25,10 +25,16 @@ from mailgw.envelope import (
     QueuedMessage,
     Session,
 )
-from mailgw.interfaces import IMessageWriter, IRelay, ISpool, IWebhookSender, SpoolError
+from mailgw.interfaces import (
+    IEditableWriter,
+    IRelay,
+    ISpool,
+    IWebhookSender,
+    SpoolError,
+)
 
 
-@implementer(IMessageWriter)
+@implementer(IEditableWriter)
 @attrs.define(eq=False)
 class MemoryMessageWriter:
     """
@@ -50,6 +56,12 @@ class MemoryMessageWriter:
     error: SpoolError | None = None
     abortRequested: bool = False
     message: QueuedMessage | None = None
+    amendment: tuple[Any, Any, str | None] | None = None
+
+    def amend(self, rewrite: Any, recipients: Any, holdReason: str | None) -> None:
+        if self.state != "open":
+            raise RuntimeError(f"amend of a {self.state} message")
+        self.amendment = (rewrite, recipients, holdReason)
 
     def write(self, data: bytes) -> None:
         if self.error is not None:
@@ -96,10 +108,20 @@ class MemoryMessageWriter:
             self.spool.aborted.append(self.queueId)
             raise SpoolError(f"{self.queueId} aborted during its commit")
         now = self.spool.clock.seconds()
-        envelope = self.envelope
+        envelope, hold = self.envelope, None
+        if self.amendment is not None:
+            rewrite, recipients, hold = self.amendment
+            if rewrite is not None:
+                target = io.BytesIO()
+                rewrite(io.BytesIO(bytes(self.data)), target)
+                self.data = bytearray(target.getvalue())
+            if recipients is not None:
+                envelope = attrs.evolve(envelope, recipients=recipients)
         if envelope.body is BodyType.SEVENBIT and not self.data.isascii():
             envelope = attrs.evolve(envelope, body=BodyType.EIGHTBITMIME)
         message = QueuedMessage.arrived(self.queueId, envelope, self.session, now, len(self.data))
+        if hold is not None:
+            message = attrs.evolve(message, held=True, holdReason=hold)
         self.state = "committed"
         self.message = message
         self.spool.committed[self.queueId] = (message, bytes(self.data))

@@ -340,10 +340,10 @@ class SQLiteTests(TestCase):
             "pool_size = 2\n"
         )
         source = openSenderSource(f"sql:{path}", reactor)
-        other = source.lookup.__self__  # type: ignore[union-attr]
+        other = source.lookup.current()  # type: ignore[union-attr]
         self.addCleanup(other.close)
         self.assertIsNot(other, self.database)  # another file: its own
-        self.assertIs(openSenderSource(f"sql:{path}", reactor).lookup.__self__, other)  # type: ignore[union-attr]
+        self.assertIs(openSenderSource(f"sql:{path}", reactor).lookup.current(), other)  # type: ignore[union-attr]
         self.database.close()
         self.assertIsNot(makeSQLChecker(self.settings, reactor).fetch.__self__, self.database)
         self.addCleanup(sharedDatabase(self.settings, reactor).close)

@@ -166,7 +166,7 @@ class OpenSourceTests(TestCase):
             'senders_query = "SELECT address FROM alias WHERE goto = :user"\n'
         )
         policy = SenderLoginPolicy(f"sql:{path}", clock=reactor)
-        self.addCleanup(lambda: policy._source.lookup.__self__.close())
+        self.addCleanup(lambda: policy._source.lookup.current().close())
         reply = yield policy.checkSender(session("alice"), parseMailbox("sales@example.com"))
         self.assertIsNone(reply)
         reply = yield policy.checkSender(session("bob"), parseMailbox("sales@example.com"))

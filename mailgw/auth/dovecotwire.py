@@ -13,6 +13,7 @@ The protocol is line-based, one tab-separated record a line:
     S: DONE
     C: AUTH	<id>	PLAIN	service=smtp	secured	nologin	rip=...	resp=<base64>
     S: OK	<id>	user=alice  |  FAIL	<id>	[temp]	...  |  CONT	<id>	<base64>
+    C: CONT	<id>	<base64>	(the client's answer to a CONT: CRAM-MD5, SCRAM)
 
 Many requests may be in flight on one connection, told apart by id.
 L{mailgw.auth.dovecot} manages the connection (reuse, reconnection,
@@ -21,6 +22,7 @@ timeouts) and turns answers into logins.
 
 from __future__ import annotations
 
+import base64
 import os
 
 import attrs
@@ -162,19 +164,43 @@ class DovecotAuthProtocol(LineOnlyReceiver):
         return its answer. Cancelling the Deferred forgets the request (a
         late answer is ignored) and sends Dovecot a CANCEL.
         """
+        return self.request(mechanism, params)[1]
+
+    def request(self, mechanism: str, params: list[bytes]) -> tuple[int, Deferred[DovecotAnswer]]:
+        """L{authenticate}, with the request's id for L{continueRequest}."""
         assert self.transport is not None and self.mechanisms is not None
         if self.lost:
             raise DovecotUnavailable("connection to Dovecot lost")
         requestId = self._nextId
         self._nextId = self._nextId % 0xFFFFFFFF + 1
+        waiting = self._await(requestId)
+        self.sendLine(b"\t".join([b"AUTH", b"%d" % requestId, mechanism.encode("ascii"), *params]))
+        return requestId, waiting
 
+    def continueRequest(self, requestId: int, data: bytes) -> Deferred[DovecotAnswer]:
+        """
+        Send ``CONT id base64(data)``, the client's answer to Dovecot's
+        last CONT for this request, and return Dovecot's next answer.
+        """
+        if self.lost:
+            raise DovecotUnavailable("connection to Dovecot lost")
+        waiting = self._await(requestId)
+        self.sendLine(b"CONT\t%d\t%s" % (requestId, base64.b64encode(data)))
+        return waiting
+
+    def cancelRequest(self, requestId: int) -> None:
+        """Tell Dovecot to forget a request (one waiting for the client)."""
+        self._pending.pop(requestId, None)
+        if not self.lost and self.transport is not None:
+            self.sendLine(b"CANCEL\t%d" % requestId)
+
+    def _await(self, requestId: int) -> Deferred[DovecotAnswer]:
         def cancel(d: Deferred[DovecotAnswer]) -> None:
             if self._pending.pop(requestId, None) is not None and not self.lost:
                 self.sendLine(b"CANCEL\t%d" % requestId)
 
         waiting: Deferred[DovecotAnswer] = Deferred(cancel)
         self._pending[requestId] = waiting
-        self.sendLine(b"\t".join([b"AUTH", b"%d" % requestId, mechanism.encode("ascii"), *params]))
         return waiting
 
     def connectionLost(self, reason: Failure = _DONE) -> None:

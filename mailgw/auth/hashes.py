@@ -4,7 +4,12 @@ maintained libraries: argon2id and argon2i (argon2-cffi), bcrypt
 (C{bcrypt}), SHA512-CRYPT and SHA256-CRYPT (L{mailgw.auth.shacrypt}), and
 Dovecot's C{{SCHEME}}-prefixed values (C{{ARGON2ID}}, C{{ARGON2I}},
 C{{BLF-CRYPT}}, C{{SHA512-CRYPT}}, C{{SHA256-CRYPT}}, C{{CRYPT}},
-C{{SSHA512}}, C{{SSHA256}}, and C{{PLAIN}} only when allowed).
+C{{SSHA512}}, C{{SSHA256}}, C{{SCRAM-SHA-256}}, and C{{PLAIN}} only when
+allowed).
+
+Some values serve more than a password check: a plain one (L{cleartext})
+serves CRAM-MD5 and SCRAM-SHA-256, a C{{SCRAM-SHA-256}} one
+(L{scramKeysOf}) serves SCRAM-SHA-256.
 
 Every comparison of secret-derived bytes takes constant time. Verifying
 costs CPU (argon2 also memory): call L{verifyStored} off the reactor thread.
@@ -21,9 +26,10 @@ import re
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from mailgw.auth.scram import MIN_ITERATIONS, ScramKeys, makeKeys
 from mailgw.auth.shacrypt import ShaCryptError, verifyShaCrypt
 
-__all__ = ["HashFormatError", "hashScheme", "verifyStored"]
+__all__ = ["HashFormatError", "cleartext", "hashScheme", "scramKeysOf", "verifyStored"]
 
 _PREFIX = re.compile(r"\{([A-Za-z0-9.-]+)\}")
 # $2y$ (or $2a$, $2b$), a two-digit cost, 22 characters of salt and 31 of hash.
@@ -104,6 +110,8 @@ def verifyStored(stored: str, password: bytes, allowPlain: bool = False) -> bool
             raise HashFormatError(f"malformed {scheme} hash") from None
     if scheme in _SSHA:
         return _ssha(value, password, scheme)
+    if scheme == "SCRAM-SHA-256":
+        return _scram(value, password)
     if scheme in _PLAIN:
         if not allowPlain:
             raise HashFormatError("plain-text password stored, and plain-text is not allowed")
@@ -148,3 +156,54 @@ def _ssha(value: str, password: bytes, scheme: str) -> bool:
         raise HashFormatError(f"malformed {scheme} value (no salt)")
     digest, salt = raw[:size], raw[size:]
     return hmac.compare_digest(new(password + salt).digest(), digest)
+
+
+def cleartext(stored: str, allowPlain: bool) -> bytes | None:
+    """
+    The password itself when ``stored`` holds it in clear (C{{PLAIN}},
+    C{{CLEAR}}, C{{CLEARTEXT}}) and ``allowPlain``; else None.
+    """
+    match = _PREFIX.match(stored)
+    if not allowPlain or match is None or match.group(1).upper() not in _PLAIN:
+        return None
+    return stored[match.end() :].encode("utf-8")
+
+
+def scramKeysOf(stored: str) -> ScramKeys | None:
+    """
+    The SCRAM-SHA-256 keys a Dovecot C{{SCRAM-SHA-256}} value holds
+    (C{ITERATIONS,SALT,STOREDKEY,SERVERKEY}, base64 each, as C{doveadm pw}
+    writes them); None for any other value.
+
+    @raise HashFormatError: a malformed C{{SCRAM-SHA-256}} value, or fewer
+        iterations than RFC 7677 asks for.
+    """
+    match = _PREFIX.match(stored)
+    if match is None or match.group(1).upper() != "SCRAM-SHA-256":
+        return None
+    parts = stored[match.end() :].split(",")
+    if len(parts) != 4 or not parts[0].isdigit():
+        raise HashFormatError("malformed SCRAM-SHA-256 value (ITERATIONS,SALT,STORED,SERVER)")
+    iterations = int(parts[0])
+    if iterations < MIN_ITERATIONS:
+        raise HashFormatError(f"SCRAM-SHA-256 value with fewer than {MIN_ITERATIONS} iterations")
+    try:
+        salt, storedKey, serverKey = (base64.b64decode(p, validate=True) for p in parts[1:])
+    except (binascii.Error, ValueError):
+        raise HashFormatError("malformed SCRAM-SHA-256 value (not base64)") from None
+    if not salt or len(storedKey) != 32 or len(serverKey) != 32:
+        raise HashFormatError("malformed SCRAM-SHA-256 value (lengths)")
+    return ScramKeys(salt, iterations, storedKey, serverKey)
+
+
+def _scram(value: str, password: bytes) -> bool:
+    """A plain password against SCRAM keys: derive them again under the same salt."""
+    keys = scramKeysOf("{SCRAM-SHA-256}" + value)
+    assert keys is not None
+    try:
+        derived = makeKeys(password.decode("utf-8"), keys.iterations, keys.salt)
+    except (UnicodeDecodeError, ValueError):
+        return False  # not UTF-8, or a character SASLprep prohibits: no such password
+    return hmac.compare_digest(derived.storedKey, keys.storedKey) and hmac.compare_digest(
+        derived.serverKey, keys.serverKey
+    )

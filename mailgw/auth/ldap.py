@@ -20,6 +20,7 @@ import ipaddress
 import math
 import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -45,7 +46,7 @@ from mailgw.auth.ldapconfig import (
     fillTemplate,
     loadLDAPSettings,
 )
-from mailgw.auth.workers import SharedByKey, Workers
+from mailgw.auth.workers import IRetirable, SharedByKey, Workers
 
 __all__ = [
     "LDAPChecker",
@@ -328,6 +329,17 @@ def sharedDirectory(settings: LDAPSettings, reactor: Any) -> LDAPDirectory:
     return _directories.get(settings, reactor, lambda: LDAPDirectory(settings, reactor))  # type: ignore[no-any-return]
 
 
+def makeLDAPChecker(settings: LDAPSettings, reactor: Any) -> LDAPChecker:
+    """
+    The C{ldap:} checker over the shared L{LDAPDirectory} of ``settings``,
+    held until the checker is retired (a reload replaced it): then the
+    directory's pool closes once no checker holds it and its binds under
+    way are done.
+    """
+    directory = _directories.acquire(settings, reactor, lambda: LDAPDirectory(settings, reactor))
+    return LDAPChecker(directory, lambda: _directories.release(settings, reactor, directory))
+
+
 def _unbind(conn: Any) -> None:
     try:
         conn.unbind()
@@ -335,7 +347,7 @@ def _unbind(conn: Any) -> None:
         pass
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, IRetirable)
 @attrs.define
 class LDAPChecker:
     """
@@ -349,6 +361,12 @@ class LDAPChecker:
     credentialInterfaces = (IUsernamePassword,)
 
     directory: LDAPDirectory
+    release: Callable[[], None] | None = None
+
+    def retire(self) -> None:
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes | tuple[()]]:
         if not IUsernamePassword.providedBy(credentials):

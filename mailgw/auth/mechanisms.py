@@ -17,6 +17,7 @@ from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Interface
 
+from mailgw.auth.relay import IRelayedCredentials
 from mailgw.auth.scram import IScramCredentials
 
 #: Every mechanism mailgw speaks, in the order EHLO offers them.
@@ -27,6 +28,16 @@ BY_INTERFACE: dict[type, tuple[str, ...]] = {
     IUsernamePassword: ("PLAIN", "LOGIN"),  # type: ignore[dict-item]
     IUsernameHashedPassword: ("CRAM-MD5",),  # type: ignore[dict-item]
     IScramCredentials: ("SCRAM-SHA-256",),  # type: ignore[dict-item]
+    # Exchanges a backend's own service conducts (mailgw.auth.relay).
+    IRelayedCredentials: ("CRAM-MD5", "SCRAM-SHA-256"),  # type: ignore[dict-item]
+}
+
+#: The interfaces of the credentials mailgw's own exchanges build, by mechanism.
+LOCAL_INTERFACE: dict[str, type] = {
+    "PLAIN": IUsernamePassword,  # type: ignore[dict-item]
+    "LOGIN": IUsernamePassword,  # type: ignore[dict-item]
+    "CRAM-MD5": IUsernameHashedPassword,  # type: ignore[dict-item]
+    "SCRAM-SHA-256": IScramCredentials,  # type: ignore[dict-item]
 }
 
 

@@ -105,6 +105,21 @@ class _Unopened:
         return defer.fail(RuntimeError(f"{self.spec}: opened without a reactor"))
 
 
+@attrs.frozen
+class _OpenSenders:
+    """
+    ``senders(login)`` of the backend's open database or directory, looked
+    up at each call: a reload that retired the checkers of an older version
+    of the settings file closed that one's pool, and the next call opens
+    the current one.
+    """
+
+    current: Callable[[], Any]
+
+    def __call__(self, login: str) -> defer.Deferred[list[str]]:
+        return self.current().senders(login)  # type: ignore[no-any-return]
+
+
 def openSenderSource(spec: str, reactor: Any) -> CachedSenderSource | _Unopened:
     """
     The source ``spec`` names: C{sql:FILE} (the C{senders_query} of an
@@ -128,8 +143,9 @@ def openSenderSource(spec: str, reactor: Any) -> CachedSenderSource | _Unopened:
             raise ValueError(f"{path}: senders_query: must be set to read sender maps from it")
         if reactor is None:
             return _Unopened(spec)
-        database = sharedDatabase(settings, reactor)
-        return CachedSenderSource(database.senders, reactor, name=spec)
+        return CachedSenderSource(
+            _OpenSenders(lambda: sharedDatabase(settings, reactor)), reactor, name=spec
+        )
     if kind == "ldap":
         from mailgw.auth.ldap import loadLDAPSettings, sharedDirectory
 
@@ -138,6 +154,7 @@ def openSenderSource(spec: str, reactor: Any) -> CachedSenderSource | _Unopened:
             raise ValueError(f"{path}: senders_attributes: must be set to read sender maps from it")
         if reactor is None:
             return _Unopened(spec)
-        directory = sharedDirectory(ldapSettings, reactor)
-        return CachedSenderSource(directory.senders, reactor, name=spec)
+        return CachedSenderSource(
+            _OpenSenders(lambda: sharedDirectory(ldapSettings, reactor)), reactor, name=spec
+        )
     raise ValueError(f"{spec}: unknown sender map source {kind!r}: sql:FILE or ldap:FILE")

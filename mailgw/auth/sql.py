@@ -12,6 +12,7 @@ Its settings are a small TOML file (L{loadSQLSettings})::
     senders_query = "SELECT address FROM aliases WHERE owner = %(user)s"
     pool_size = 4
     timeout = 5
+    mechanisms = ["PLAIN", "LOGIN"]   # and "CRAM-MD5", "SCRAM-SHA-256" (below)
 
 Queries name their parameters in the driver's own style (PostgreSQL
 C{%(user)s}, SQLite C{:user}); the values (C{user}, C{localpart},
@@ -20,6 +21,13 @@ never formatted into it. Queries run in a thread pool of C{pool_size}
 threads, each taking a connection from a pool of as many; a database that
 cannot be reached or fails a query raises L{SQLUnavailable}, which the
 server answers 454 4.7.0.
+
+C{mechanisms} lists what EHLO offers for this backend: PLAIN and LOGIN
+serve every stored format; SCRAM-SHA-256 serves users whose value is
+Dovecot's C{{SCRAM-SHA-256}} or a plain one; CRAM-MD5 only plain values
+(so it needs C{allow_plain = true}). A user whose value cannot serve the
+mechanism chosen gets 535 and the throttle counts no guess
+(L{mailgw.auth.MechanismUnavailable}).
 """
 
 from __future__ import annotations
@@ -50,8 +58,10 @@ _PLACEHOLDER = {
     "sqlite": re.compile(r"(?<![:\w]):([A-Za-z_]\w*)"),
 }
 _KEYS = {
-    "driver", "dsn", "password_query", "senders_query", "pool_size", "timeout", "allow_plain"
+    "driver", "dsn", "password_query", "senders_query", "pool_size", "timeout", "allow_plain",
+    "mechanisms",
 }  # fmt: skip
+_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256")
 
 
 class SQLSettingsError(ValueError):
@@ -77,6 +87,7 @@ class SQLSettings:
     timeout: float = 5.0
     allowPlain: bool = False
     source: str = "<sql>"
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
 
 
 def _checkQuery(path: str, key: str, driver: str, query: object, required: bool) -> str:
@@ -121,9 +132,27 @@ def parseSQLSettings(data: dict[str, Any], path: str) -> SQLSettings:
     allowPlain = data.get("allow_plain", False)
     if type(allowPlain) is not bool:
         raise SQLSettingsError(f"{path}: allow_plain: must be true or false")
+    mechanisms = _checkMechanisms(path, data.get("mechanisms", ["PLAIN", "LOGIN"]), allowPlain)
     return SQLSettings(
-        driver, dsn, passwordQuery, sendersQuery, poolSize, float(timeout), allowPlain, path
-    )
+        driver, dsn, passwordQuery, sendersQuery, poolSize, float(timeout), allowPlain, path,
+        mechanisms=mechanisms,
+    )  # fmt: skip
+
+
+def _checkMechanisms(path: str, value: object, allowPlain: bool) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
+        raise SQLSettingsError(f"{path}: mechanisms: must be a non-empty list of names")
+    names = [m.upper() for m in value]
+    unknown = [m for m in names if m not in _MECHANISMS]
+    if unknown:
+        raise SQLSettingsError(
+            f"{path}: mechanisms: unknown {unknown[0]!r}; known: {', '.join(_MECHANISMS)}"
+        )
+    if "CRAM-MD5" in names and not allowPlain:
+        raise SQLSettingsError(
+            f"{path}: mechanisms: CRAM-MD5 needs the passwords in clear: set allow_plain = true"
+        )
+    return tuple(m for m in _MECHANISMS if m in names)
 
 
 def loadSQLSettings(path: str) -> SQLSettings:
@@ -353,20 +382,33 @@ def sharedDatabase(settings: SQLSettings, reactor: Any) -> SQLDatabase:
     return _databases.get(settings, reactor, lambda: SQLDatabase(settings, reactor))  # type: ignore[no-any-return]
 
 
+def _leaseDatabase(settings: SQLSettings, reactor: Any) -> tuple[SQLDatabase, Callable[[], None]]:
+    """L{sharedDatabase}, held until the returned release is called (by a retired checker)."""
+    database = _databases.acquire(settings, reactor, lambda: SQLDatabase(settings, reactor))
+    return database, lambda: _databases.release(settings, reactor, database)
+
+
 def makeSQLChecker(settings: SQLSettings, reactor: Any) -> Any:
     """
     The C{sql:} checker: a L{StoredHashChecker} over the L{SQLDatabase} of
     ``settings`` (L{sharedDatabase}),
     verifying hashes in ``reactor``'s own thread pool (not the database's,
-    so slow hashing never holds a connection).
+    so slow hashing never holds a connection). Retired (a reload replaced
+    it), it lets go of the database: its pool closes once no checker holds
+    it and its queries under way are done.
     """
     from mailgw.auth.stored import StoredHashChecker
 
-    database = sharedDatabase(settings, reactor)
+    database, release = _leaseDatabase(settings, reactor)
 
     def runInThread(f: Any, *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
     return StoredHashChecker(
-        database.fetchUser, runInThread, allowPlain=settings.allowPlain, name=settings.source
+        database.fetchUser,
+        runInThread,
+        allowPlain=settings.allowPlain,
+        name=settings.source,
+        mechanisms=settings.mechanisms,
+        release=release,
     )

@@ -1,19 +1,45 @@
 """
 A bounded pool of threads for a backend's blocking client library (a
-database driver, an LDAP client), started and stopped with the reactor.
+database driver, an LDAP client), started and stopped with the reactor;
+the open pools shared by the checkers of one settings file; and how a
+checker replaced by a reload lets go of its pool (L{IRetirable}).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface
 
-__all__ = ["Workers"]
+__all__ = ["IRetirable", "SharedByKey", "Workers", "WorkersClosed", "retireReplaced"]
+
+
+class IRetirable(Interface):
+    """A credentials checker that holds something open (threads, connections)."""
+
+    def retire() -> None:
+        """
+        The checker has been replaced (a reload) and gets no new requests:
+        release what it holds once the requests under way have finished.
+        """
+
+
+def retireReplaced(old: Iterable[object], new: Iterable[object]) -> None:
+    """Retire each checker of ``old`` that is not also in ``new`` (and can be retired)."""
+    kept = {id(checker) for checker in new}
+    for checker in old:
+        if id(checker) not in kept and IRetirable.providedBy(checker):
+            checker.retire()  # type: ignore[attr-defined]
+
+
+class WorkersClosed(Exception):
+    """The pool was closed (its checker retired): transient, 454; never a hang."""
 
 
 class _DaemonThreadPool(ThreadPool):
@@ -40,6 +66,9 @@ class Workers:
     _trigger: Any = attrs.field(init=False, default=None)
     _closers: list[Any] = attrs.field(init=False, factory=list)
     closed: bool = attrs.field(init=False, default=False)
+    #: Calls under way (run() until its Deferred fired).
+    busy: int = attrs.field(init=False, default=0)
+    _closeWhenIdle: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self._pool = _DaemonThreadPool(0, self.size, name=self.name)
@@ -55,8 +84,24 @@ class Workers:
         self._closers.append(closer)
 
     def run(self, f: Any, *args: Any) -> defer.Deferred[Any]:
-        """``f(*args)`` in one of the threads."""
-        return deferToThreadPool(self.reactor, self._pool, f, *args)
+        """``f(*args)`` in one of the threads; L{WorkersClosed} once closed."""
+        if self.closed:
+            return defer.fail(WorkersClosed(f"{self.name} is closed"))
+        self.busy += 1
+        return deferToThreadPool(self.reactor, self._pool, f, *args).addBoth(self._done)
+
+    def _done(self, result: Any) -> Any:
+        self.busy -= 1
+        if self.busy == 0 and self._closeWhenIdle:
+            self.close()
+        return result
+
+    def closeWhenIdle(self) -> None:
+        """L{close} now if no call is under way, else as soon as the last one is done."""
+        if self.busy == 0:
+            self.close()
+        else:
+            self._closeWhenIdle = True
 
     def close(self) -> None:
         """Stop the threads (waiting for those at work), then run the closers."""
@@ -84,6 +129,7 @@ class SharedByKey:
 
     def __init__(self) -> None:
         self._objects: dict[tuple[int, object], Any] = {}
+        self._leases: dict[int, int] = {}
 
     def get(self, settings: object, reactor: Any, make: Any) -> Any:
         """The open object for ``(settings, reactor)``, or a new one from ``make()``."""
@@ -92,3 +138,25 @@ class SharedByKey:
         if found is None or found.workers.closed:
             found = self._objects[key] = make()
         return found
+
+    def acquire(self, settings: object, reactor: Any, make: Any) -> Any:
+        """L{get}, held by a checker until it calls L{release}."""
+        found = self.get(settings, reactor, make)
+        self._leases[id(found)] = self._leases.get(id(found), 0) + 1
+        return found
+
+    def release(self, settings: object, reactor: Any, found: Any) -> None:
+        """
+        A checker lets go of ``found``: when no checker holds it any more,
+        it is forgotten (a later L{get} makes a new one) and its workers
+        close once their calls under way are done.
+        """
+        left = self._leases.get(id(found), 0) - 1
+        if left > 0:
+            self._leases[id(found)] = left
+            return
+        self._leases.pop(id(found), None)
+        key = (id(reactor), settings)
+        if self._objects.get(key) is found:
+            del self._objects[key]
+        found.workers.closeWhenIdle()

@@ -21,6 +21,7 @@ from getpass import getpass
 
 from mailgw import __version__
 from mailgw.auth import passwd
+from mailgw.cli.account import addAccountParser
 from mailgw.cli.check import addCheckConfigParser
 from mailgw.cli.dkim import addDKIMParser
 from mailgw.cli.errors import CommandError, Subparsers
@@ -39,6 +40,7 @@ def _parserAdders() -> list[ParserAdder]:
     return [
         addPasswdParser,
         addQueueParser,
+        addAccountParser,
         addCheckConfigParser,
         addShowConfigParser,
         addReloadParser,

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import stat
+import sys
 import time
 from typing import Any
 
@@ -57,6 +58,12 @@ _UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u
 
 def _escape(match: re.Match[str]) -> str:
     return f"\\x{ord(match.group()):02x}" if ord(match.group()) < 0x100 else "\ufffd"
+
+
+def _held(m: QueuedMessage) -> str:
+    if not m.held:
+        return "no"
+    return f"yes: {printable(m.holdReason)}" if m.holdReason else "yes"
 
 
 def printable(text: str, multiline: bool = False) -> str:
@@ -116,7 +123,12 @@ def addQueueParser(subparsers: Subparsers) -> None:
         ("release", "release held messages: they are tried now"),
         ("delete", "remove messages from the queue without a bounce"),
     ):
-        action(name, help, queueControl).add_argument("ids", nargs="+", metavar="ID")
+        sub = action(name, help, queueControl)
+        sub.add_argument("ids", nargs="*" if name == "release" else "+", metavar="ID")
+    releasing = actions.choices["release"]
+    releasing.add_argument(
+        "--account", metavar="ACCOUNT", help="release every held message of this account"
+    )
 
 
 def spoolDirectory(args: argparse.Namespace) -> str:
@@ -255,6 +267,7 @@ def _messageJSON(message: QueuedMessage, now: float) -> dict[str, Any]:
         "sender": None if sender is None else str(sender),
         "held": message.held,
         "contentFilter": message.envelope.contentFilter or None,
+        "holdReason": message.holdReason,
         "nextAttempt": message.nextAttempt,
         "recipients": [
             # The spool's own form of a recipient (status, attempts, last
@@ -345,7 +358,7 @@ def queueShow(args: argparse.Namespace) -> int:
         ("Size", f"{m.size} bytes"),
         ("Sender", _sender(m)),
         ("Body", body),
-        ("Held", "yes" if m.held else "no"),
+        ("Held", _held(m)),
         ("Next try", nextTry),
         ("Delay warning", "sent" if m.warned else "not sent"),
         ("User", s.user if s.user is not None else "(none)"),
@@ -419,6 +432,13 @@ _DONE = {
 
 def queueControl(args: argparse.Namespace) -> int:
     """``flush``, ``hold``, ``release``, ``delete``: through the gateway if it runs."""
+    if args.action == "release" and (args.account is None) == (not args.ids):
+        print("mailgw queue release: error: give queue ids or --account ACCOUNT", file=sys.stderr)
+        return 2  # a usage error
+    if args.action == "release" and args.account is not None:
+        from mailgw.cli.account import releaseAccount
+
+        return releaseAccount(args)
     directory = spoolDirectory(args)
     socketPath = defaultSocketPath(directory)
     command, ids = args.action, list(dict.fromkeys(args.ids))
@@ -526,7 +546,8 @@ def _inSpool(
             if command == "hold":
                 _wait(spool.update(attrs.evolve(message, held=True)))
             elif command == "release":
-                _wait(spool.update(attrs.evolve(message, held=False, nextAttempt=_now())))
+                released = attrs.evolve(message, held=False, holdReason="", nextAttempt=_now())
+                _wait(spool.update(released))
             else:
                 _wait(spool.remove(queueId))
             count += 1

@@ -23,7 +23,7 @@ from mailgw.cli.errors import CommandError
 DEFAULT_CONFIG = "/etc/mailgw/mailgw.toml"
 
 _SECTIONS: tuple[str, ...] = ("server", "tls", "auth", "spool", "queue", "limits", "policy")
-_SECTIONS += ("proxy", "metrics", "api", "webhooks", "reinject", "etrn")
+_SECTIONS += ("proxy", "metrics", "api", "webhooks", "reinject", "etrn", "milter", "breaker")
 
 
 def addShowConfigParser(subparsers: Any) -> None:
@@ -57,6 +57,8 @@ def _value(value: Any) -> str:
         return "[" + ", ".join(_value(v) for v in value) + "]"
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return _value(str(value))
+    if hasattr(value, "toTOML"):  # a milter: an inline table
+        return str(value.toTOML())
     if attrs.has(type(value)):  # a Smarthost
         return _value(str(value))
     # A JSON string is a valid TOML basic string.

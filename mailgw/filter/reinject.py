@@ -21,12 +21,12 @@ from __future__ import annotations
 import re
 
 import attrs
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailgw.envelope import Envelope, QueuedMessage, Session
+from mailgw.envelope import Envelope, Session
 from mailgw.interfaces import IMessageWriter, IQueue
+from mailgw.queue.intake import ForwardingWriter
 
 __all__ = ["ReinjectIntake", "originalId"]
 
@@ -65,33 +65,18 @@ class ReinjectIntake:
         return _TracingWriter(self.queue.begin(envelope, session), session.clientAddress)
 
 
-@implementer(IMessageWriter)
-class _TracingWriter:
+class _TracingWriter(ForwardingWriter):
     """A writer that keeps the start of the message, to log its original's id."""
 
     def __init__(self, writer: IMessageWriter, client: str) -> None:
-        self._writer = writer
+        super().__init__(writer)
         self._client = client
         self._head = bytearray()
-
-    @property
-    def queueId(self) -> str:
-        return self._writer.queueId  # type: ignore[no-any-return]
-
-    @property
-    def message(self) -> QueuedMessage | None:
-        return self._writer.message  # type: ignore[no-any-return]
 
     def write(self, data: bytes) -> None:
         if len(self._head) < TRACE_BYTES:
             self._head += data[: TRACE_BYTES - len(self._head)]
         self._writer.write(data)
-
-    def abort(self) -> None:
-        self._writer.abort()
-
-    def commit(self) -> Deferred[str]:
-        return self._writer.commit().addCallback(self._committed)
 
     def _committed(self, queueId: str) -> str:
         original = originalId(bytes(self._head), queueId)

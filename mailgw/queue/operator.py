@@ -20,6 +20,7 @@ from mailgw.interfaces import ISpool
 from mailgw.queue.events import HELD, MessageEvents
 from mailgw.queue.schedule import Schedule
 
+_BY_OPERATOR = "by the operator"
 _log = Logger(namespace="mailgw.queue.runner")
 
 
@@ -143,7 +144,7 @@ class OperatorControl:
         else:
             self._schedule.put(queueId, now)
 
-    def hold(self, queueId: str, reason: str = "by the operator") -> Deferred[None]:
+    def hold(self, queueId: str, reason: str = _BY_OPERATOR) -> Deferred[None]:
         """
         Stop trying ``queueId`` (after the attempt in flight, if any) until
         released; fires once that is on disk. ``reason`` is for the log.
@@ -154,12 +155,17 @@ class OperatorControl:
         """Undo L{hold}, durably; the message is tried now."""
         return self._setHeld(queueId, False)
 
-    def _setHeld(self, queueId: str, held: bool, reason: str = "by the operator") -> Deferred[None]:
+    def _setHeld(self, queueId: str, held: bool, reason: str = _BY_OPERATOR) -> Deferred[None]:
         try:
             message = self._lookup(queueId)
         except Exception as e:
             return fail(e)
-        self._messages[queueId] = attrs.evolve(message, held=held)
+        # A release ends a quarantine; a hold with a reason of its own (the
+        # content filter's reply) is kept with the message, as a milter's is.
+        holdReason = ""
+        if held:
+            holdReason = reason if reason != _BY_OPERATOR else message.holdReason
+        self._messages[queueId] = attrs.evolve(message, held=held, holdReason=holdReason)
         _log.info(
             "Queue {queueId}: {what} {reason}",
             queueId=queueId,
@@ -205,3 +211,26 @@ class OperatorControl:
             return result
 
         return maybeDeferred(self._spool.remove, queueId).addBoth(done)
+
+    def heldOf(self, account: str) -> list[str]:
+        """The queue ids of ``account``'s held messages, oldest first."""
+        messages = [m for m in self._messages.values() if m.held and m.session.user == account]
+        return [m.queueId for m in sorted(messages, key=lambda m: (m.arrival, m.queueId))]
+
+    def holdAtIntake(self, held: QueuedMessage, why: str) -> Deferred[None]:
+        """
+        ``held``, just committed, is recorded as held before it was ever
+        scheduled (the breaker); fires once that is on disk. Should the
+        update fail, the message stays held here (logged).
+        """
+        _log.info("Queue {queueId}: held at intake ({why})", queueId=held.queueId, why=why)
+
+        def failed(failure: Failure) -> None:
+            _log.error(
+                "Queue {queueId}: cannot record it as held ({error}); it stays held until a "
+                "restart",
+                queueId=held.queueId,
+                error=failure.value,
+            )
+
+        return maybeDeferred(self._spool.update, held).addCallbacks(lambda _: None, failed)

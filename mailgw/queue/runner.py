@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -106,6 +108,12 @@ class QueueRunner(Recording, OperatorControl, Service):
         self.metrics: Any = None
         #: Who follows the messages' outcomes (the webhooks): L{MessageEvents}.
         self.events = MessageEvents()
+        #: The breaker's hooks (docs/breaker.md), or None: ``screen(message)``
+        #: for each message committed through L{begin}, before it is
+        #: scheduled: why to hold it, or None; ``bounced(message, count)``
+        #: when recipients of a message were refused for good.
+        self.screen: Callable[[QueuedMessage], str | None] | None = None
+        self.bounced: Callable[[QueuedMessage, int], None] | None = None
 
     def queueGauges(self) -> tuple[int, float | None]:
         """Messages queued, and the arrival time of the oldest (None: empty)."""
@@ -122,10 +130,22 @@ class QueueRunner(Recording, OperatorControl, Service):
         """
         return SchedulingWriter(self._spool.begin(envelope, session), self._accept)
 
-    def _accept(self, message: QueuedMessage) -> None:
-        if message.queueId not in self._messages:
-            self._add(message)
-            self._pump()
+    def _accept(self, message: QueuedMessage) -> Deferred[None] | None:
+        if message.queueId in self._messages:
+            return None
+        why = None
+        if self.screen is not None:
+            try:
+                why = self.screen(message)
+            except Exception:
+                _log.failure("Screening {queueId} failed", queueId=message.queueId)
+        if why is not None:
+            held = attrs.evolve(message, held=True)
+            self._add(held)
+            return self.holdAtIntake(held, why)  # the commit fires once that is on disk
+        self._add(message)
+        self._pump()
+        return None
 
     # -- service --------------------------------------------------------------
 
@@ -307,6 +327,12 @@ class QueueRunner(Recording, OperatorControl, Service):
             return
         if result.bounced:
             self._owed.setdefault(queueId, set()).update(result.bounced)
+            refused = len(result.bounced) - len(result.expired)
+            if refused and self.bounced is not None:
+                try:
+                    self.bounced(result.message, refused)
+                except Exception:
+                    _log.failure("Reporting the bounces of {queueId} failed", queueId=queueId)
         if result.relayed:
             self._relayedOwed.setdefault(queueId, set()).update(result.relayed)
         self._messages[queueId] = result.message

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, fail
@@ -21,8 +21,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgw.envelope import BodyType, Envelope, QueuedMessage, Session
-from mailgw.interfaces import IMessageWriter, SpoolError
+from mailgw.envelope import Address, BodyType, Envelope, QueuedMessage, Session
+from mailgw.interfaces import IEditableWriter, SpoolError
 from mailgw.queue.files import (
     FileSystem,
     encodeMessage,
@@ -61,7 +61,31 @@ class _State(enum.Enum):
     ABORTED = "aborted"
 
 
-@implementer(IMessageWriter)
+@attrs.frozen
+class _Amendment:
+    rewrite: Callable[[BinaryIO, BinaryIO], None] | None
+    recipients: tuple[Address, ...] | None
+    holdReason: str | None
+
+
+@attrs.define(eq=False)
+class _Counting:
+    """A binary file for a rewrite: writes through the spool's file layer, counts."""
+
+    fs: FileSystem
+    fd: int
+    size: int = 0
+    eightBit: bool = False
+
+    def write(self, data: bytes) -> int:
+        self.fs.write(self.fd, data)
+        self.size += len(data)
+        if not self.eightBit and not data.isascii():
+            self.eightBit = True
+        return len(data)
+
+
+@implementer(IEditableWriter)
 @attrs.define(eq=False)
 class SpoolWriter:
     """
@@ -84,6 +108,7 @@ class SpoolWriter:
     _error: SpoolError | None = None
     _abortRequested: bool = False
     _eightBit: bool = False
+    _amendment: _Amendment | None = None
 
     def _tmp(self, suffix: str) -> str:
         return self.spool.path("tmp", self.queueId, suffix)
@@ -129,18 +154,41 @@ class SpoolWriter:
         d = self.spool.serialized(self.queueId, self._discardBlocking)
         d.addErrback(lambda f: _log.failure("Cannot discard {queueId}", f, queueId=self.queueId))
 
+    def amend(
+        self,
+        rewrite: Callable[[BinaryIO, BinaryIO], None] | None,
+        recipients: tuple[Address, ...] | None,
+        holdReason: str | None,
+    ) -> None:
+        """See L{IEditableWriter.amend}: the rewrite runs in the spool's thread at the commit."""
+        if self._state is not _State.OPEN:
+            raise RuntimeError(f"amend of a {self._state.value} message")
+        self._amendment = _Amendment(rewrite, recipients, holdReason)
+
     def commit(self) -> Deferred[str]:
         if self._error is not None:
             return fail(self._error)
         if self._state is not _State.OPEN:
             raise RuntimeError(f"commit of a {self._state.value} message")
         self._state = _State.COMMITTING
-        envelope = self.envelope
+        rest, self._buffer = bytes(self._buffer), bytearray()
+        amendment = self._amendment
+        if amendment is not None and amendment.rewrite is not None:
+            d = self.spool.serialized(self.queueId, self._rewriteBlocking, rest, amendment.rewrite)
+            return d.addErrback(self._commitFailed).addCallback(self._commitMessage, b"")
+        return self._commitMessage((self.size, self._eightBit), rest)
+
+    def _commitMessage(self, written: tuple[int, bool], rest: bytes) -> Deferred[str]:
+        self.size, self._eightBit = written
+        envelope, amendment = self.envelope, self._amendment
         if self._eightBit and envelope.body is BodyType.SEVENBIT:
             envelope = attrs.evolve(envelope, body=BodyType.EIGHTBITMIME)
+        if amendment is not None and amendment.recipients is not None:
+            envelope = attrs.evolve(envelope, recipients=amendment.recipients)
         now = self.spool.clock.seconds()
         message = QueuedMessage.arrived(self.queueId, envelope, self.session, now, self.size)
-        rest, self._buffer = bytes(self._buffer), bytearray()
+        if amendment is not None and amendment.holdReason is not None:
+            message = attrs.evolve(message, held=True, holdReason=amendment.holdReason)
         d = self.spool.serialized(self.queueId, self._commitBlocking, rest, encodeMessage(message))
         return d.addCallbacks(self._committed, self._commitFailed, callbackArgs=(message,))
 
@@ -196,8 +244,48 @@ class SpoolWriter:
                 self.spool.fs.close(fd)
             except OSError:
                 pass  # nothing of it is wanted any more
-        for suffix in (".msg", ".json"):
+        for suffix in (".msg", ".json", ".new"):
             removeQuietly(self.spool.fs, self._tmp(suffix))
+
+    def _rewriteBlocking(
+        self, rest: bytes, rewrite: Callable[[BinaryIO, BinaryIO], None]
+    ) -> tuple[int, bool]:
+        """
+        The message rewritten by ``rewrite`` into ``tmp/ID.new``, renamed
+        over ``tmp/ID.msg`` and left open for the commit's fsync.
+
+        @return: the new size, and whether it has 8-bit octets.
+        """
+        if self._error is not None:
+            raise self._error
+        fs, source, target = self.spool.fs, self._tmp(".msg"), self._tmp(".new")
+        try:
+            fd = self._open()
+            self._fd = None
+            try:
+                if rest:
+                    fs.write(fd, rest)
+            finally:
+                fs.close(fd)
+            out = _Counting(fs, fs.create(target))
+            try:
+                with open(source, "rb") as src:
+                    rewrite(src, out)  # type: ignore[arg-type]
+                fs.rename(target, source)
+            except BaseException:
+                fs.close(out.fd)
+                raise
+            self._fd = out.fd
+        except OSError as e:
+            removeQuietly(fs, target)
+            raise spoolErrorFrom(e, f"cannot rewrite {self.queueId}") from e
+        except SpoolError:
+            removeQuietly(fs, target)
+            raise
+        except Exception as e:
+            removeQuietly(fs, target)
+            raise SpoolError(f"cannot rewrite {self.queueId}: {e!r}") from e
+        return out.size, out.eightBit
 
     def _commitBlocking(self, rest: bytes, data: bytes) -> str:
         if self._error is not None:

@@ -8,6 +8,8 @@ by L{AuthPhase} from that moment until exactly one outcome is recorded: the
 portal's answer settles it in the login Deferred's own callback, whether
 the client is still there or not; a close before the answer
 (L{AuthPhase.abandon}) settles it as abandoned, and the count stays.
+Exchanges a backend's service conducts are driven by
+L{mailgw.server.relaying}; the step values are in L{mailgw.server.authsteps}.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import deferLater
@@ -29,47 +30,34 @@ from twisted.python.failure import Failure
 
 from mailgw import replies
 from mailgw.auth import MechanismUnavailable
+from mailgw.auth.relay import IRelayedCredentials
 from mailgw.auth.scram import IScramCredentials
 from mailgw.interfaces import ISubmitter
 from mailgw.limits.auth import AuthAttempt
 from mailgw.replies import SMTPReply
-from mailgw.server.sasl import Challenge, Exchange, SASLFailure, fromClient, makeExchange
+from mailgw.server.authsteps import (
+    AuthStep,
+    ChallengeLine,
+    CloseWith,
+    LoginOutcome,
+    ServerFinal,
+    asOutcome,
+)
+from mailgw.server.relaying import RelayingSteps
+from mailgw.server.sasl import (
+    Challenge,
+    Exchange,
+    RelayedExchange,
+    SASLFailure,
+    fromClient,
+    makeExchange,
+    relayFor,
+    servedLocally,
+)
 from mailgw.server.scram import NeedKeys, ScramExchange, lookupKeys
 from mailgw.server.settings import Listener
 
-
-@attrs.frozen
-class ChallengeLine:
-    """Send this 334 line and read the client's response."""
-
-    line: bytes
-
-
-@attrs.frozen
-class CloseWith:
-    """Send ``reply`` and close the connection."""
-
-    reply: SMTPReply
-
-
-@attrs.frozen
-class _ServerFinal:
-    """A login succeeded; the client acknowledges the server's final data, then gets ``outcome``."""
-
-    outcome: LoginOutcome
-
-
-@attrs.frozen
-class LoginOutcome:
-    """The answer to a completed exchange; ``user`` is set when it succeeded."""
-
-    reply: SMTPReply
-    user: str | None = None
-
-
-# What one step of AUTH asks the session to do: answer now, send a
-# challenge, close, or wait for the portal's answer.
-AuthStep = SMTPReply | ChallengeLine | CloseWith | Deferred[LoginOutcome]
+__all__ = ["AuthPhase", "AuthStep", "ChallengeLine", "CloseWith", "LoginOutcome", "fingerprint"]
 
 
 #: The key of L{fingerprint}'s digests: per process, never stored.
@@ -96,7 +84,7 @@ def username(credentials: Any) -> str | None:
     return name
 
 
-class AuthPhase:
+class AuthPhase(RelayingSteps):
     """
     The AUTH state of one session: an exchange in progress, or an attempt
     waiting for the portal. ``clientAddress`` gives the client's address.
@@ -110,8 +98,11 @@ class AuthPhase:
         self._listener = listener
         self._clientAddress = clientAddress
         self._sessionId = sessionId
-        self._exchange: Exchange | _ServerFinal | None = None
+        self._exchange: Exchange | RelayedExchange | ServerFinal | None = None
         self._mechanism = ""
+        self._fallbackRelay: Any = None
+        # A relay's failure, when a local exchange took over from it.
+        self._serviceDown: Failure | None = None
         self._attempt: AuthAttempt | None = None
         # The delay before the check, while it runs: cancelled by abandon().
         self._delayed: Deferred[Any] | None = None
@@ -134,6 +125,18 @@ class AuthPhase:
             initial = _decode(words[1].encode("ascii"))
             if initial is None:
                 return replies.AUTH_BAD_BASE64
+        portal = self._listener.portal
+        relay, local = relayFor(portal, mechanism), servedLocally(portal, mechanism)
+        # SCRAM: a local exchange, relayed at client-first for a user no
+        # local backend has keys for (_lookup); CRAM-MD5: relayed first.
+        self._fallbackRelay = relay if mechanism == "SCRAM-SHA-256" else None
+        self._serviceDown = None
+        if relay is not None and (mechanism == "CRAM-MD5" or not local):
+            relayed = RelayedExchange(
+                mechanism, relay.converse(mechanism, self._clientAddress()), localFallback=local
+            )
+            self._exchange, self._mechanism = relayed, mechanism
+            return self._relay(relayed, initial)
         exchange = makeExchange(mechanism, self._listener.settings.hostname)
         self._exchange, self._mechanism = exchange, mechanism
         return self._step(mechanism, lambda: exchange.start(initial))
@@ -143,24 +146,41 @@ class AuthPhase:
         exchange = self._exchange
         assert exchange is not None
         if raw.strip() == b"*":
-            self._exchange = None
+            self._endExchange()
             return replies.AUTH_CANCELLED
         response = _decode(raw.strip())
         if response is None:
-            self._exchange = None
+            self._endExchange()
             return replies.AUTH_BAD_BASE64
-        if isinstance(exchange, _ServerFinal):
+        if isinstance(exchange, ServerFinal):
             self._exchange = None  # RFC 4954 4: the client answers final data with nothing
             return succeed(exchange.outcome) if response == b"" else replies.AUTH_BAD_BASE64
+        if isinstance(exchange, RelayedExchange):
+            return self._relay(exchange, response)
         return self._step(self._mechanism, lambda: exchange.respond(response))
 
     def cancel(self) -> None:
         """The exchange ends without an answer (its line was too long)."""
-        self._exchange = None
+        self._endExchange()
+
+    def _endExchange(self) -> None:
+        """
+        The exchange is dropped before its end. A relayed one is cancelled
+        at its service; once the throttle has counted it, it stays counted
+        (abandoned), as a hang-up would.
+        """
+        exchange, self._exchange = self._exchange, None
+        self._serviceDown = None
+        if isinstance(exchange, RelayedExchange):
+            # The attempt first: cancelling may settle a step at once.
+            attempt, self._attempt = self._attempt, None
+            exchange.conversation.cancel()
+            if attempt is not None:
+                attempt.abandoned()
 
     def abandon(self) -> None:
         """The session ends: an exchange is dropped, an attempt in flight is abandoned."""
-        self._exchange = None
+        self._endExchange()
         attempt, self._attempt = self._attempt, None
         if attempt is not None:
             attempt.abandoned()
@@ -193,9 +213,17 @@ class AuthPhase:
         exchange = self._exchange
         assert isinstance(exchange, ScramExchange)
 
-        def found(keys: Any) -> LoginOutcome:
+        def found(keys: Any) -> LoginOutcome | Deferred[LoginOutcome]:
             if self._exchange is not exchange:
                 return LoginOutcome(replies.AUTH_TEMPFAIL)  # the session ended meanwhile
+            relay = self._fallbackRelay
+            if keys is None and relay is not None:
+                # No local backend knows the user: Dovecot takes the exchange over.
+                relayed = RelayedExchange(
+                    "SCRAM-SHA-256", relay.converse("SCRAM-SHA-256", self._clientAddress())
+                )
+                self._exchange = relayed
+                return asOutcome(self._relay(relayed, exchange.clientFirst()))
             encoded = base64.b64encode(exchange.keysFound(keys).data).decode("ascii")
             return LoginOutcome(SMTPReply(334, "", encoded))
 
@@ -235,6 +263,10 @@ class AuthPhase:
             self._delayed = d
         else:
             d = maybeDeferred(portal.login, credentials, None, ISubmitter)
+        down, self._serviceDown = self._serviceDown, None
+        if down is not None:
+            # The service that could have said yes was down: no local "no" is final.
+            d.addErrback(lambda _: down)
         if ready is not None:  # answer once the user's quota is known (one round trip at most)
             d.addBoth(lambda result: ready.addBoth(lambda _: result))
         return d.addBoth(self._settle, attempt, credentials)
@@ -257,6 +289,11 @@ class AuthPhase:
             limiter = self._listener.guards.connections
             if limiter is not None:
                 limiter.authenticated(self._clientAddress())
+            breaker = self._listener.guards.breaker
+            if breaker is not None and not breaker.observeLogin(
+                avatar.login, self._clientAddress()
+            ):
+                return LoginOutcome(replies.AUTH_TEMPFAIL)  # tripped: 454 4.7.0 (logged)
             self._log.info(
                 "auth ok user={user!r} client={client}",
                 user=avatar.login,
@@ -266,13 +303,11 @@ class AuthPhase:
                 backend=backendName(self._listener.portal, credentials),
             )
             outcome = LoginOutcome(replies.AUTH_OK, avatar.login)
-            if IScramCredentials.providedBy(credentials):
-                # SMTP has no data on 235: the server signature goes in a 334.
-                self._exchange = _ServerFinal(outcome)
-                signature = base64.b64encode(
-                    b"v=" + base64.b64encode(credentials.serverSignature())
-                )
-                return LoginOutcome(SMTPReply(334, "", signature.decode("ascii")))
+            final = _serverFinal(credentials)
+            if final is not None:
+                # SMTP has no data on 235: the server's final data goes in a 334.
+                self._exchange = ServerFinal(outcome)
+                return LoginOutcome(SMTPReply(334, "", base64.b64encode(final).decode("ascii")))
             return outcome
         if result.check(MechanismUnavailable):
             if attempt is not None:
@@ -297,6 +332,16 @@ class AuthPhase:
             session=self._sessionId,
             mech=self._mechanism,
         )
+
+
+def _serverFinal(credentials: Any) -> bytes | None:
+    """The server's final data of a successful exchange (SCRAM's ``v=``), if any."""
+    if IScramCredentials.providedBy(credentials):
+        return b"v=" + base64.b64encode(credentials.serverSignature())
+    if IRelayedCredentials.providedBy(credentials):
+        final: bytes | None = credentials.verdict.final
+        return final
+    return None
 
 
 def backendName(portal: Any, credentials: Any) -> str | None:

@@ -62,6 +62,8 @@ class SubmissionFactory(Factory):
         #: clients from these networks only, refused at the greeting otherwise.
         self.reinjectNetworks = reinjectNetworks
         self.etrn = etrn  # mailgw.server.etrn.Etrn when ETRN is offered
+        #: L{mailgw.interfaces.IMilterChain} ([milter] servers), or None: no milter.
+        self.milters: Any = None
 
     @property
     def mechanisms(self) -> tuple[str, ...]:

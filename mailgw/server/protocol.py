@@ -62,6 +62,9 @@ class SubmissionServer(Connection):
         #: The session's id in its log lines (``session``), for ``mailgw explain``.
         self.sessionId = secrets.token_hex(6)
         self._auth = AuthPhase(listener, self._clientAddress, self.sessionId)
+        #: [milter] servers (L{mailgw.interfaces.IMilterChain}), or None: no milter.
+        chain = getattr(listener, "milters", None)
+        self._milters = chain.open() if chain is not None else None
         self._transaction = self._newTransaction()
         self.record = SessionRecord(listener=listener.listenerName, sessionId=self.sessionId)
         #: L{mailgw.metrics.Metrics}, or None: metrics are off.
@@ -75,7 +78,9 @@ class SubmissionServer(Connection):
     # -- state -----------------------------------------------------------
 
     def _newTransaction(self) -> Transaction:
-        return Transaction(self.listener, self.session, self._user)
+        record = getattr(self, "record", None)  # not yet while __init__ runs
+        mechanism = (record.mechanism if record is not None else None) or ""
+        return Transaction(self.listener, self.session, self._user, self._milters, mechanism)
 
     def _resetTransaction(self) -> None:
         self._transaction.abandon()
@@ -149,11 +154,23 @@ class SubmissionServer(Connection):
         settings = self.listener.settings
         if trusted is None:  # no AUTH on a reinjection listener: nothing to wait for
             self.startTimer(PREAUTH, settings.preAuthTimeout, replies.PREAUTH_TIMEOUT)
-        self.write(SMTPReply(220, "", f"{settings.hostname} ESMTP mailgw").toBytes())
+        if self._milters is not None:
+            self.wait(self._milters.connect(self.session()), self._greet)
+        else:
+            self._greet(None)
+
+    def _greet(self, refusal: SMTPReply | None) -> None:
+        if refusal is not None:
+            self.close(refusal)  # a milter refused the client at connect
+            return
+        hostname = self.listener.settings.hostname
+        self.write(SMTPReply(220, "", f"{hostname} ESMTP mailgw").toBytes())
 
     def releaseResources(self) -> None:
         self._auth.abandon()
         self._transaction.abandon()
+        if self._milters is not None:
+            self._milters.close()
 
     def connectionEnded(self) -> None:
         limiter = self.listener.guards.connections
@@ -264,8 +281,19 @@ class SubmissionServer(Connection):
         if self._helo is not None and self._junkCommand():
             return
         self._resetTransaction()
-        self._helo = name[:255]
+        previous, self._helo = self._helo, name[:255]
         self._esmtp = esmtp
+        if self._milters is not None:
+            self.wait(self._milters.helo(self.session()), lambda r: self._helloed(r, previous))
+        else:
+            self._helloed(None, previous)
+
+    def _helloed(self, refusal: SMTPReply | None, previous: str | None) -> None:
+        if refusal is not None:
+            self._helo = previous
+            self.reply(refusal)
+            return
+        esmtp = self._esmtp
         settings = self.listener.settings
         if not esmtp:
             self.write(SMTPReply(250, "", settings.hostname).toBytes())
@@ -366,8 +394,11 @@ class SubmissionServer(Connection):
             self.wait(step, self._loggedIn)
 
     def _loggedIn(self, outcome: LoginOutcome) -> None:
+        if outcome.close:
+            self.close(outcome.reply)
+            return
         left, self._preAuthLeft = self._preAuthLeft, None
-        if self._metrics is not None:
+        if self._metrics is not None and outcome.reply.code != 334:  # 334: mid-exchange
             code = outcome.reply.code
             result = "success" if outcome.user else "failure" if code >= 500 else "tempfail"
             self._metrics.authAttempt(self.record.mechanism or "unknown", result)
@@ -410,8 +441,10 @@ class SubmissionServer(Connection):
         self._answer(self._transaction.rcpt(argument), self.reply)
 
     def do_DATA(self, argument: str) -> None:
+        self._answer(self._transaction.data(argument), self._dataAnswered)
+
+    def _dataAnswered(self, answer: SMTPReply) -> None:
         transaction = self._transaction
-        answer = transaction.data(argument)
         if transaction.stage is Stage.DATA:
             self.rawSink = self._messageData
         elif transaction.stage is not Stage.ENVELOPE:
@@ -430,19 +463,34 @@ class SubmissionServer(Connection):
             return
         size = int(sizeText)
         if self._helo is None:
-            refusal: SMTPReply | None = replies.NEED_HELO
+            self._readChunk(size, last, replies.NEED_HELO)
         elif not self._mayMail:
-            refusal = replies.AUTH_REQUIRED
+            self._readChunk(size, last, replies.AUTH_REQUIRED)
         else:
-            refusal = self._transaction.chunk()
-        consume = self._transaction.feedChunk if refusal is None else _drop
+            # The milters may look at a new message first: its bytes wait
+            # (input is not read while a command waits).
+            answer = self._transaction.chunk()
+            if isinstance(answer, Deferred):
+                self.wait(answer, lambda refusal: self._readChunk(size, last, refusal))
+            else:
+                self._readChunk(size, last, answer)
+
+    def _readChunk(self, size: int, last: bool, refusal: SMTPReply | None) -> None:
+        """Read the chunk into the message, or drop it when refused; then answer."""
+        transaction = self._transaction
+        consume = transaction.feedChunk if refusal is None else _drop
 
         def read() -> None:
             self.rawSink = None
             self._chunkRead(size, last, refusal)
 
+        def behind() -> None:
+            backlog = transaction.backlog() if refusal is None else None
+            if backlog is not None:
+                self.wait(backlog, lambda _: None)  # a slow milter: read on once it caught up
+
         if size:
-            self.rawSink = _Chunk(size, consume, last, read)
+            self.rawSink = _Chunk(size, consume, last, read, behind)
         else:
             consume(b"", last)
             read()
@@ -468,6 +516,9 @@ class SubmissionServer(Connection):
         transaction = self._transaction
         rest = transaction.feed(data)
         if rest is None:
+            backlog = transaction.backlog()
+            if backlog is not None:
+                self.wait(backlog, lambda _: None)  # a slow milter: read on once it caught up
             return None
         self.rawSink = None
         self._answer(transaction.finish(), self._messageAnswered)
@@ -496,7 +547,8 @@ class _Chunk:
     """
     The raw sink that reads one BDAT chunk: exactly ``size`` bytes to
     ``consume`` (``last`` with its final bytes when the chunk is LAST),
-    then ``read``.
+    then ``read``; ``behind`` after each read that leaves bytes to come
+    (it may hold further reading back).
     """
 
     def __init__(
@@ -505,14 +557,17 @@ class _Chunk:
         consume: Callable[[bytes, bool], None],
         last: bool,
         read: Callable[[], None],
+        behind: Callable[[], None],
     ) -> None:
-        self._left, self._consume, self._last, self._read = size, consume, last, read
+        self._left, self._consume, self._last = size, consume, last
+        self._read, self._behind = read, behind
 
     def __call__(self, data: bytes) -> bytes | None:
         take = data[: self._left]
         self._left -= len(take)
         self._consume(take, self._last and not self._left)
         if self._left:
+            self._behind()
             return None
         self._read()
         return data[len(take) :]

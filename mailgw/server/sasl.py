@@ -17,18 +17,28 @@ import attrs
 from twisted.cred.credentials import CramMD5Credentials, ICredentials, UsernamePassword
 from twisted.cred.portal import Portal
 
-from mailgw.auth.mechanisms import MECHANISMS, byInterfaces, checkerMechanisms, ordered
+from mailgw.auth.mechanisms import (
+    LOCAL_INTERFACE,
+    MECHANISMS,
+    byInterfaces,
+    checkerMechanisms,
+    ordered,
+)
+from mailgw.auth.relay import IRelayedCredentials, ISASLConversation, ISASLRelay
 
 __all__ = [
     "MECHANISMS",
     "Challenge",
     "Done",
     "Exchange",
+    "RelayedExchange",
     "SASLFailure",
     "availableMechanisms",
     "fromClient",
     "makeExchange",
     "portalMechanisms",
+    "relayFor",
+    "servedLocally",
 ]
 
 
@@ -112,10 +122,19 @@ class LoginExchange:
 
 @attrs.define
 class CramMD5Exchange:
-    """RFC 2195: a challenge, then ``user SP hex(HMAC-MD5(secret, challenge))``."""
+    """
+    RFC 2195: a challenge, then ``user SP hex(HMAC-MD5(secret, challenge))``.
+    ``_challenge`` is another's challenge (Dovecot's) to check an answer to.
+    """
 
     hostname: str
     _credentials: CramMD5Credentials | None = None
+    _challenge: bytes | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self._challenge is not None:
+            self._credentials = CramMD5Credentials(self.hostname)
+            self._credentials.challenge = self._challenge
 
     def start(self, initial: bytes | None) -> Step:
         if initial is not None:
@@ -128,7 +147,7 @@ class CramMD5Exchange:
         self._credentials = credentials
         return Challenge(credentials.challenge)
 
-    def respond(self, response: bytes) -> Step:
+    def respond(self, response: bytes) -> Done:
         assert self._credentials is not None
         username, space, digest = response.rpartition(b" ")
         if not space or not username or len(digest) != 32:
@@ -186,6 +205,91 @@ def portalMechanisms(portal: Portal) -> tuple[str, ...]:
         for interface, checker in portal.checkers.items()
         for m in checkerMechanisms(checker, interface)
     )
+
+
+@attrs.define
+class RelayedExchange:
+    """
+    An exchange a backend's service conducts (L{mailgw.auth.relay}): the
+    AUTH phase carries each response to ``conversation`` and each of its
+    challenges back. ``claimed`` is the login the client named (for the
+    throttle and the logs, never trusted); ``counted`` is set once the
+    throttle has counted the attempt. With ``localFallback`` (CRAM-MD5
+    only), a login the service refuses is checked by the local backends
+    against the service's challenge (L{localCram}).
+    """
+
+    mechanism: str
+    conversation: ISASLConversation
+    claimed: bytes | None = None
+    counted: bool = False
+    localFallback: bool = False
+    challenge: bytes | None = None
+    response: bytes | None = None
+
+    def localCram(self, hostname: str) -> CramMD5Credentials | None:
+        """
+        The CRAM-MD5 credentials of the last response against the service's
+        challenge (RFC 2195 asks only that the challenge be unique, and the
+        service's is), for the local backends; None when there is no
+        fallback or the response is not ``user SP 32 hex digits``.
+        """
+        if not self.localFallback or self.challenge is None or self.response is None:
+            return None
+        try:
+            done = CramMD5Exchange(hostname, challenge=self.challenge).respond(self.response)
+        except SASLFailure:
+            return None
+        return done.credentials  # type: ignore[return-value]
+
+    def claim(self, response: bytes) -> None:
+        """Note the login a response names, where the mechanism puts one."""
+        if self.claimed is None:
+            self.claimed = claimedLogin(self.mechanism, response)
+
+
+def claimedLogin(mechanism: str, response: bytes) -> bytes | None:
+    """
+    The login a client response names: CRAM-MD5's ``user SP digest``, a
+    SCRAM client-first's ``n=user``; None when it names none (or it is not
+    well formed: the service will say so).
+    """
+    if mechanism == "CRAM-MD5":
+        user, space, _ = response.rpartition(b" ")
+        return user if space and user else None
+    if mechanism.startswith("SCRAM-"):
+        for part in response.split(b",")[2:3]:
+            if part.startswith(b"n=") and len(part) > 2:
+                return part[2:].replace(b"=2C", b",").replace(b"=3D", b"=")
+    return None
+
+
+def servedLocally(portal: Portal, mechanism: str) -> bool:
+    """Whether a checker of mailgw's own exchange's credentials serves ``mechanism`` now."""
+    local = LOCAL_INTERFACE.get(mechanism)
+    checker = portal.checkers.get(local) if local is not None else None  # type: ignore[call-overload]
+    return checker is not None and mechanism in checkerMechanisms(checker, local)
+
+
+def relayFor(portal: Portal, mechanism: str) -> ISASLRelay | None:
+    """
+    The first relaying checker, in the portal's order, that serves
+    ``mechanism`` now; None when none does.
+
+    Where local backends serve the mechanism too, the AUTH phase combines
+    them: a CRAM-MD5 answer to the service's challenge is checked by the
+    service, then by the local backends; a SCRAM-SHA-256 exchange (whose
+    server-first message carries one backend's salt) is served locally for
+    a user a local backend has keys for, and relayed otherwise.
+    """
+    registered = portal.checkers.get(IRelayedCredentials)  # type: ignore[call-overload]
+    candidates = getattr(registered, "checkers", [registered] if registered else [])
+    for candidate in candidates:
+        if ISASLRelay.providedBy(candidate) and mechanism in checkerMechanisms(
+            candidate, IRelayedCredentials
+        ):
+            return candidate  # type: ignore[no-any-return]
+    return None
 
 
 def makeExchange(mechanism: str, hostname: str) -> Exchange:

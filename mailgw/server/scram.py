@@ -155,6 +155,10 @@ class ScramExchange:
         self._state = "keys"
         return NeedKeys(username)
 
+    def clientFirst(self) -> bytes:
+        """The client-first message, whole (for a service that takes the exchange over)."""
+        return self._gs2Header + self._clientFirstBare
+
     def keysFound(self, found: tuple[ScramKeys, Any] | None) -> Challenge:
         """The lookup's answer: send the server-first message."""
         assert self._state == "keys"

@@ -14,7 +14,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IReactorTime
 
 from mailgw._configparse import Network
-from mailgw.interfaces import IQueue, ISubmissionPolicy
+from mailgw.interfaces import IAccountBreaker, IQueue, ISubmissionPolicy
 from mailgw.limits import AuthThrottle, ConnectionLimiter, SubmissionQuota
 
 
@@ -65,6 +65,8 @@ class Guards:
     connections: ConnectionLimiter | None = None
     auth: AuthThrottle | None = None
     quota: SubmissionQuota | None = None
+    #: The account breaker (docs/breaker.md): sees each login, may refuse it.
+    breaker: IAccountBreaker | None = None
 
 
 class Listener(Protocol):

@@ -18,6 +18,7 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,7 +27,7 @@ from mailgw import replies
 from mailgw.address import AddressError, ParameterError, parsePath, splitPathAndParameters
 from mailgw.dsnparams import RecipientDSN
 from mailgw.envelope import Address, BodyType, Envelope, Session
-from mailgw.interfaces import IMessageWriter
+from mailgw.interfaces import IEditableWriter, IMessageWriter, IMilterSession
 from mailgw.queue.spool import SpoolError, SpoolFullError
 from mailgw.replies import SMTPReply
 from mailgw.server.data import DataReader
@@ -66,10 +67,19 @@ class Transaction:
 
     _log = Logger()
 
-    def __init__(self, listener: Listener, session: Callable[[], Session], user: str | None):
+    def __init__(
+        self,
+        listener: Listener,
+        session: Callable[[], Session],
+        user: str | None,
+        milters: IMilterSession | None = None,
+        authType: str = "",
+    ):
         self._listener = listener
         self._session = session
         self._user = user
+        # [milter] servers: asked at each step (None: no milter, nothing asked).
+        self._milters, self._authType = milters, authType
         self.stage = Stage.ENVELOPE
         self.sender: Address | None | _NoSender = NO_SENDER
         self.recipients: list[Address] = []
@@ -103,6 +113,8 @@ class Transaction:
         self.stage = Stage.ABANDONED
         self._reader = None
         self._dropWriter()
+        if self._milters is not None and self.started:
+            self._milters.abort()
 
     def _dropWriter(self) -> None:
         writer, self._writer = self._writer, None
@@ -158,14 +170,20 @@ class Transaction:
             needUTF8 = not smtputf8 and not pathText.isascii()
             return replies.NEED_SMTPUTF8 if needUTF8 else replies.BAD_SENDER
 
-        def checked(outcome: Any) -> SMTPReply:
-            refusal = self._policyReply(outcome)
+        def accepted(refusal: SMTPReply | None) -> SMTPReply:
             if refusal is not None:
                 return refusal
             self.sender = sender
             self._body, self._smtputf8, self._declaredSize = body, smtputf8, size
             self._options, self._esmtp = options, esmtp
             return replies.SENDER_OK
+
+        def checked(outcome: Any) -> Answer:
+            refusal = self._policyReply(outcome)
+            if refusal is not None or self._milters is None:
+                return accepted(refusal)
+            d = self._milters.mail(self._session(), sender, self._authType)
+            return d.addCallback(accepted)
 
         policy = self._listener.policy
         return maybeDeferred(policy.checkSender, self._session(), sender).addBoth(checked)
@@ -207,8 +225,7 @@ class Transaction:
             if refusal is not None:
                 return refusal
 
-        def checked(outcome: Any) -> SMTPReply:
-            refusal = self._policyReply(outcome)
+        def accepted(refusal: SMTPReply | None) -> SMTPReply:
             if refusal is not None:
                 return refusal
             if recipient not in self.recipients:
@@ -216,13 +233,19 @@ class Transaction:
                 self._dsn.append(dsn)
             return replies.RECIPIENT_OK
 
+        def checked(outcome: Any) -> Answer:
+            refusal = self._policyReply(outcome)
+            if refusal is not None or self._milters is None:
+                return accepted(refusal)
+            return self._milters.rcpt(recipient).addCallback(accepted)
+
         policy = self._listener.policy
         d = maybeDeferred(policy.checkRecipient, self._session(), sender, recipient)
         return d.addBoth(checked)
 
     # -- DATA ----------------------------------------------------------------
 
-    def data(self, argument: str) -> SMTPReply:
+    def data(self, argument: str) -> Answer:
         """DATA: 354 and the message is read (L{feed}), or an error."""
         if argument:
             return replies.SYNTAX
@@ -230,25 +253,32 @@ class Transaction:
             # RFC 3030 3: DATA after BDAT fails the transaction.
             self.abandon()
             return replies.DATA_AFTER_BDAT
-        return self._begin() or replies.START_DATA
+        return self._begin()
 
-    def chunk(self) -> SMTPReply | None:
+    def chunk(self) -> SMTPReply | None | Deferred[SMTPReply | None]:
         """
         A BDAT command (RFC 3030) whose size parsed: None when its chunk
         is read into the message (L{feedChunk}, then L{chunkEnded}), or
-        the error to answer once the chunk has been read and dropped.
+        the error to answer once the chunk has been read and dropped; a
+        Deferred of either while the milters look at the new message.
         """
         if self.stage is Stage.ENVELOPE:
-            refusal = self._begin()
-            if refusal is not None:
-                return refusal
-            assert self._reader is not None
-            self._reader.stuffed = False
-            self.chunked = True
-            return None
+            answer = self._begin()
+            if isinstance(answer, Deferred):
+                return answer.addCallback(self._chunking)
+            return self._chunking(answer)
         if self.stage is Stage.DATA and self.chunked:
             return None
         return replies.NEED_MAIL
+
+    def _chunking(self, answer: SMTPReply) -> SMTPReply | None:
+        """The message begun (354 for DATA): read it in chunks; or the error."""
+        if answer.code != 354:
+            return answer
+        assert self._reader is not None
+        self._reader.stuffed = False
+        self.chunked = True
+        return None
 
     def feedChunk(self, data: bytes, last: bool) -> None:
         """Bytes of the current chunk; ``last`` with the last of a LAST chunk."""
@@ -270,8 +300,8 @@ class Transaction:
             return reader.error
         return _format(replies.CHUNK_OK, size=str(size))
 
-    def _begin(self) -> SMTPReply | None:
-        """Start the message: the writer, the trace header, the reader; or the error."""
+    def _begin(self) -> Answer:
+        """Start the message: the writer, the trace header, the reader: 354; or the error."""
         sender = self.sender
         if self.stage is not Stage.ENVELOPE:
             return replies.NEED_MAIL
@@ -298,16 +328,15 @@ class Transaction:
             return self._spoolReply(Failure(e))
         self._writer = writer
         try:
-            writer.write(
-                receivedHeader(
-                    session,
-                    envelope,
-                    settings.hostname,
-                    writer.queueId,
-                    self._listener.clock.seconds(),
-                    settings.receivedClientAddress,
-                )
+            received = receivedHeader(
+                session,
+                envelope,
+                settings.hostname,
+                writer.queueId,
+                self._listener.clock.seconds(),
+                settings.receivedClientAddress,
             )
+            writer.write(received)
         except Exception as e:
             self.abandon()
             return self._spoolReply(Failure(e))
@@ -327,8 +356,22 @@ class Transaction:
             acceptBareLF=settings.acceptBareLF and self._user is not None,
         )
         self._envelope = envelope
+        if self._milters is not None:
+            # The milters see the message as the spool stores it, trace header first.
+            d = self._milters.data(writer.queueId, settings.maxHeaderSize * 2)
+            self._milters.feed(received)
+            return d.addCallback(self._dataChecked)
         self.stage = Stage.DATA
-        return None
+        return replies.START_DATA
+
+    def _dataChecked(self, refusal: SMTPReply | None) -> SMTPReply:
+        if self.stage is not Stage.ENVELOPE or self._writer is None:
+            return replies.LOCAL_ERROR  # abandoned meanwhile
+        if refusal is not None:
+            self.abandon()
+            return refusal
+        self.stage = Stage.DATA
+        return replies.START_DATA
 
     def _write(self, data: bytes) -> None:
         assert self._hold is not None
@@ -338,6 +381,8 @@ class Transaction:
         assert self._writer is not None and self._reader is not None
         if not data:
             return
+        if self._milters is not None:
+            self._milters.feed(data)
         try:
             self._writer.write(data)
         except Exception as e:
@@ -347,6 +392,10 @@ class Transaction:
         """Message bytes; once the data ends, the bytes after it (see L{finish})."""
         assert self._reader is not None
         return self._reader.feed(data)
+
+    def backlog(self) -> Deferred[None] | None:
+        """A Deferred to wait for before reading more of the message (slow milters), or None."""
+        return self._milters.backlog() if self._milters is not None else None
 
     def finish(self) -> Answer:
         """
@@ -378,6 +427,48 @@ class Transaction:
         if refusal is not None:
             self.abandon()
             return refusal
+        if self._milters is not None:
+            d = self._milters.endOfMessage()
+            return d.addCallback(self._milterVerdict, envelope, size)
+        return self._commit(envelope, size)
+
+    def _milterVerdict(self, verdict: Any, envelope: Envelope, size: int) -> Answer:
+        """What the milters made of the message: refuse, discard, or commit it changed."""
+        writer = self._writer
+        if self.stage is not Stage.CHECKING or writer is None:
+            return replies.LOCAL_ERROR  # abandoned while the milters decided
+        queueId = writer.queueId
+        if verdict.reply is None and not verdict.discard and verdict.recipients == ():
+            verdict = attrs.evolve(verdict, discard=True)  # every recipient deleted
+        if verdict.reply is not None or verdict.discard:
+            self.abandon()
+            what = "discarded" if verdict.discard else f"refused ({verdict.reply.code})"
+            self._log.info(
+                "milter {by} {what} {queueId} from=<{sender}> user={user!r}",
+                by=verdict.by or "-",
+                what=what,
+                queueId=queueId,
+                sender=str(envelope.sender or ""),
+                user=self._user,
+            )
+            return verdict.reply or _format(replies.QUEUED, queueId=queueId)
+        edits, recipients, hold = verdict.edits, verdict.recipients, verdict.holdReason
+        if edits or recipients is not None or hold is not None:
+            if not IEditableWriter.providedBy(writer):
+                self._log.error("Milter changes, but the spool cannot apply them")
+                self.abandon()
+                return replies.LOCAL_ERROR
+            writer.amend(edits.rewrite if edits else None, recipients, hold)
+            if recipients is not None:
+                envelope = attrs.evolve(envelope, recipients=recipients)
+            if hold is not None:
+                self._log.info(
+                    "milter {by} quarantined {queueId}: {reason}",
+                    by=verdict.by, queueId=queueId, reason=hold,
+                )  # fmt: skip
+        return self._commit(envelope, size)
+
+    def _commit(self, envelope: Envelope, size: int) -> Answer:
         writer, self._writer = self._writer, None
         assert writer is not None
         self.stage = Stage.COMMITTING

@@ -102,6 +102,8 @@ connection_rate_per_address = 100000
 max_connections_per_address = 1000
 messages_per_user = 0
 recipients_per_user = 0
+[breaker]
+enabled = false
 [relay]
 smarthosts = ["127.0.0.1:{upstream.portNumber}"]
 tls = "none"

@@ -35,9 +35,12 @@ DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
 USER = "carol@example.com"
 PASSWORD = "dovecot horse staple"
+#: Users whose stored value lets Dovecot serve CRAM-MD5 or SCRAM-SHA-256 too.
+CRAM_USER = "cram@example.com"
+SCRAM_USER = "scram@example.com"
 
 
-def _config(base: Path, port: int) -> str:
+def _config(base: Path, port: int, extra: str = "") -> str:
     user = pwd.getpwuid(os.getuid()).pw_name
     group = grp.getgrgid(os.getgid()).gr_name
     return f"""
@@ -47,7 +50,7 @@ log_path = {base}/dovecot.log
 protocols =
 listen = 127.0.0.1
 ssl = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login cram-md5 scram-sha-256
 default_internal_user = {user}
 default_internal_group = {group}
 default_login_user = {user}
@@ -75,27 +78,35 @@ service anvil {{
 service stats {{
   chroot =
 }}
+{extra}
 """
 
 
 class Dovecot:
-    """A Dovecot auth service of our own, in ``base``."""
+    """
+    A Dovecot auth service of our own, in ``base``: ``users`` are
+    C{(login, scheme, password)}, each stored by C{doveadm pw} in its
+    scheme; ``extra`` is appended to the configuration.
+    """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(
+        self, base: Path, users: list[tuple[str, str, str]] | None = None, extra: str = ""
+    ) -> None:
         self.base = base
         self.port = freePort()
         self.socket = str(base / "auth-client")
         self.process: subprocess.Popen[bytes] | None = None
         (base / "run").mkdir()
         (base / "state").mkdir()
-        scheme = subprocess.run(
-            [DOVEADM, "pw", "-s", "SHA512-CRYPT", "-p", PASSWORD],
-            capture_output=True,
-            check=True,
-            text=True,
-        ).stdout.strip()
-        (base / "users").write_text(f"{USER}:{scheme}::::::\n")
-        (base / "dovecot.conf").write_text(_config(base, self.port))
+        if users is None:
+            users = [
+                (USER, "SHA512-CRYPT", PASSWORD),
+                (CRAM_USER, "CRAM-MD5", PASSWORD),
+                (SCRAM_USER, "SCRAM-SHA-256", PASSWORD),
+            ]
+        lines = [f"{user}:{_hash(scheme, password)}::::::\n" for user, scheme, password in users]
+        (base / "users").write_text("".join(lines))
+        (base / "dovecot.conf").write_text(_config(base, self.port, extra))
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -148,6 +159,73 @@ class Dovecot:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+def _hash(scheme: str, password: str = PASSWORD) -> str:
+    """``password`` stored in ``scheme`` by Dovecot's own doveadm pw."""
+    return subprocess.run(
+        [DOVEADM, "pw", "-s", scheme, "-p", password], capture_output=True, check=True, text=True
+    ).stdout.strip()
+
+
+class ScramAuth:
+    """A SCRAM-SHA-256 client (scramp's) in the shape smtplib's C{auth()} calls."""
+
+    def __init__(self, user: str, password: str) -> None:
+        import scramp
+
+        self.client = scramp.ScramClient(["SCRAM-SHA-256"], user, password)
+        self.steps = 0
+        self.verified = False
+
+    def __call__(self, challenge: bytes | None = None) -> str:
+        self.steps += 1
+        if challenge is None:  # the initial response
+            return str(self.client.get_client_first())
+        if self.steps <= 2 and not challenge.startswith(b"v="):
+            self.client.set_server_first(challenge.decode())
+            return str(self.client.get_client_final())
+        self.client.set_server_final(challenge.decode())  # raises unless v= is right
+        self.verified = True
+        return ""
+
+
+def smtpAuth(
+    port: int, cert: str, mechanism: str, user: str, password: str, waitOffered: bool = True
+) -> tuple[int, Any]:
+    """
+    An SMTP AUTH with smtplib over STARTTLS (scramp for SCRAM-SHA-256):
+    its code and text. The mechanisms Dovecot lists are offered once mailgw
+    has heard its handshake: with ``waitOffered``, EHLO is asked again
+    (a bounded number of times) until ``mechanism`` is offered.
+    """
+    for _ in range(100):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            smtp.starttls(context=clientContext(cert))
+            smtp.ehlo("client.test")
+            offered = smtp.esmtp_features["auth"].split()
+            if mechanism not in offered:
+                if not waitOffered:
+                    raise AssertionError(f"{mechanism} not offered: {offered}")
+                time.sleep(0.1)
+                continue
+            smtp.user, smtp.password = user, password
+            scram = ScramAuth(user, password)
+            method = {
+                "PLAIN": smtp.auth_plain,
+                "LOGIN": smtp.auth_login,
+                "CRAM-MD5": smtp.auth_cram_md5,
+                "SCRAM-SHA-256": scram,
+            }[mechanism]
+            try:
+                code, text = smtp.auth(mechanism, method)
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code, e.smtp_error
+            if mechanism == "SCRAM-SHA-256" and code == 235 and not scram.verified:
+                raise AssertionError("235 without the server's SCRAM signature")
+            return code, text
+    raise AssertionError(f"{mechanism} never offered")
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -196,20 +274,10 @@ class _DovecotGateway:
         for checker in self.service.checkers:
             getattr(checker, "stop", lambda: None)()
 
-    def authenticate(self, mechanism: str, password: str = PASSWORD) -> tuple[int, Any]:
-        with smtplib.SMTP("127.0.0.1", self.submissionPort, timeout=30) as smtp:
-            smtp.ehlo("client.test")
-            smtp.starttls(context=clientContext(self.files["cert"]))
-            smtp.ehlo("client.test")
-            offered = smtp.esmtp_features["auth"].split()
-            if mechanism not in offered:
-                raise AssertionError(f"{mechanism} not offered: {offered}")
-            smtp.user, smtp.password = USER, password
-            method = {"PLAIN": smtp.auth_plain, "LOGIN": smtp.auth_login}[mechanism]
-            try:
-                return smtp.auth(mechanism, method)
-            except smtplib.SMTPAuthenticationError as e:
-                return e.smtp_code, e.smtp_error
+    def authenticate(
+        self, mechanism: str, password: str = PASSWORD, user: str = USER
+    ) -> tuple[int, Any]:
+        return smtpAuth(self.submissionPort, self.files["cert"], mechanism, user, password)
 
     @inlineCallbacks
     def test_plainAndLogin(self) -> Any:
@@ -222,6 +290,27 @@ class _DovecotGateway:
         code, text = yield deferToThread(self.authenticate, "PLAIN", "wrong")
         self.assertEqual(code, 535)
         self.assertIn(b"5.7.8", text)
+
+    @inlineCallbacks
+    def test_cramMD5Relayed(self) -> Any:
+        """Dovecot makes the challenge and checks the answer; smtplib is the client."""
+        code, text = yield deferToThread(self.authenticate, "CRAM-MD5", PASSWORD, CRAM_USER)
+        self.assertEqual(code, 235, self.dovecot.log())
+        code, text = yield deferToThread(self.authenticate, "CRAM-MD5", "wrong", CRAM_USER)
+        self.assertEqual(code, 535)
+        self.assertIn(b"5.7.8", text)
+
+    @inlineCallbacks
+    def test_scramRelayed(self) -> Any:
+        """SCRAM-SHA-256 against Dovecot's {SCRAM-SHA-256} value; scramp checks Dovecot's v=."""
+        code, _ = yield deferToThread(self.authenticate, "SCRAM-SHA-256", PASSWORD, SCRAM_USER)
+        self.assertEqual(code, 235, self.dovecot.log())
+        code, text = yield deferToThread(self.authenticate, "SCRAM-SHA-256", "wrong", SCRAM_USER)
+        self.assertEqual(code, 535)
+        self.assertIn(b"5.7.8", text)
+        # A user whose stored hash cannot serve SCRAM: Dovecot refuses, 535.
+        code, _ = yield deferToThread(self.authenticate, "SCRAM-SHA-256", PASSWORD, USER)
+        self.assertEqual(code, 535)
 
     @inlineCallbacks
     def test_downThenBack(self) -> Any:

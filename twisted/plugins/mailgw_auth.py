@@ -17,6 +17,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from mailgw.auth.passwd import PasswdChecker, PasswdFileError, readUsers
+from mailgw.auth.relay import IRelayedCredentials
 from mailgw.auth.scram import IScramCredentials
 
 _passwdHelp = """
@@ -85,7 +86,9 @@ SQLite. FILE is a TOML file naming the driver, the database, the query
     pool_size = 4
 
 Stored hashes: argon2id, bcrypt, SHA512-CRYPT, SHA256-CRYPT and Dovecot's
-{SCHEME} values. See docs/auth.md.
+{SCHEME} values. `mechanisms = ["PLAIN", "LOGIN", "SCRAM-SHA-256"]` also
+offers SCRAM-SHA-256 (for {SCRAM-SHA-256} or, with allow_plain, {PLAIN}
+values); CRAM-MD5 needs {PLAIN} values and allow_plain. See docs/auth.md.
 """
 
 
@@ -96,7 +99,7 @@ class SQLCheckerFactory:
     authType = "sql"
     authHelp = _sqlHelp
     argStringFormat = "FILE"
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword, IScramCredentials)
 
     def generateChecker(self, argstring: str) -> Any:
         """
@@ -168,9 +171,9 @@ class LDAPCheckerFactory:
             raise ValueError("ldap: needs ldap3 (pip install 'mailgw[ldap]')") from None
         from twisted.internet import reactor
 
-        from mailgw.auth.ldap import LDAPChecker, loadLDAPSettings, sharedDirectory
+        from mailgw.auth.ldap import loadLDAPSettings, makeLDAPChecker
 
-        return LDAPChecker(sharedDirectory(loadLDAPSettings(argstring), reactor))
+        return makeLDAPChecker(loadLDAPSettings(argstring), reactor)
 
 
 theLDAPCheckerFactory = LDAPCheckerFactory()
@@ -185,6 +188,9 @@ smtpd_sasl_type = dovecot:
 
 PLAIN and LOGIN are passed to Dovecot as PLAIN with service=smtp, secured
 and the client's address; EHLO offers them while Dovecot lists PLAIN.
+CRAM-MD5 and SCRAM-SHA-256 exchanges are relayed to Dovecot (it makes the
+challenges and checks the answers) while its handshake lists them, unless
+another backend (a passwd: file with CRAM or SCRAM secrets) serves them.
 While Dovecot cannot be reached or does not answer within 30 seconds,
 logins get 454 4.7.0 and mailgw reconnects by itself, with a back-off.
 """
@@ -197,7 +203,7 @@ class DovecotCheckerFactory:
     authType = "dovecot"
     authHelp = _dovecotHelp
     argStringFormat = "PATH or tcp:HOST:PORT"
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, IRelayedCredentials)
 
     def generateChecker(self, argstring: str) -> Any:
         """

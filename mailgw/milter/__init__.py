@@ -1,0 +1,4 @@
+"""
+Milters (the Sendmail/Postfix milter protocol, version 6) for the SMTP session: see
+L{mailgw.milter.chain} and docs/milter.md.
+"""
