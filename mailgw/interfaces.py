@@ -277,3 +277,50 @@ class IMessageSigner(Interface):
         @raise KeyError: as C{opener}; any other exception is transient for
             the delivery, as a failure of C{opener} is.
         """
+
+
+class ISharedCounters(Interface):
+    """
+    The engine that keeps counts shared by every process of a site (the
+    workers of one machine, the nodes of a cluster): leaky buckets, each
+    named by a table and a key. The limiters never call it: they read and
+    change counts synchronously through L{mailgw.limits.shared.SyncedCounters},
+    which sends the changes in batches in the background and refreshes the
+    levels it was asked for (see there for the staleness this allows).
+
+    A bucket of table C{spec} (a L{mailgw.limits.shared.TableSpec}: its
+    C{name}, C{budget} and C{window}) leaks linearly at C{spec.budget /
+    spec.window} per second, never below 0. A bucket nobody changed is at
+    0; the engine may forget a bucket once it has leaked to 0 (an expiry of
+    at least C{level * window / budget} seconds after its last change).
+    The engine reads time from its own clock: every process of a site must
+    see the same one (one engine, or clocks kept in step).
+    """
+
+    def apply(changes):  # type: ignore[no-untyped-def]
+        """
+        Apply a batch of changes and read the resulting levels.
+
+        @param changes: a sequence of L{mailgw.limits.shared.CounterChange}
+            (C{spec}, C{key}: a C{str}, C{amount}: a C{float}). For each, in
+            order and atomically with respect to every other process
+            changing the same bucket: leak the bucket to now, add C{amount}
+            (negative: a refund), clamp at 0, store the level with the
+            time, and note the level. An C{amount} of 0 only reads (it need
+            not store anything). The same bucket may appear more than once.
+            An empty batch still reaches the engine: it is the probe of
+            whether the engine is up.
+        @return: a Deferred that fires with a list of C{float}, the level
+            of each change's bucket just after that change, in the order of
+            C{changes}; or fails (any exception) when the engine could not
+            be reached or did not answer. After a failure any part of the
+            batch may or may not have been applied: the caller sends the
+            amounts again (at least once; counting twice is the safe side).
+            Never blocks the calling (reactor) thread and never raises.
+        """
+
+    def close():  # type: ignore[no-untyped-def]
+        """
+        Release the connection(s) and threads; a Deferred that fires when
+        done. No C{apply} is made after it.
+        """

@@ -92,6 +92,9 @@ class LeakyCounts:
         while len(self._entries) > self.maxKeys:
             self._entries.popitem(last=False)
 
+    def prefetch(self, key: Hashable) -> None:
+        """Nothing: the counts are all here (a shared table asks for its level)."""
+
     def remove(self, key: Hashable, amount: float) -> None:
         """
         Take ``amount`` events back from ``key`` (a refund), never below

@@ -30,10 +30,10 @@ from mailgw.limits._counters import (
     Client,
     Contributions,
     ExpiringKeys,
-    LeakyCounts,
     client,
 )
 from mailgw.limits.authlog import LOGIN_LIMIT, accountKey, formatLogLine
+from mailgw.limits.shared import SyncedCounters, makeTable
 from mailgw.replies import AUTH_BUSY, AUTH_THROTTLED, AUTH_THROTTLED_CLOSE, SMTPReply
 
 __all__ = [
@@ -222,6 +222,11 @@ class AuthThrottle:
 
     Each table keeps at most ``maxKeys`` keys. Decisions that delay, refuse
     or disconnect are logged through ``log`` (see L{formatLogLine}).
+
+    With ``shared`` the three failure budgets are counted across the site
+    (tables ``auth-address``, ``auth-network``, ``auth-account``; see
+    L{mailgw.limits.shared}); trust, the caps on attempts in flight and
+    what each pair added stay in this process.
     """
 
     def __init__(
@@ -230,12 +235,20 @@ class AuthThrottle:
         settings: LimitsConfig,
         maxKeys: int = DEFAULT_MAX_KEYS,
         log: Logger | None = None,
+        shared: SyncedCounters | None = None,
     ) -> None:
         self._settings = settings
         window = settings.authFailureWindow
-        self._addresses = LeakyCounts(clock, settings.authFailuresPerAddress, window, maxKeys)
-        self._networks = LeakyCounts(clock, settings.authFailuresPerNetwork, window, maxKeys)
-        self._accounts = LeakyCounts(clock, settings.authFailuresPerAccount, window, maxKeys)
+        s = settings
+        self._addresses = makeTable(
+            clock, shared, "auth-address", s.authFailuresPerAddress, window, maxKeys
+        )
+        self._networks = makeTable(
+            clock, shared, "auth-network", s.authFailuresPerNetwork, window, maxKeys
+        )
+        self._accounts = makeTable(
+            clock, shared, "auth-account", s.authFailuresPerAccount, window, maxKeys
+        )
         # What each (address, account) pair added to the three tables above.
         self._pairs = Contributions(
             clock, (self._addresses, self._networks, self._accounts), maxKeys
@@ -260,6 +273,16 @@ class AuthThrottle:
         exempt = who.within(self._settings.exempt)
         trusted = account is not None and (who.key, account) in self._trusted
         return _Subject(who, account, exempt, trusted)
+
+    def prefetch(self, address: str) -> None:
+        """
+        A connection from ``address`` has opened: with shared counts, ask
+        for its address's and network's failures now, in the background, so
+        that its AUTH sees the site's count; nothing otherwise.
+        """
+        who = client(address)
+        self._addresses.prefetch(who.key)
+        self._networks.prefetch(who.networkKey)
 
     def delayFor(self, failures: int) -> float:
         """The delay after ``failures`` failures: none for the free ones, then doubling."""

@@ -10,7 +10,8 @@ from collections.abc import Hashable
 from twisted.internet.interfaces import IReactorTime
 
 from mailgw.config import LimitsConfig
-from mailgw.limits._counters import DEFAULT_MAX_KEYS, LeakyCounts, client
+from mailgw.limits._counters import DEFAULT_MAX_KEYS, client
+from mailgw.limits.shared import SyncedCounters, makeTable
 from mailgw.replies import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_ADDRESS, SMTPReply
 
 # connection_rate_per_address counts connections per minute.
@@ -30,16 +31,31 @@ class ConnectionLimiter:
     Call L{open} when a connection arrives and, for each one it accepted,
     L{close} exactly once when it ends, and L{authenticated} once if it
     logs in.
+
+    With ``shared`` the rate per address is counted across the site (table
+    ``connection-rate``, see L{mailgw.limits.shared}); open connections are
+    counted in this process.
     """
 
     def __init__(
-        self, clock: IReactorTime, settings: LimitsConfig, maxKeys: int = DEFAULT_MAX_KEYS
+        self,
+        clock: IReactorTime,
+        settings: LimitsConfig,
+        maxKeys: int = DEFAULT_MAX_KEYS,
+        shared: SyncedCounters | None = None,
     ) -> None:
         self._settings = settings
         self._total = 0
         # Only addresses with open connections: at most maxConnections keys.
         self._open: dict[Hashable, int] = {}
-        self._opened = LeakyCounts(clock, settings.connectionRatePerAddress, RATE_WINDOW, maxKeys)
+        self._opened = makeTable(
+            clock,
+            shared,
+            "connection-rate",
+            settings.connectionRatePerAddress,
+            RATE_WINDOW,
+            maxKeys,
+        )
 
     def open(self, address: str) -> SMTPReply | None:
         """

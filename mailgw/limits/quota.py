@@ -8,7 +8,8 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 
 from mailgw.config import LimitsConfig
-from mailgw.limits._counters import DEFAULT_MAX_KEYS, LeakyCounts
+from mailgw.limits._counters import DEFAULT_MAX_KEYS
+from mailgw.limits.shared import SyncedCounters, makeTable
 from mailgw.replies import MESSAGE_RATE, RECIPIENT_RATE, SMTPReply
 
 # A user name in a reply: printable, and short enough for one reply line.
@@ -28,19 +29,33 @@ class SubmissionQuota:
     case-folded. Check L{checkMessage} at MAIL and L{checkRecipient} at each
     RCPT; L{record} each message once it is queued. Replies are transient:
     the quota comes back over the window.
+
+    With ``shared`` both are counted across the site (tables
+    ``quota-messages`` and ``quota-recipients``, see L{mailgw.limits.shared}).
     """
 
     def __init__(
-        self, clock: IReactorTime, settings: LimitsConfig, maxKeys: int = DEFAULT_MAX_KEYS
+        self,
+        clock: IReactorTime,
+        settings: LimitsConfig,
+        maxKeys: int = DEFAULT_MAX_KEYS,
+        shared: SyncedCounters | None = None,
     ) -> None:
         self._settings = settings
         window = settings.quotaWindow
-        self._messages = LeakyCounts(clock, settings.messagesPerUser, window, maxKeys)
-        self._recipients = LeakyCounts(clock, settings.recipientsPerUser, window, maxKeys)
+        s = settings
+        self._messages = makeTable(
+            clock, shared, "quota-messages", s.messagesPerUser, window, maxKeys
+        )
+        self._recipients = makeTable(
+            clock, shared, "quota-recipients", s.recipientsPerUser, window, maxKeys
+        )
 
     def checkMessage(self, user: str) -> SMTPReply | None:
         """None when ``user`` may start a message; else the 451 4.7.1 reply."""
         limit = self._settings.messagesPerUser
+        if self._settings.recipientsPerUser:
+            self._recipients.prefetch(user.casefold())  # shared: RCPT follows
         if limit and self._messages.count(user.casefold()) >= limit:
             return MESSAGE_RATE.withText(MESSAGE_RATE.text.format(user=_forReply(user)))
         return None

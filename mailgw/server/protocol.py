@@ -143,6 +143,9 @@ class SubmissionServer(Connection):
                 self.close(refusal)
                 return
             self._counted = address
+        auth = self.listener.guards.auth
+        if auth is not None:  # shared counts: ask for this client's failures now
+            auth.prefetch(self._clientAddress())
         settings = self.listener.settings
         if trusted is None:  # no AUTH on a reinjection listener: nothing to wait for
             self.startTimer(PREAUTH, settings.preAuthTimeout, replies.PREAUTH_TIMEOUT)
