@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from mailgw.config import Config, ConfigError
 from mailgw.control import ControlService, defaultSocketPath
 from mailgw.interfaces import SpoolError
+from mailgw.limits.shared import MemoryCounters
+from mailgw.workers.counters import CounterService, socketPath
 from mailgw.workers.fanout import FanOutControl
 from mailgw.workers.listeners import childFDs, inherited, metricsEndpoint, openListeners
 from mailgw.workers.restart import Backoff, RestartPolicy
@@ -92,6 +94,7 @@ class WorkerSupervisor(MultiService):
         command: Callable[[int, list[Any]], list[str]],
         backoff: Backoff | None = None,
         stopTimeout: float = STOP_TIMEOUT,
+        counters: str | None = None,
     ) -> None:
         super().__init__()
         self.config, self.reactor, self.command = config, reactor, command
@@ -111,6 +114,12 @@ class WorkerSupervisor(MultiService):
             defaultSocketPath(self.spool), self.fanout, reactor, reload=self.fanout.reload
         )
         self.control.setServiceParent(self)
+        #: The limits' counts of every worker (docs/operations.md), or None:
+        #: ``[limits] backend`` is the workers' engine.
+        self.counters: MemoryCounters | None = None
+        if counters is not None:
+            self.counters = MemoryCounters(reactor)
+            CounterService(counters, self.counters, reactor).setServiceParent(self)
 
     def shards(self) -> list[str]:
         """The spool directories of the workers, by index."""
@@ -318,7 +327,9 @@ def makeSupervisor(options: Any, config: Config, reactor: Any) -> WorkerSupervis
     config.check(requireAuth=True)
     if not makeCheckers(config):
         raise ConfigError(config.source, "auth.backends", "no auth backend: nobody could log in")
-    command = workerCommand(optionsArgv(options), config, options["log-format"])
-    supervisor = WorkerSupervisor(config, reactor, command)
+    # With a [limits] backend (Redis) the workers count there, as nodes do.
+    counters = None if getattr(config.limits, "backend", "") else socketPath(config.spool.directory)
+    command = workerCommand(optionsArgv(options), config, options["log-format"], counters)
+    supervisor = WorkerSupervisor(config, reactor, command, counters=counters)
     supervisor.prepareSpool()
     return supervisor
