@@ -58,7 +58,6 @@ class ShardTests(SynchronousTestCase):
 
     def legacySpool(self) -> tuple[str, list[str]]:
         from mailgw.queue.spool import Spool
-
         from tests.test_spool import ENVELOPE, SESSION
 
         spool = self.mktemp()
