@@ -329,3 +329,22 @@ class CounterTests(TestCase):
         many = yield one.apply([CounterChange(spec, f"s:user{i}", 1.0) for i in range(250)])
         self.assertEqual(len(many), 250)
         self.assertEqual(len(store), 251)
+
+    @inlineCallbacks
+    def test_unreachableFailsThenReconnects(self) -> Any:
+        """No supervisor: apply fails (the limits count locally); later it connects."""
+        from twisted.internet import reactor
+
+        from mailgw.limits.shared import MemoryCounters
+        from mailgw.workers.counters import AMPCounters, CounterService
+
+        path = os.path.abspath(self.mktemp())
+        engine = AMPCounters(reactor, path)
+        self.addCleanup(engine.close)
+        spec = TableSpec("quota-messages", 10, 3600)
+        yield self.assertFailure(engine.apply([CounterChange(spec, "s:a", 1.0)]), Exception)
+        service = CounterService(path, MemoryCounters(reactor), reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        levels = yield engine.apply([CounterChange(spec, "s:a", 1.0)])
+        self.assertEqual(levels, [1.0])

@@ -93,7 +93,7 @@ def main(argv: Sequence[str]) -> None:
         event["log_system"] = f"worker-{index}"
         observer(event)
 
-    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([tagged], redirectStandardIO=False)  # type: ignore[list-item]
     root = tap.makeService(options)
     gateway = _gateway(root)
     gateway.listenOn = Adopter(

@@ -109,27 +109,27 @@ class AMPCounters:
     def __init__(self, reactor: Any, path: str) -> None:
         self.reactor, self.path = reactor, path
         self._protocol: amp.AMP | None = None
-        self._connecting: Deferred[amp.AMP] | None = None
+        self._waiters: list[Deferred[amp.AMP]] = []
 
     def _connected(self) -> Deferred[amp.AMP]:
         protocol = self._protocol
-        if protocol is not None and protocol.transport is not None and protocol.boxReceiver:
+        if protocol is not None and protocol.transport is not None:
             if not getattr(protocol.transport, "disconnected", False):
                 return succeed(protocol)
-        if self._connecting is None:
+        waiter: Deferred[amp.AMP] = Deferred()
+        self._waiters.append(waiter)
+        if len(self._waiters) == 1:
             endpoint = UNIXClientEndpoint(self.reactor, self.path, timeout=5)
             d = endpoint.connect(Factory.forProtocol(amp.AMP))
+            d.addBoth(self._done)
+        return waiter
 
-            def done(result: Any) -> Any:
-                self._connecting = None
-                if isinstance(result, amp.AMP):
-                    self._protocol = result
-                return result
-
-            self._connecting = d.addBoth(done)
-        result: Deferred[amp.AMP] = Deferred()
-        self._connecting.addBoth(lambda r: result.callback(r) or r)
-        return result
+    def _done(self, result: Any) -> None:
+        if isinstance(result, amp.AMP):
+            self._protocol = result
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(result)  # a Failure fails each waiter
 
     def apply(self, changes: Sequence[CounterChange]) -> Deferred[list[float]]:
         rows = [

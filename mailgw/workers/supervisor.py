@@ -177,7 +177,12 @@ class WorkerSupervisor(MultiService):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self._open().addCallback(lambda _: [self.spawn(w.index) for w in self.workers])
+        self._open().addCallback(self._spawnAll)
+
+    def _spawnAll(self, ports: object) -> object:
+        for worker in self.workers:
+            self.spawn(worker.index)
+        return ports
 
     def spawn(self, index: int) -> None:
         """Start worker ``index``."""
