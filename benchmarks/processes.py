@@ -195,9 +195,11 @@ class Processes:
         ports = readJSONLine(process.stdout)
         return Server("reference", process, int(ports["starttls"]), int(ports["implicit"]))
 
-    def startGateway(self) -> Server:
+    def startGateway(self, workers: int = 1) -> Server:
+        """``twistd mailgw``; with ``workers`` > 1 its supervisor and workers."""
         starttls, implicit = freePort(), freePort()
-        self.gatewayLog = self.directory / "gateway.log"
+        suffix = f"-{workers}w" if workers > 1 else ""
+        self.gatewayLog = self.directory / f"gateway{suffix}.log"
         argv = [
             sys.executable,
             "-c",
@@ -219,7 +221,9 @@ class Processes:
             "--auth",
             f"passwd:{self.passwd}",
             "--spool",
-            str(self.directory / "spool"),
+            str(self.directory / f"spool{suffix}"),
+            "--workers",
+            str(workers),
             "--hostname",
             "localhost",
             "--relay",
@@ -230,7 +234,9 @@ class Processes:
         path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
         process = self.spawn(argv, server=True, cwd=str(ROOT), env=env)
-        server = Server("gateway", process, starttls, implicit)
+        # The workers' CPU time and memory are summed with the supervisor's.
+        name = f"gateway {workers}w" if workers > 1 else "gateway"
+        server = Server(name, process, starttls, implicit, tree=workers > 1)
         try:
             self.waitListening(server, limit=60)
         except RuntimeError as e:
