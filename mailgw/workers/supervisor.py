@@ -251,6 +251,8 @@ class WorkerSupervisor(MultiService):
 
     def reload(self, config: Config | None = None) -> bool:
         """SIGHUP (the configuration checked by the caller): every worker reloads."""
+        if config is not None and config.server.workers != self.count:
+            self.log.warn("Reload: server.workers changed; it takes effect at the next restart")
         count = self.signalWorkers(signal.SIGHUP)
         self.log.info("SIGHUP passed on to {count} workers", count=count)
         return True
