@@ -348,3 +348,22 @@ class CounterTests(TestCase):
         self.addCleanup(service.stopService)
         levels = yield engine.apply([CounterChange(spec, "s:a", 1.0)])
         self.assertEqual(levels, [1.0])
+
+
+class StoppedGatewayTests(SynchronousTestCase):
+    """With the gateway stopped, hold/release/delete change the shard holding the message."""
+
+    def test_holdInTheOwningShard(self) -> None:
+        from mailgw.cli.queue import _inSpools
+
+        spool, ids = ShardTests.legacySpool(self)  # type: ignore[arg-type]
+        shards.migrateLegacy(spool)
+        other, moreIds = ShardTests.legacySpool(self)  # type: ignore[arg-type]
+        os.rename(other, shards.shardDirectory(spool, 1))
+        count, errors = _inSpools(spool, "unused", "hold", [moreIds[1], ids[0], "nope"])
+        self.assertEqual(count, 2)
+        self.assertEqual(errors, ["unknown queue id nope"])
+        one = SpoolReader(shards.shardDirectory(spool, 1))
+        self.assertTrue(one.load(moreIds[1]).held)
+        self.assertFalse(one.load(moreIds[0]).held)
+        self.assertTrue(SpoolReader(shards.shardDirectory(spool, 0)).load(ids[0]).held)
