@@ -9,7 +9,9 @@ counts shared over AMP.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,13 @@ from mailgw.workers.fanout import FanOutControl
 from mailgw.workers.listeners import metricsEndpoint
 from mailgw.workers.restart import Backoff, RestartPolicy
 from mailgw.workers.supervisor import WorkerSupervisor, listenerDescriptions
+
+
+def shortSocketPath(testCase: Any) -> str:
+    """A socket path short enough for AF_UNIX, removed after the test."""
+    directory = tempfile.mkdtemp(prefix="mailgw-")
+    testCase.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, "counters.sock")
 
 
 class ShardTests(SynchronousTestCase):
@@ -312,8 +321,7 @@ class CounterTests(TestCase):
         from mailgw.limits.shared import MemoryCounters
         from mailgw.workers.counters import AMPCounters, CounterService
 
-        path = os.path.join(self.mktemp() + "-c")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        path = shortSocketPath(self)
         store = MemoryCounters(reactor)
         service = CounterService(path, store, reactor)
         service.startService()
@@ -338,7 +346,7 @@ class CounterTests(TestCase):
         from mailgw.limits.shared import MemoryCounters
         from mailgw.workers.counters import AMPCounters, CounterService
 
-        path = os.path.abspath(self.mktemp())
+        path = shortSocketPath(self)
         engine = AMPCounters(reactor, path)
         self.addCleanup(engine.close)
         spec = TableSpec("quota-messages", 10, 3600)
@@ -367,3 +375,27 @@ class StoppedGatewayTests(SynchronousTestCase):
         self.assertTrue(one.load(moreIds[1]).held)
         self.assertFalse(one.load(moreIds[0]).held)
         self.assertTrue(SpoolReader(shards.shardDirectory(spool, 0)).load(ids[0]).held)
+
+
+class CounterKeyTests(TestCase):
+    @inlineCallbacks
+    def test_longAndOddKeysStillSent(self) -> Any:
+        """Client-chosen keys (long logins, a lone surrogate) never make a batch unsendable."""
+        from twisted.internet import reactor
+
+        from mailgw.limits.shared import MemoryCounters
+        from mailgw.workers.counters import MAX_KEY, AMPCounters, CounterService
+
+        path = shortSocketPath(self)
+        store = MemoryCounters(reactor)
+        service = CounterService(path, store, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        engine = AMPCounters(reactor, path)
+        self.addCleanup(engine.close)
+        spec = TableSpec("auth-account", 10, 3600)
+        keys = [f"s:{i}" + "\u00e9" * 2000 for i in range(150)] + ["s:bad\udc80"]
+        levels = yield engine.apply([CounterChange(spec, k, 1.0) for k in keys])
+        self.assertEqual([round(x) for x in levels], [1] * len(keys))
+        again = yield engine.apply([CounterChange(spec, keys[0][: MAX_KEY + 5], 1.0)])
+        self.assertEqual([round(x) for x in again], [2])  # cut alike: the same bucket

@@ -35,6 +35,30 @@ CHUNK = 100
 MAX_KEY = 320
 
 
+#: Bytes of one AMP call's changes at most (an AMP value holds 65535).
+CHUNK_BYTES = 32 * 1024
+
+
+def _safeKey(key: str) -> str:
+    # A key is client-chosen text (a login): cut, and any lone surrogate
+    # escaped, so that no key can make a batch unsendable.
+    return key[:MAX_KEY].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``rows`` in calls of at most L{CHUNK} changes and about L{CHUNK_BYTES} bytes."""
+    chunks: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for row in rows:
+        cost = len(row["key"].encode("utf-8")) + len(row["table"]) + 96
+        if chunks[-1] and (len(chunks[-1]) >= CHUNK or size + cost > CHUNK_BYTES):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(row)
+        size += cost
+    return chunks
+
+
 def socketPath(spool: str) -> str:
     return os.path.join(spool, SOCKET_NAME)
 
@@ -132,25 +156,25 @@ class AMPCounters:
             waiter.callback(result)  # a Failure fails each waiter
 
     def apply(self, changes: Sequence[CounterChange]) -> Deferred[list[float]]:
-        rows = [
-            {
-                "table": c.spec.name,
-                "budget": float(c.spec.budget),
-                "window": float(c.spec.window),
-                "key": c.key[:MAX_KEY],
-                "amount": float(c.amount),
-            }
-            for c in changes
-        ]
+        chunks = _chunks(
+            [
+                {
+                    "table": c.spec.name,
+                    "budget": float(c.spec.budget),
+                    "window": float(c.spec.window),
+                    "key": _safeKey(c.key),
+                    "amount": float(c.amount),
+                }
+                for c in changes
+            ]
+        )
 
         def send(protocol: amp.AMP) -> Deferred[list[float]]:
-            chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)] or [[]]
             calls = [protocol.callRemote(Apply, changes=chunk) for chunk in chunks]
             d = gatherResults(calls, consumeErrors=True)
             return d.addCallback(lambda answers: [x for a in answers for x in a["levels"]])
 
-        d = self._connected().addCallback(send)
-        return d
+        return self._connected().addCallback(send)
 
     def close(self) -> Deferred[None]:
         protocol, self._protocol = self._protocol, None
