@@ -290,9 +290,10 @@ class Bench(Processes):
         machine["cores"] = f"{os.cpu_count()} (usable: {self.usableCPUs})"
         report: dict[str, Any] = {"machine": machine, "rows": [], "memory": []}
         printMachine(report["machine"], self.serverCPUs, self.clientCPUs, GATEWAY_CONFIG)
-        gateway = self.startGateway()
+        gateways = [self.startGateway(n) for n in self.options.workers]
+        gateway = gateways[0]
         reference = self.startReference()
-        servers = [gateway, reference]
+        servers = [*gateways, reference]
         why = "--no-postfix" if self.options.no_postfix else postfixUnavailable()
         if why is None:
             try:
@@ -341,10 +342,21 @@ def parseArguments(argv: list[str] | None = None) -> argparse.Namespace:
     add("--messages", type=int, default=0, help="messages of A, AR, B and C (0: as defined)")
     add("--processes", type=int, default=0, help="load generator processes (0: one per load CPU)")
     add("--no-postfix", action="store_true", help="no Postfix row even when it is installed")
+    add(
+        "--workers",
+        default="1",
+        help="comma-separated worker counts: a gateway row for each ([server] workers)",
+    )
     add("--json", metavar="PATH", help="also write every figure to PATH as JSON")
     add("--keep", action="store_true", help="keep the temp directory (gateway log, spool)")
     options = parser.parse_args(argv)
     options.scenario = [s.strip().upper() for s in options.scenario.split(",") if s.strip()]
+    try:
+        options.workers = [int(n) for n in options.workers.split(",") if n.strip()] or [1]
+    except ValueError:
+        parser.error("--workers takes numbers, e.g. 1,2")
+    if min(options.workers) < 1:
+        parser.error("--workers takes numbers of at least 1")
     unknown = set(options.scenario) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")

@@ -106,6 +106,8 @@ class ServerConfig:
     maxJunkCommands: int = 20
     closeTimeout: float = 5
     acceptBareLF: bool = False
+    #: Worker processes (docs/operations.md, "Workers"); 1: a single process.
+    workers: int = 1
 
 
 @attrs.frozen
@@ -456,7 +458,25 @@ def _server(t: _Table) -> ServerConfig:
         maxJunkCommands=t.get("max_junk_commands", _integer(0), d.maxJunkCommands),
         closeTimeout=t.get("close_timeout", _duration(), d.closeTimeout),
         acceptBareLF=t.get("accept_bare_lf", _boolean, d.acceptBareLF),
+        workers=t.get("workers", _workers, d.workers),
     )
+
+
+#: The most worker processes ``[server] workers`` may ask for.
+MAX_WORKERS = 1024
+
+
+def _workers(value: Any) -> int:
+    """A number of workers, or "auto": the cores this process may run on."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)  # --workers N
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise _Invalid(
+            f'expected a number of workers from 1 to {MAX_WORKERS} or "auto", got {value!r}'
+        )
+    return value
 
 
 def _tls(t: _Table) -> TLSConfig:

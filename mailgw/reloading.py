@@ -54,6 +54,7 @@ class SwappableContextFactory:
 _RESTART_ONLY = (
     ("server.submission", lambda c: c.server.submission),
     ("server.submissions", lambda c: c.server.submissions),
+    ("server.workers", lambda c: c.server.workers),
     ("spool.directory", lambda c: c.spool.directory),
     ("limits", lambda c: c.limits),
     ("queue", lambda c: c.queue),

@@ -282,6 +282,9 @@ class GatewayService(MultiService):
         self._listeners.extend(zip(config.reinject.listen, self.reinjectFactories, strict=True))
         self.ports: list[IListeningPort] = []
         self._listening: Deferred[list[IListeningPort]] | None = None
+        #: How a listener is opened: ``(description, factory)`` -> Deferred of
+        #: the port. A worker of ``[server] workers`` adopts its supervisor's socket.
+        self.listenOn: Callable[[str, Any], Deferred[IListeningPort]] = self._listenOnEndpoint
 
     def _addBreaker(self, webhookSender: Any) -> Any:
         """The account breaker (docs/breaker.md), hooked into queue and logins; None if off."""
@@ -462,12 +465,14 @@ class GatewayService(MultiService):
             return
         waits = []
         for description, factory in self._listeners:
-            endpoint = serverFromString(self.reactor, description)
-            d = endpoint.listen(factory)
+            d = self.listenOn(description, factory)
             d.addCallback(self._listeningOn, description)
             waits.append(d)
         self._listening = gatherResults(waits, consumeErrors=True)
         self._listening.addErrback(self._listenFailed)
+
+    def _listenOnEndpoint(self, description: str, factory: Any) -> Deferred[IListeningPort]:
+        return serverFromString(self.reactor, description).listen(factory)
 
     def _listeningOn(self, port: IListeningPort, description: str) -> IListeningPort:
         self.ports.append(port)

@@ -56,6 +56,7 @@ class Options(usage.Options, AuthOptionMixin):
         ["demo-dir", None, "demo", "Directory the demo keeps its files in."],
         ["log-format", None, "text", "Log format: text or json (one JSON object per line)."],
         ["metrics", None, None, "Endpoint for /metrics and /healthz, e.g. tcp:9466:interface=::1."],
+        ["workers", None, None, "Worker processes, a number or auto (one per usable core)."],
     ]
 
     def __init__(self) -> None:
@@ -104,6 +105,7 @@ class Options(usage.Options, AuthOptionMixin):
             ("relay-tls", "relay.tls"),
             ("relay-ca", "relay.ca_file"),
             ("metrics", "metrics.listen"),
+            ("workers", "server.workers"),
         ]:
             if self[option] is not None:
                 values[key] = self[option]
@@ -232,9 +234,16 @@ def makeService(options: Options) -> IService:
     try:
         config, password = buildConfig(options)
         _raiseFileLimit(config)
-        service = GatewayService(config, reactor, exitOnListenFailure=True)
+        service: Any
+        if config.server.workers > 1:
+            from mailgw.workers.supervisor import makeSupervisor  # docs/operations.md
+
+            service = makeSupervisor(options, config, reactor)
+        else:
+            service = GatewayService(config, reactor, exitOnListenFailure=True)
         _giveSpool(options, config)
         root = _loggingRoot(options, reactor)
+        service.logFile = root.logFile
         service.setServiceParent(root)
         hangup = ReloadOnHangup(service, options, reactor)
         hangup.setServiceParent(root)

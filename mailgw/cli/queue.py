@@ -37,7 +37,8 @@ from mailgw.control import (
     sendCommand,
 )
 from mailgw.envelope import QueuedMessage, RecipientState, RecipientStatus
-from mailgw.queue.spool import Spool, SpoolError, SpoolReader
+from mailgw.queue.spool import Spool, SpoolError, SpoolReader, isQueueId
+from mailgw.workers.shards import shardDirectories
 
 DEFAULT_CONFIG_FILE = "/etc/mailgw/mailgw.toml"
 #: How long to wait for the gateway's answer; deleting many messages fsyncs
@@ -147,7 +148,17 @@ def spoolDirectory(args: argparse.Namespace) -> str:
     return config.spool.directory
 
 
+def spoolParts(directory: str) -> list[str]:
+    """
+    The spools in ``directory``: itself, and the shards of ``[server]
+    workers`` (docs/operations.md), each read like a spool of its own.
+    """
+    return [directory, *shardDirectories(directory)]
+
+
 def _checkSpool(directory: str) -> None:
+    if shardDirectories(directory):
+        return
     try:
         isSpool = stat.S_ISDIR(os.stat(os.path.join(directory, "queue")).st_mode)
     except PermissionError:
@@ -168,14 +179,19 @@ def _spoolProblem(directory: str, error: SpoolError) -> CommandError:
 def _pending(args: argparse.Namespace) -> list[QueuedMessage]:
     directory = spoolDirectory(args)
     _checkSpool(directory)
-    try:
-        return SpoolReader(directory).pending()
-    except SpoolError as e:
-        raise _spoolProblem(directory, e) from None
+    messages: list[QueuedMessage] = []
+    for part in spoolParts(directory):
+        try:
+            messages += SpoolReader(part).pending()
+        except SpoolError as e:
+            if part == directory and not os.path.isdir(os.path.join(part, "queue")):
+                continue  # a sharded spool: the messages are in the shards
+            raise _spoolProblem(part, e) from None
+    return messages
 
 
 def _corrupt(args: argparse.Namespace) -> int:
-    return SpoolReader(spoolDirectory(args)).corrupt()
+    return sum(SpoolReader(part).corrupt() for part in spoolParts(spoolDirectory(args)))
 
 
 def _corruptNote(count: int) -> str:
@@ -330,6 +346,9 @@ def queueShow(args: argparse.Namespace) -> int:
     directory = spoolDirectory(args)
     _checkSpool(directory)
     reader, now = SpoolReader(directory), _now()
+    for part in spoolParts(directory):
+        if isQueueId(args.id) and os.path.exists(os.path.join(part, "queue", f"{args.id}.json")):
+            reader = SpoolReader(part)  # the shard that holds it
     try:
         m = reader.load(args.id)
         text = _headers(reader, args.id, args.body)
@@ -452,7 +471,7 @@ def queueControl(args: argparse.Namespace) -> int:
                 f"the gateway is not running (nothing listens on {socketPath}); flush "
                 "needs it: the gateway tries every due message when it starts"
             ) from None
-        count, errors = _inSpool(directory, socketPath, command, ids)
+        count, errors = _inSpools(directory, socketPath, command, ids)
     except ControlError as e:
         raise CommandError(str(e)) from None
     if count or not errors:
@@ -518,6 +537,30 @@ def _lockTaken(directory: str) -> bool:
     finally:
         os.close(fd)  # also releases the probe's lock
     return False
+
+
+def _inSpools(
+    directory: str, socketPath: str, command: str, ids: list[str]
+) -> tuple[int, list[str]]:
+    """L{_inSpool} on the spool, or on each shard holding some of ``ids``."""
+    shards = shardDirectories(directory)
+    if not shards:
+        return _inSpool(directory, socketPath, command, ids)
+    count, left = 0, list(ids)
+    for shard in shards:
+        mine = [
+            i
+            for i in left
+            if isQueueId(i) and os.path.exists(os.path.join(shard, "queue", f"{i}.json"))
+        ]
+        if mine:
+            done, _ = _inSpool(shard, defaultSocketPath(shard), command, mine)
+            count += done
+            left = [i for i in left if i not in mine]
+    if left:
+        unknown = ", ".join(printable(i) for i in left)
+        return count, [f"unknown queue id{'s' if len(left) > 1 else ''} {unknown}"]
+    return count, []
 
 
 def _inSpool(
