@@ -35,17 +35,12 @@ USER = "bench@localhost"
 #: per-user quotas would measure the defences, not the gateway; the idle
 #: sessions of M need more than the default 1000 connections. One user sending
 #: thousands of messages an hour is what the account breaker stops: it is off.
-# The AUTH throttle counts a login in flight as a failure until it succeeds:
-# 20 parallel first logins of the one benchmark user would be delayed (up to
-# 16 s, docs/performance.md), so no free-failure budget is spent on them.
 GATEWAY_CONFIG = """\
 [limits]
 exempt = ["127.0.0.1/32"]
 max_connections = 2000
 messages_per_user = 0
 recipients_per_user = 0
-auth_free_failures = 1000
-auth_failures_per_account = 1000
 
 [breaker]
 enabled = false

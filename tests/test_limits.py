@@ -757,9 +757,8 @@ class AuthAttemptTests(SynchronousTestCase):
         """
         Identical attempts under way (one login, one password: a relay
         client opening 20 sessions at once with a cold cache) share one
-        verification slot, so none is refused; each still counts as a
-        failure until its outcome, and every slot comes back. Different
-        passwords for the account are still capped.
+        verification slot, so none is refused, and every slot comes back.
+        Different passwords for the account are still capped.
         """
         throttle = self.throttle(authFreeFailures=50, authFailuresPerAddress=100,
                                  authFailuresPerAccount=100)  # fmt: skip
@@ -780,6 +779,35 @@ class AuthAttemptTests(SynchronousTestCase):
                 decision.attempt.succeeded() if decision in same else decision.attempt.failed()
         self.assertEqual(throttle.inFlight, 0)
         self.assertEqual(throttle._shared, {})
+
+    def test_identicalAttemptsAreOneGuess(self) -> None:
+        """
+        Identical attempts under way count once against the failure budgets:
+        twenty parallel first logins of a relay client are not delayed by
+        their own provisional failures (with the defaults, the twentieth was
+        delayed by seconds), and twenty parallel repeats of one wrong
+        password are one failure. Repeated after they ended, it counts again.
+        """
+        throttle = self.throttle()
+        first = [
+            throttle.begin("192.0.2.9", "relay", "PLAIN", fingerprint=b"R" * 32) for _ in range(20)
+        ]
+        self.assertEqual([(d.refuse, d.delay) for d in first], [(False, 0.0)] * 20)
+        self.assertEqual(self.counts(throttle, "192.0.2.9", "relay"), (1, 1, 1))
+        for decision in first:
+            decision.attempt.succeeded()
+        self.assertEqual(self.counts(throttle, "192.0.2.9", "relay"), (0, 0, 0))
+
+        wrong = [
+            throttle.begin("198.51.100.7", "bob", "PLAIN", fingerprint=b"W" * 32)
+            for _ in range(20)
+        ]
+        for decision in wrong:
+            decision.attempt.failed()
+        self.assertEqual(self.counts(throttle, "198.51.100.7", "bob"), (1, 1, 1))
+        again = throttle.begin("198.51.100.7", "bob", "PLAIN", fingerprint=b"W" * 32)
+        again.attempt.failed()
+        self.assertEqual(self.counts(throttle, "198.51.100.7", "bob"), (2, 2, 2))
 
     def test_concurrencyPerAccount(self) -> None:
         """

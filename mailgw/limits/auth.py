@@ -382,7 +382,11 @@ class AuthThrottle:
         backends verify identical logins in flight once (a relay client
         opening 20 sessions at once with a cold cache costs one password
         check), so they count once against the caps on verifications in
-        flight. Each still counts against the failure budgets.
+        flight, and once against the failure budgets: they are one guess,
+        whatever its outcome, so a relay client's burst of first logins is
+        not delayed by its own attempts, and an attacker repeating a guess
+        in parallel gains nothing. An identical attempt begun after the
+        others ended counts again.
         """
         subject = self._classify(address, login)
         decision = self._budgets(subject)
@@ -395,7 +399,7 @@ class AuthThrottle:
             if busy is not None:
                 decision = busy
         if not decision.refuse:
-            amounts = self._count(subject)
+            amounts = _NOTHING if joins else self._count(subject)
             if not joins:
                 self._hold(subject)
             if shared is not None:
