@@ -799,8 +799,7 @@ class AuthAttemptTests(SynchronousTestCase):
         self.assertEqual(self.counts(throttle, "192.0.2.9", "relay"), (0, 0, 0))
 
         wrong = [
-            throttle.begin("198.51.100.7", "bob", "PLAIN", fingerprint=b"W" * 32)
-            for _ in range(20)
+            throttle.begin("198.51.100.7", "bob", "PLAIN", fingerprint=b"W" * 32) for _ in range(20)
         ]
         for decision in wrong:
             decision.attempt.failed()
