@@ -106,6 +106,7 @@ class ServerConfig:
     maxJunkCommands: int = 20
     closeTimeout: float = 5
     acceptBareLF: bool = False
+    binaryMime: bool = False
     #: Worker processes (docs/operations.md, "Workers"); 1: a single process.
     workers: int = 1
 
@@ -458,6 +459,7 @@ def _server(t: _Table) -> ServerConfig:
         maxJunkCommands=t.get("max_junk_commands", _integer(0), d.maxJunkCommands),
         closeTimeout=t.get("close_timeout", _duration(), d.closeTimeout),
         acceptBareLF=t.get("accept_bare_lf", _boolean, d.acceptBareLF),
+        binaryMime=t.get("binary_mime", _boolean, d.binaryMime),
         workers=t.get("workers", _workers, d.workers),
     )
 
@@ -748,6 +750,12 @@ def configFromDict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     config = Config(source=source, **sections)
     if config.api.tokenFile and not config.metrics.listen:
         raise ConfigError(source, "api.token_file", "the API is served on [metrics] listen: set it")
+    if config.server.binaryMime and config.filter.protocol:
+        raise ConfigError(
+            source,
+            "server.binary_mime",
+            "cannot be on with [filter] content_filter: the filter takes messages with DATA",
+        )
     return config
 
 

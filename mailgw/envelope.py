@@ -42,6 +42,7 @@ class BodyType(enum.Enum):
 
     SEVENBIT = "7BIT"
     EIGHTBITMIME = "8BITMIME"
+    BINARYMIME = "BINARYMIME"  # RFC 3030: only in BDAT chunks, relayed only so
 
 
 #: The version of the spool's state files this code writes. Files without a

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailgw.envelope import BodyType
 from mailgw.server.data import DataReader
 from tests.helpers import Harness
 
@@ -187,3 +188,77 @@ class ChunkReaderTests(SynchronousTestCase):
             self.assertEqual(chunked[0], whole[0])
             expected = message if message.endswith(b"\r\n") or not message else message + b"\r\n"
             self.assertEqual(whole[0], expected)
+
+
+class BinaryMimeTests(SynchronousTestCase):
+    """BODY=BINARYMIME (RFC 3030 3), offered with ``[server] binarymime``."""
+
+    BODY = b"Subject: bin\r\n\r\n\x00\x01\r\x02\n.\n\r\n.\r\n" + bytes(range(256)) * 40
+
+    def start(self, **settings: object) -> Harness:
+        h = Harness(**settings)
+        h.login()
+        return h
+
+    def test_offeredOnlyWhenEnabled(self) -> None:
+        self.assertNotIn(b"BINARYMIME", self.start().command(b"EHLO client.test"))
+        h = self.start(binaryMime=True)
+        self.assertIn(b"250-CHUNKING\r\n250-BINARYMIME\r\n", h.command(b"EHLO client.test"))
+        plain = self.start()
+        self.assertEqual(
+            plain.command(b"MAIL FROM:<alice@example.com> BODY=BINARYMIME"),
+            b"501 5.5.4 Bad value for parameter BODY\r\n",
+        )
+
+    def test_storedAsReceived(self) -> None:
+        """Bare CR, LF, NUL and long lines in the body: kept, byte for byte."""
+        h = self.start(binaryMime=True)
+        h.command(b"MAIL FROM:<alice@example.com> BODY=BINARYMIME")
+        h.command(b"RCPT TO:<bob@example.org>")
+        first, rest = self.BODY[:19], self.BODY[19:]
+        h.send(b"BDAT %d\r\n" % len(first) + first + b"BDAT %d LAST\r\n" % len(rest) + rest)
+        self.assertRegex(h.take(), rb"250 2\.0\.0 19 octets received\r\n250 2\.0\.0 Ok: queued as ")
+        [(message, data)] = h.spool.committed.values()
+        self.assertEqual(message.envelope.body, BodyType.BINARYMIME)
+        self.assertTrue(data.endswith(b"\r\nSubject: bin\r\n\r\n" + self.BODY[16:]), data[:200])
+
+    def test_dataRefused(self) -> None:
+        h = self.start(binaryMime=True)
+        h.command(b"MAIL FROM:<alice@example.com> BODY=BINARYMIME")
+        h.command(b"RCPT TO:<bob@example.org>")
+        self.assertEqual(h.command(b"DATA"), b"503 5.5.1 BODY=BINARYMIME needs BDAT, not DATA\r\n")
+        self.assertEqual(h.spool.writers, [])
+
+    def test_headerSectionStaysText(self) -> None:
+        """A bare LF in the header section refuses the message: headers are lines."""
+        h = self.start(binaryMime=True)
+        h.command(b"MAIL FROM:<alice@example.com> BODY=BINARYMIME")
+        h.command(b"RCPT TO:<bob@example.org>")
+        body = b"Subject: x\nBcc: y\r\n\r\nbody"
+        h.send(b"BDAT %d LAST\r\n" % len(body) + body)
+        self.assertEqual(h.take()[:10], b"554 5.6.0 ")
+        self.assertEqual(h.spool.committed, {})
+
+    def test_sizeLimit(self) -> None:
+        h = self.start(binaryMime=True, maxMessageSize=1000)
+        h.command(b"MAIL FROM:<alice@example.com> BODY=BINARYMIME")
+        h.command(b"RCPT TO:<bob@example.org>")
+        body = b"Subject: x\r\n\r\n" + b"\0" * 1000
+        h.send(b"BDAT %d LAST\r\n" % len(body) + body)
+        self.assertEqual(h.take()[:10], b"552 5.3.4 ")
+
+
+class BinaryMimeConfigTests(SynchronousTestCase):
+    def test_notWithAContentFilter(self) -> None:
+        """The filter takes mail with DATA: BINARYMIME with it is a start-up error."""
+        from mailgw.config import ConfigError, configFromDict
+
+        data = {
+            "server": {"hostname": "gw.example", "binary_mime": True},
+            "filter": {"content_filter": "smtp:127.0.0.1:10024"},
+        }
+        with self.assertRaises(ConfigError) as e:
+            configFromDict(data, source="f.toml")
+        self.assertEqual(e.exception.key, "server.binary_mime")
+        del data["filter"]
+        self.assertTrue(configFromDict(data, source="f.toml").server.binaryMime)

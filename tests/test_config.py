@@ -74,6 +74,7 @@ SCHEMA = {
         "max_junk_commands",
         "close_timeout",
         "accept_bare_lf",
+        "binary_mime",
         "workers",
     ],
     "tls": ["certificate", "key", "min_version", "ticket_lifetime"],
@@ -205,6 +206,7 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
         "max_junk_commands": [-1, 1.5, "20"],
         "close_timeout": [0, float("inf"), "5"],
         "accept_bare_lf": [1, "yes"],
+        "binary_mime": [1, "yes"],
         "workers": [0, 1025, "many", True, 1.5],
     },
     "tls": {

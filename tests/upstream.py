@@ -88,6 +88,8 @@ class Knobs:
     stallAt: str | None = None
     starttlsReply: str | None = None  # replaces the 220 to STARTTLS (TLS not started)
     brokenTLS: bool = False  # answer the ClientHello with plain text and hang up
+    chunking: bool = False  # advertise CHUNKING and BINARYMIME (RFC 3030), take BDAT
+    chunkReplies: dict[int, str] = attrs.Factory(dict)  # the reply to the Nth BDAT (from 0)
 
 
 class UpstreamProtocol(Protocol):
@@ -105,6 +107,7 @@ class UpstreamProtocol(Protocol):
         self.halted = False  # dropped or stalled: ignore everything
         self.raw = bytearray()  # data mode: the stuffed data so far
         self.searchFrom = 0
+        self.chunkCount = 0  # BDAT commands so far (for chunkReplies)
         self.resetTransaction()
         self.stage("greeting", self.knobs.greetingReply)
 
@@ -139,6 +142,10 @@ class UpstreamProtocol(Protocol):
         while not self.halted:
             if self.mode == "data":
                 if not self.dataMode():
+                    return
+                continue
+            if self.mode == "chunk":
+                if not self.chunkMode():
                     return
                 continue
             end = self.buffer.find(b"\r\n")
@@ -185,6 +192,48 @@ class UpstreamProtocol(Protocol):
         self.stage("dot", reply)
         return True
 
+    def chunkMode(self) -> bool:
+        """Take the bytes of a BDAT chunk; True when it is all read."""
+        take = self.buffer[: self.chunkLeft]
+        self.buffer = self.buffer[len(take) :]
+        self.chunkLeft -= len(take)
+        self.raw += take
+        if self.chunkLeft:
+            return False
+        self.mode = "command"
+        reply = self.knobs.chunkReplies.get(self.chunkCount, "250 2.0.0 Ok")
+        if self.chunkRefused:
+            reply = "503 5.5.1 Send MAIL first"
+        self.chunkCount += 1
+        if not reply.startswith("2"):
+            self.raw, self.chunkLast = bytearray(), False
+            self.resetTransaction()
+            self.send(reply)
+        elif self.chunkLast:
+            received = Received(
+                (self.mailFrom or b"").decode("utf-8"),
+                self.mailParams,
+                tuple(self.rcpts),
+                bytes(self.raw),
+                self.tls,
+                self.user,
+                reply,
+            )
+            self.raw = bytearray()
+            self.resetTransaction()
+            self.factory.record(received)
+            self.send(reply)
+        else:
+            self.send(reply)
+        return True
+
+    def do_BDAT(self, line: bytes) -> None:
+        words = line.split()
+        self.chunkLeft = int(words[1])
+        self.chunkLast = len(words) > 2 and words[2].upper() == b"LAST"
+        self.chunkRefused = self.mailFrom is None  # read, dropped, then answered
+        self.mode = "chunk"
+
     def command(self, line: bytes) -> None:
         verb = line.split(b" ", 1)[0].upper()
         handler = getattr(self, "do_" + verb.decode("ascii", "replace"), None)
@@ -210,6 +259,8 @@ class UpstreamProtocol(Protocol):
         lines.append("ENHANCEDSTATUSCODES")
         if k.dsn:
             lines.append("DSN")
+        if k.chunking:
+            lines += ["CHUNKING", "BINARYMIME"]
         if k.requireTLS and self.tls:
             lines.append("REQUIRETLS")
         if k.tlsOptions is not None and k.starttls and not self.tls:

@@ -25,10 +25,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailgw.config import TLSMode
-from mailgw.envelope import DeliveryResult, QueuedMessage
+from mailgw.envelope import BodyType, DeliveryResult, QueuedMessage
 from mailgw.relay.clientprotocol import (
     BODY_CHUNK,
     ConnectionFailed,
+    LocalError,
     ProtocolError,
     RelayError,
     Reply,
@@ -415,9 +416,11 @@ class _Session:
         toSend = transaction.unfinished()
         rcpts = [transaction.rcptCommand(address, self.capabilities) for _, address in toSend]
         pipelining = self.capabilities.offers("PIPELINING")
+        # RFC 3030 3: a BINARYMIME message goes in BDAT chunks, never DATA.
+        chunked = transaction.message.envelope.body is BodyType.BINARYMIME
         if pipelining:
             # RFC 2920 3.1: MAIL, every RCPT and DATA in one group.
-            lines = [mail, *rcpts, "DATA"]
+            lines = [mail, *rcpts] if chunked else [mail, *rcpts, "DATA"]
             protocol.send("".join(f"{line}\r\n" for line in lines).encode("utf-8"), len(lines))
             mailReply = await protocol.nextReply(timeouts.mail, "reply to MAIL")
         else:
@@ -440,6 +443,12 @@ class _Session:
                     acceptedAt.append(index)
                 elif mailReply.positive:
                     transaction.finish(index, classify(reply))
+        if chunked:
+            if accepted:
+                await self.chunks(transaction, body)
+            elif mailReply.positive:
+                await self.reset()
+            return
         dataReply: Reply | None = None
         if pipelining:
             dataReply = await protocol.nextReply(timeouts.dataInitiation, "reply to DATA")
@@ -474,6 +483,30 @@ class _Session:
         final = await protocol.nextReply(timeouts.finalDot, "reply to the final dot")
         _check(final)
         transaction.finishAll(classify(final))
+
+    async def chunks(self, transaction: Transaction, body: _Body) -> None:
+        """
+        The message in BDAT chunks (RFC 3030), each answered before the next
+        is sent, then an empty LAST chunk; a refused chunk ends the
+        transaction with its reply.
+        """
+        protocol, timeouts = self.protocol, self.timeouts
+        while True:
+            try:
+                chunk = await body.read(self.runBlocking)
+            except (OSError, ValueError) as e:
+                raise LocalError(f"cannot read the message from the spool: {e}") from None
+            last = not chunk
+            protocol.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if last else b"") + chunk, 1)
+            waitingFor = "reply to the last BDAT" if last else "reply to BDAT"
+            reply = await protocol.nextReply(timeouts.finalDot if last else timeouts.dataBlock,
+                                             waitingFor)  # fmt: skip
+            _check(reply)
+            if last or not reply.positive:
+                transaction.finishAll(classify(reply))
+                if not last:
+                    await self.reset()
+                return
 
     async def reset(self) -> None:
         """RSET after a transaction that failed midway (RFC 5321 4.1.1.5)."""

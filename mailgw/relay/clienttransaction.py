@@ -99,6 +99,13 @@ def classify(reply: Reply) -> Outcome:
 CANNOT_8BIT = Outcome(
     False, True, 554, "5.6.3", "upstream does not support 8BITMIME; cannot take this 8-bit message"
 )
+CANNOT_BINARY = Outcome(
+    False,
+    True,
+    554,
+    "5.6.3",
+    "upstream does not support BINARYMIME with CHUNKING; cannot take this binary message",
+)
 CANNOT_UTF8 = Outcome(
     False, True, 554, "5.6.7", "upstream does not support SMTPUTF8 and cannot take this message"
 )
@@ -181,7 +188,7 @@ class Transaction:
     def refuse(self, capabilities: Capabilities, verifiedTLS: bool) -> bool:
         """
         Finish, permanently, what cannot go to this upstream (RFC 6152 3,
-        RFC 6531 3.4, RFC 1870 6, RFC 8689 4.2.1, addresses with control
+        RFC 3030 3, RFC 6531 3.4, RFC 1870 6, RFC 8689 4.2.1, addresses with control
         characters); ``verifiedTLS``: the session's TLS verified the
         upstream's certificate.
 
@@ -194,6 +201,10 @@ class Transaction:
             self.finishAll(REQUIRETLS_NOT_OFFERED)
         elif envelope.body is BodyType.EIGHTBITMIME and not capabilities.offers("8BITMIME"):
             self.finishAll(CANNOT_8BIT)
+        elif envelope.body is BodyType.BINARYMIME and not (
+            capabilities.offers("BINARYMIME") and capabilities.offers("CHUNKING")
+        ):
+            self.finishAll(CANNOT_BINARY)  # RFC 3030 3: never converted
         elif self.needsUTF8 and not capabilities.offers("SMTPUTF8"):
             self.finishAll(CANNOT_UTF8)
         elif capabilities.sizeLimit and size > capabilities.sizeLimit:
@@ -213,6 +224,8 @@ class Transaction:
             params.append(f"SIZE={self.message.size}")
         if self.message.envelope.body is BodyType.EIGHTBITMIME:
             params.append("BODY=8BITMIME")
+        elif self.message.envelope.body is BodyType.BINARYMIME:
+            params.append("BODY=BINARYMIME")
         if self.needsUTF8:
             params.append("SMTPUTF8")
         envelope = self.message.envelope

@@ -223,3 +223,73 @@ class DataReader:
             self._fail(replies.MAIL_LOOP)
             return False
         return True
+
+
+@attrs.define
+class BinaryReader:
+    """
+    Consumes a BODY=BINARYMIME message (RFC 3030 3): BDAT chunks only, the
+    body stored exactly as received, whatever its bytes (bare CR, LF, NUL,
+    lines of any length). The header section is still text: it is checked
+    as L{DataReader} checks it (CRLF lines only, ``maxHeaderSize``,
+    ``maxReceived``), and ``size`` is bounded by ``maxSize`` as the chunks
+    come. Such a message is relayed only in BDAT chunks, to an upstream
+    that offers BINARYMIME, so nothing in it can end a transaction early.
+    """
+
+    sink: Callable[[bytes], None]
+    maxSize: int
+    maxHeaderSize: int = 262144
+    maxReceived: int = 50
+    stuffed: bool = False  # BDAT carries no dot-stuffing (L{DataReader}'s field)
+    size: int = 0
+    error: SMTPReply | None = None
+    headers: bytearray = attrs.field(factory=bytearray)
+    received: int = 0
+    _inHeaders: bool = True
+    _pending: bytes = b""
+
+    def feedChunk(self, data: bytes, last: bool) -> None:
+        """Consume the bytes of a BDAT chunk; ``last``: the chunk ends the message."""
+        self.size += len(data)
+        if self.error is not None:
+            return
+        if self.size > self.maxSize:
+            self.error = replies.TOO_BIG
+            return
+        if self._inHeaders:
+            buf = self._pending + data
+            end = 0 if buf.startswith(b"\r\n") else buf.find(b"\r\n\r\n")
+            if end == -1 and not last:
+                if len(buf) > self.maxHeaderSize:
+                    self.error = replies.HEADERS_TOO_BIG
+                else:
+                    self._pending = buf
+                return
+            cut = len(buf) if end == -1 else (end + 2 if end else 0)
+            header, data = buf[:cut], buf[cut:]
+            self._pending, self._inHeaders = b"", False
+            if not self._header(header):
+                return
+            if header:
+                self.sink(header)
+        if data:
+            self.sink(data)
+
+    def _header(self, section: bytes) -> bool:
+        """Check the header section (complete lines, each ending in CRLF)."""
+        if len(section) > self.maxHeaderSize:
+            self.error = replies.HEADERS_TOO_BIG
+            return False
+        if section and not section.endswith(b"\r\n"):
+            section += b"\r\n"  # a message of one unfinished header line
+        crlf = section.count(b"\r\n")
+        if section.count(b"\r") != crlf or section.count(b"\n") != crlf or b"\0" in section:
+            self.error = replies.BAD_LINE_ENDINGS
+            return False
+        self.headers += section
+        self.received = (b"\r\n" + section).lower().count(b"\r\nreceived:")
+        if self.received > self.maxReceived:
+            self.error = replies.MAIL_LOOP
+            return False
+        return True

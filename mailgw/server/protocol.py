@@ -308,6 +308,8 @@ class SubmissionServer(Connection):
             "CHUNKING",
             DSN_KEYWORD,
         ]
+        if settings.binaryMime:
+            lines.insert(lines.index("CHUNKING") + 1, "BINARYMIME")
         if self._tls:
             lines.append(REQUIRETLS_KEYWORD)  # RFC 8689 4.1: only under TLS
         if not self._tls and self.listener.tlsContext is not None:

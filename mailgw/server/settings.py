@@ -34,7 +34,9 @@ class ServerSettings:
     this long to finish the close (answer the TLS close_notify) before the
     connection is aborted. ``acceptBareLF``: an authenticated client's
     message lines that end in a bare LF are converted to CRLF instead of
-    refusing the message (see L{mailgw.server.data}).
+    refusing the message (see L{mailgw.server.data}). ``binaryMime``: offer
+    BINARYMIME (RFC 3030): such a message comes in BDAT chunks and is stored
+    as received (L{mailgw.server.data.BinaryReader}).
     """
 
     hostname: str
@@ -53,6 +55,7 @@ class ServerSettings:
     maxJunkCommands: int = 20
     closeTimeout: float = 5.0
     acceptBareLF: bool = False
+    binaryMime: bool = False
 
 
 @attrs.define

@@ -30,7 +30,7 @@ from mailgw.envelope import Address, BodyType, Envelope, Session
 from mailgw.interfaces import IEditableWriter, IMessageWriter, IMilterSession
 from mailgw.queue.spool import SpoolError, SpoolFullError
 from mailgw.replies import SMTPReply
-from mailgw.server.data import DataReader
+from mailgw.server.data import BinaryReader, DataReader
 from mailgw.server.extensions import MAIL_PARAMETERS, MailOptions, recipientDSN
 from mailgw.server.headers import HeaderHold, messageId, missingFields
 from mailgw.server.received import receivedHeader
@@ -91,7 +91,7 @@ class Transaction:
         self._smtputf8 = False
         self._declaredSize: int | None = None
         self._writer: IMessageWriter | None = None
-        self._reader: DataReader | None = None
+        self._reader: DataReader | BinaryReader | None = None
         self._hold: HeaderHold | None = None
         self._envelope: Envelope | None = None
         #: The message's size and the seconds its commit took, once queued.
@@ -151,7 +151,10 @@ class Transaction:
                 if size > self._listener.settings.maxMessageSize:
                     return replies.TOO_BIG
             elif name == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                allowed: tuple[str, ...] = ("7BIT", "8BITMIME", "BINARYMIME")
+                if not self._listener.settings.binaryMime:
+                    allowed = allowed[:2]
+                if value is None or value.upper() not in allowed:
                     return _format(replies.BAD_PARAMETER, name=name)
                 body = BodyType(value.upper())
             elif name == "SMTPUTF8" and value is None:
@@ -253,6 +256,8 @@ class Transaction:
             # RFC 3030 3: DATA after BDAT fails the transaction.
             self.abandon()
             return replies.DATA_AFTER_BDAT
+        if self._body is BodyType.BINARYMIME:
+            return replies.BINARYMIME_NEEDS_BDAT  # RFC 3030 3
         return self._begin()
 
     def chunk(self) -> SMTPReply | None | Deferred[SMTPReply | None]:
@@ -355,6 +360,13 @@ class Transaction:
             maxReceived=settings.maxReceivedHeaders,
             acceptBareLF=settings.acceptBareLF and self._user is not None,
         )
+        if self._body is BodyType.BINARYMIME:
+            self._reader = BinaryReader(
+                sink=self._write,
+                maxSize=settings.maxMessageSize,
+                maxHeaderSize=settings.maxHeaderSize,
+                maxReceived=settings.maxReceivedHeaders,
+            )
         self._envelope = envelope
         if self._milters is not None:
             # The milters see the message as the spool stores it, trace header first.
@@ -390,7 +402,7 @@ class Transaction:
 
     def feed(self, data: bytes) -> bytes | None:
         """Message bytes; once the data ends, the bytes after it (see L{finish})."""
-        assert self._reader is not None
+        assert isinstance(self._reader, DataReader)  # DATA: never BINARYMIME
         return self._reader.feed(data)
 
     def backlog(self) -> Deferred[None] | None:

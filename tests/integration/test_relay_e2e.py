@@ -359,3 +359,34 @@ class UpstreamDownAtStartTests(GatewayTestCase):
         self.assertEqual(count, 1)
         [received] = yield upstream.waitForTransactions(1)
         self.assertEqual(received.rcpts, ("bob@example.org",))
+
+
+class BinaryMimeTests(RelayTestCase):
+    """BODY=BINARYMIME end to end: BDAT in, BDAT out, byte for byte."""
+
+    upstreamKnobs = {"chunking": True}
+
+    def adjustConfig(self, data: dict[str, Any]) -> dict[str, Any]:
+        data = super().adjustConfig(data)
+        data["server"] = {**data["server"], "binary_mime": True}
+        return data
+
+    @inlineCallbacks
+    def test_binaryByteForByte(self) -> Any:
+        body = b"Subject: binary\r\n\r\n" + bytes(range(256)) * 300 + b"\n.\n\r.\r\n"
+
+        def send() -> tuple[int, bytes]:
+            with smtplib.SMTP("localhost", self.submissionPort, timeout=60) as smtp:
+                smtp.starttls(context=clientContext(self.files["cert"]))
+                smtp.login(USER, PASSWORD)
+                assert smtp.has_extn("binarymime") and smtp.has_extn("chunking")
+                smtp.mail(USER, ["BODY=BINARYMIME"])
+                smtp.rcpt("bob@example.org")
+                smtp.send(b"BDAT %d LAST\r\n" % len(body) + body)
+                return smtp.getreply()
+
+        code, reply = yield deferToThread(send)
+        self.assertEqual(code, 250, reply)
+        [received] = yield self.upstream.waitForTransactions(1)
+        self.assertEqual(stripTrace(received.data), body)
+        self.assertIn("BODY=BINARYMIME", received.mailParams)
