@@ -222,6 +222,18 @@ class BinaryMimeTests(SynchronousTestCase):
         self.assertEqual(message.envelope.body, BodyType.BINARYMIME)
         self.assertTrue(data.endswith(b"\r\nSubject: bin\r\n\r\n" + self.BODY[16:]), data[:200])
 
+    def test_tinyChunks(self) -> None:
+        """The header section held over many one-octet chunks: the same message."""
+        from mailgw.server.data import BinaryReader
+
+        out: list[bytes] = []
+        reader = BinaryReader(sink=out.append, maxSize=10**6)
+        for i in range(len(self.BODY)):
+            reader.feedChunk(self.BODY[i : i + 1], i == len(self.BODY) - 1)
+        self.assertIsNone(reader.error)
+        self.assertEqual(b"".join(out), self.BODY)
+        self.assertEqual(bytes(reader.headers), b"Subject: bin\r\n")
+
     def test_dataRefused(self) -> None:
         h = self.start(binaryMime=True)
         h.command(b"MAIL FROM:<alice@example.com> BODY=BINARYMIME")

@@ -247,7 +247,7 @@ class BinaryReader:
     headers: bytearray = attrs.field(factory=bytearray)
     received: int = 0
     _inHeaders: bool = True
-    _pending: bytes = b""
+    _pending: bytearray = attrs.field(factory=bytearray)
 
     def feedChunk(self, data: bytes, last: bool) -> None:
         """Consume the bytes of a BDAT chunk; ``last``: the chunk ends the message."""
@@ -258,17 +258,20 @@ class BinaryReader:
             self.error = replies.TOO_BIG
             return
         if self._inHeaders:
-            buf = self._pending + data
-            end = 0 if buf.startswith(b"\r\n") else buf.find(b"\r\n\r\n")
+            # Held in a bytearray and searched from where the held part could
+            # end it: many tiny chunks cost linear time, not quadratic.
+            pending = self._pending
+            start = max(0, len(pending) - 3)
+            pending += data
+            end = 0 if pending.startswith(b"\r\n") else pending.find(b"\r\n\r\n", start)
             if end == -1 and not last:
-                if len(buf) > self.maxHeaderSize:
+                if len(pending) > self.maxHeaderSize:
                     self.error = replies.HEADERS_TOO_BIG
-                else:
-                    self._pending = buf
                 return
+            buf = bytes(pending)
             cut = len(buf) if end == -1 else (end + 2 if end else 0)
             header, data = buf[:cut], buf[cut:]
-            self._pending, self._inHeaders = b"", False
+            self._pending, self._inHeaders = bytearray(), False
             if not self._header(header):
                 return
             if header:
