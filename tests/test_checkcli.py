@@ -191,6 +191,20 @@ backends = ["passwd:{base}/passwd"]
         self.assertIn("readable by its group", err)
         self.assertIn("1 warning(s)", out)
 
+    def test_filterWithoutReinjection(self) -> None:
+        """A content filter with nowhere to hand mail back: a warning, and where."""
+        code, out, err = self.run_(
+            self.GOOD + '[filter]\ncontent_filter = "smtp:127.0.0.1:10024"\n'
+        )
+        self.assertEqual(code, 0)
+        self.assertIn("mailgw.toml: filter.content_filter: no [reinject] listen", err)
+        self.assertIn("1 warning(s)", out)
+        reinject = f'[reinject]\nlisten = ["tcp:port={freePort()}:interface=127.0.0.1"]\n'
+        code, out, err = self.run_(
+            self.GOOD + '[filter]\ncontent_filter = "smtp:127.0.0.1:10024"\n' + reinject
+        )
+        self.assertEqual((code, err), (0, ""))
+
     def newCertificate(self, hostname: str, days: int, ago: int = 0) -> None:
         for name in ("c.pem", "k.pem"):
             (self.base / name).unlink()

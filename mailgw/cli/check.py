@@ -222,6 +222,11 @@ def collect(path: str, bind: bool = True) -> tuple[Report, Any]:
     report.errors.extend(str(e) for e in keyProblems(config.dkim, config.source)[1])
     checkSpool(config, report)
     checkListeners(config, report, bind)
+    if config.filter.protocol and not config.reinject.listen:
+        report.warn(
+            "filter.content_filter",
+            "no [reinject] listen: what the filter accepts has no listener to come back to",
+        )
     descriptors = fdlimit.fitProblem(config)
     if descriptors:
         report.warn("limits.max_connections", descriptors)
