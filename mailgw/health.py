@@ -60,6 +60,48 @@ class HealthPage(Resource):
         return b"ok\n"
 
 
+#: The longest request body the listener reads (the API's requests carry
+#: none): twisted.web would otherwise store any body, in memory or a
+#: temporary file, before a resource could look at the token.
+MAX_BODY = 64 * 1024
+
+
+class BoundedRequest(Request):
+    """
+    A request whose body may not pass L{MAX_BODY}: past it, the client gets
+    ``413`` and the connection is closed, before any more is read or stored.
+    """
+
+    _seen = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        if length is not None and length > MAX_BODY:
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._seen += len(data)
+        if self._seen > MAX_BODY:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if not self._refused:
+            super().process()
+
+    def _refuse(self) -> None:
+        self._refused = True
+        transport: Any = self.channel.transport  # type: ignore[union-attr]
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        transport.loseConnection()
+
+
 def makeSite(registry: CollectorRegistry, checks: list[Check], api: Resource | None = None) -> Site:
     """The site; ``api``: the queue API (docs/api.md) under ``/api``, when configured."""
     root = Resource()
@@ -67,7 +109,7 @@ def makeSite(registry: CollectorRegistry, checks: list[Check], api: Resource | N
     root.putChild(b"healthz", HealthPage(checks))
     if api is not None:
         root.putChild(b"api", api)
-    site = Site(root)
+    site = Site(root, requestFactory=BoundedRequest)
     site.displayTracebacks = False
     return site
 

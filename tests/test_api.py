@@ -89,6 +89,49 @@ class ApiTests(unittest.TestCase):
         yield readBody(response)
 
     @inlineCallbacks
+    def test_bodyBounded(self) -> Any:
+        """
+        A body past MAX_BODY, announced or chunked, gets 413 and a closed
+        connection before the token is even looked at; nothing is stored.
+        """
+        import socket
+
+        from twisted.internet.threads import deferToThread
+
+        from mailgw.health import MAX_BODY
+
+        port = int(self.base.rsplit(":", 1)[1])
+        announced = (
+            b"POST /api/v1/messages/X/hold HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+        )
+        chunked = (
+            b"POST /api/v1/messages/X/hold HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + (b"4000\r\n" + b"x" * 0x4000 + b"\r\n")
+            * (MAX_BODY // 0x4000 + 1)
+        )
+
+        def send(request: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                try:
+                    s.sendall(request)
+                    s.sendall(b"y" * MAX_BODY)  # more than it may read: never stored
+                except OSError:
+                    pass  # the server closed first
+                answer = b""
+                while chunk := s.recv(4096):
+                    answer += chunk
+                return answer
+
+        for request in (announced, chunked):
+            answer = yield deferToThread(send, request)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer[:80])
+        # A request without a body is served as before.
+        code, body = yield self.call("GET", "/api/v1/messages")
+        self.assertEqual(code, 200)
+
+    @inlineCallbacks
     def test_listAndShow(self) -> Any:
         first = self.submit(ALICE)
         second = self.submit(MALLORY, "mallory@example.org")
