@@ -228,7 +228,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_optionsGiveTheCommandLineAgain(self) -> None:
         from mailgw import tap
-        from mailgw.workers.child import optionsArgv
+        from mailgw.workers.supervisor import optionsArgv
 
         options = tap.Options()
         argv = ["--config", "x.toml", "--submission", "tcp:1", "--submission", "tcp:2"]

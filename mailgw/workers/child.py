@@ -28,22 +28,6 @@ from mailgw import logs
 from mailgw.workers.listeners import Adopter, Inherited
 
 
-def optionsArgv(options: Any) -> list[str]:
-    """The command line that gives ``options`` (a parsed ``twistd mailgw``'s) again."""
-    argv: list[str] = []
-    for name, _, default, *_ in options.optParameters:
-        value = options[name]
-        if value is not None and value != default:
-            argv += [f"--{name}", str(value)]
-    for name in ("submission", "submissions", "auth", "relay"):
-        for value in options[name]:
-            argv += [f"--{name}", value]
-    for name, *_ in options.optFlags:
-        if options.get(name):
-            argv.append(f"--{name}")
-    return argv
-
-
 @implementer(IReadDescriptor)
 class ParentWatch:
     """Stops ``reactor`` when the supervisor closes the worker's standard input."""

@@ -289,6 +289,22 @@ class WorkerSupervisor(MultiService):
             os.close(fd)
 
 
+def optionsArgv(options: Any) -> list[str]:
+    """The command line that gives ``options`` (a parsed ``twistd mailgw``'s) again."""
+    argv: list[str] = []
+    for name, _, default, *_ in options.optParameters:
+        value = options[name]
+        if value is not None and value != default:
+            argv += [f"--{name}", str(value)]
+    for name in ("submission", "submissions", "auth", "relay"):
+        for value in options[name]:
+            argv += [f"--{name}", value]
+    for name, *_ in options.optFlags:
+        if options.get(name):
+            argv.append(f"--{name}")
+    return argv
+
+
 def workerCommand(
     argv: Sequence[str], config: Config, logFormat: str, counters: str | None = None
 ) -> Callable[[int, list[Any]], list[str]]:
@@ -329,7 +345,6 @@ def makeSupervisor(options: Any, config: Config, reactor: Any) -> WorkerSupervis
     @raise ConfigError: what is wrong.
     """
     from mailgw.service import makeCheckers
-    from mailgw.workers.child import optionsArgv
 
     config.check(requireAuth=True)
     if not makeCheckers(config):
