@@ -341,3 +341,38 @@ class SessionTests(SynchronousTestCase):
         setPassword(self.path, "alice", "other", hasher=CHEAP)
         reply = self.h.command(base64.b64encode(client.get_client_final().encode()))
         self.assertTrue(reply.startswith(b"535 5.7.8"), reply)
+
+
+class DecoyIterationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from mailgw.server import scram
+
+        self.counts = scram._IterationCounts()
+        self.patch(scram, "_SERVED", self.counts)
+
+    def iterations(self, user: bytes, found: object) -> bytes:
+        exchange = ScramExchange()
+        exchange.start(b"n,,n=" + user + b",r=abc")
+        challenge = exchange.keysFound(found)  # type: ignore[arg-type]
+        return dict(_pair(p) for p in challenge.data.split(b","))[b"i"]
+
+    def test_decoysCarryTheIterationsServed(self) -> None:
+        """
+        An unknown user's ``i=`` is the one real keys were served with most
+        (keys stored by Dovecot: 4096), so it does not tell who exists.
+        """
+        self.assertEqual(self.iterations(b"nobody", None), b"10000")  # nothing served yet
+        for user in (b"a", b"b", b"c"):
+            self.iterations(user, (makeKeys("pw", 4096, b"s" * 16), "source"))
+        self.iterations(b"d", (makeKeys("pw", 10000, b"s" * 16), "source"))
+        self.assertEqual(self.iterations(b"nobody", None), b"4096")
+
+    def test_bounded(self) -> None:
+        for n in range(100):
+            self.counts.saw(4096 + n)
+        self.assertEqual(len(self.counts.counts), self.counts.limit)
+
+
+def _pair(part: bytes) -> tuple[bytes, bytes]:
+    key, _, value = part.partition(b"=")
+    return key, value

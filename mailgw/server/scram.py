@@ -39,6 +39,31 @@ __all__ = ["NeedKeys", "ScramExchange", "lookupKeys"]
 _DECOY_SECRET = os.urandom(32)
 
 
+@attrs.define
+class _IterationCounts:
+    """
+    The iteration counts of the real keys served so far, so that decoys
+    carry the one most served: an unknown user's ``i=`` must not differ
+    from a known one's (keys stored by Dovecot commonly have 4096, mailgw's
+    own 10000). Bounded: a handful of distinct counts is what a site has.
+    """
+
+    counts: dict[int, int] = attrs.field(factory=dict)
+    limit: int = 16
+
+    def saw(self, iterations: int) -> None:
+        if iterations in self.counts or len(self.counts) < self.limit:
+            self.counts[iterations] = self.counts.get(iterations, 0) + 1
+
+    def usual(self, default: int) -> int:
+        if not self.counts:
+            return default
+        return max(self.counts.items(), key=lambda item: (item[1], item[0]))[0]
+
+
+_SERVED = _IterationCounts()
+
+
 @attrs.frozen
 class NeedKeys:
     """The exchange waits for the keys of ``username``: call L{ScramExchange.keysFound}."""
@@ -164,6 +189,10 @@ class ScramExchange:
         assert self._state == "keys"
         # Made for every user, so that a known one costs what an unknown one does.
         decoy = decoyKeys(_DECOY_SECRET, self._username)
+        if found is not None:
+            _SERVED.saw(found[0].iterations)
+        else:
+            decoy = attrs.evolve(decoy, iterations=_SERVED.usual(decoy.iterations))
         self._keys, self._source = found if found is not None else (decoy, None)
         salt = base64.b64encode(self._keys.salt)
         self._serverFirst = b"r=%s,s=%s,i=%d" % (self._nonce, salt, self._keys.iterations)
