@@ -19,6 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.postfix import DAEMONS, SERVICES
@@ -26,16 +27,77 @@ from benchmarks.postfix import DAEMONS, SERVICES
 
 def unavailable() -> str | None:
     """Why Postfix cannot run here as a relay client, or None when it can."""
-    if not (DAEMONS / "master").exists() or shutil.which("postfix") is None:
-        return "Postfix is not installed (Debian: apt-get install postfix)"
-    if os.geteuid() != 0:
-        return "Postfix needs root to start"
+    missing = postfixMissing()
+    if missing is not None:
+        return missing
     if not any(Path("/usr/lib").glob("*/sasl2/libplain.so*")):
         return "the SASL client modules are not installed (Debian: libsasl2-modules)"
     return None
 
 
-class PostfixRelayClient:
+def postfixMissing() -> str | None:
+    """Why no Postfix can run here at all (not installed, not root), or None."""
+    if not (DAEMONS / "master").exists() or shutil.which("postfix") is None:
+        return "Postfix is not installed (Debian: apt-get install postfix)"
+    if os.geteuid() != 0:
+        return "Postfix needs root to start"
+    return None
+
+
+class PostfixInstance:
+    """
+    A private Postfix: a configuration directory and queue under a temp
+    directory, its master in the foreground as the test's child, stopped by
+    its pid. A subclass writes main.cf and master.cf, then calls L{prepared}.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix=prefix))
+        os.chmod(self.directory, 0o711)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def prepared(self) -> None:
+        """The queue and data directories; C{postfix check} of the configuration."""
+        d = self.directory
+        (d / "queue").mkdir(mode=0o755)
+        (d / "data").mkdir(mode=0o700)
+        shutil.chown(d / "data", user="postfix", group="postfix")
+        subprocess.run(["postfix", "-c", str(d), "check"], check=True, capture_output=True)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(DAEMONS / "master"), "-c", str(self.directory), "-d"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def log(self) -> str:
+        try:
+            return (self.directory / "postfix.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def waitFor(self, predicate: Callable[[], bool], limit: float) -> bool:
+        """Poll ``predicate`` every 0.2 s for at most ``limit`` seconds."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.2)
+        return False
+
+
+class PostfixRelayClient(PostfixInstance):
     """
     A private Postfix that relays everything it takes on ``inPort`` to the
     gateway at ``localhost:gatewayPort`` with SASL ``user``/``password``,
@@ -52,9 +114,8 @@ class PostfixRelayClient:
         inPort: int,
         implicitTLS: bool = False,
     ) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="mailgw-postfix-"))
+        super().__init__("mailgw-postfix-")
         self.inPort = inPort
-        os.chmod(self.directory, 0o711)
         d = self.directory
         shutil.copy(caFile, d / "ca.pem")
         os.chmod(d / "ca.pem", 0o644)
@@ -102,39 +163,4 @@ biff = no
         (d / "sasl_passwd").write_text(f"[localhost]:{gatewayPort} {user}:{password}\n")
         shutil.chown(d / "sasl_passwd", group="postfix")
         os.chmod(d / "sasl_passwd", 0o640)
-        (d / "queue").mkdir(mode=0o755)
-        (d / "data").mkdir(mode=0o700)
-        shutil.chown(d / "data", user="postfix", group="postfix")
-        subprocess.run(["postfix", "-c", str(d), "check"], check=True, capture_output=True)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [str(DAEMONS / "master"), "-c", str(self.directory), "-d"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def log(self) -> str:
-        try:
-            return (self.directory / "postfix.log").read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def waitFor(self, predicate: object, limit: float) -> bool:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if predicate():  # type: ignore[operator]
-                return True
-            time.sleep(0.2)
-        return False
+        self.prepared()

@@ -13,35 +13,23 @@ postfix.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 from benchmarks.postfix import DAEMONS, SERVICES
+from tests.integration.postfixclient import PostfixInstance, postfixMissing
 
 
 def unavailable() -> str | None:
     """Why Postfix cannot run here as a server, or None when it can."""
-    if not (DAEMONS / "master").exists() or shutil.which("postfix") is None:
-        return "Postfix is not installed (Debian: apt-get install postfix)"
-    if os.geteuid() != 0:
-        return "Postfix needs root to start"
-    return None
+    return postfixMissing()
 
 
-class PostfixServer:
+class PostfixServer(PostfixInstance):
     """A private Postfix taking mail on ``port`` and relaying it to 127.0.0.1:``nextHop``."""
 
     def __init__(self, port: int, nextHop: int) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="mailgw-postfix-server-"))
+        super().__init__("mailgw-postfix-server-")
         self.port = port
-        os.chmod(self.directory, 0o711)
         d = self.directory
         (d / "main.cf").write_text(
             f"""\
@@ -76,34 +64,7 @@ biff = no
 """
         )
         (d / "master.cf").write_text(f"127.0.0.1:{port} inet n - n - - smtpd\n{SERVICES}")
-        (d / "queue").mkdir(mode=0o755)
-        (d / "data").mkdir(mode=0o700)
-        shutil.chown(d / "data", user="postfix", group="postfix")
-        subprocess.run(["postfix", "-c", str(d), "check"], check=True, capture_output=True)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [str(DAEMONS / "master"), "-c", str(self.directory), "-d"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-    def log(self) -> str:
-        try:
-            return (self.directory / "postfix.log").read_text(errors="replace")
-        except OSError:
-            return ""
+        self.prepared()
 
     def listening(self) -> bool:
         try:
@@ -111,12 +72,3 @@ biff = no
                 return True
         except OSError:
             return False
-
-    def waitFor(self, predicate: Callable[[], bool], limit: float) -> bool:
-        """Poll ``predicate`` (in a thread) every 0.2 s for at most ``limit`` seconds."""
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.2)
-        return False
