@@ -353,3 +353,25 @@ class SQLiteTests(TestCase):
 
     def test_cacheDefault(self) -> None:
         self.assertIsInstance(self.checker.cache, VerifiedCache)
+
+
+class OutagesTests(TestCase):
+    """A backend's outage is logged once when it begins and once when it ends."""
+
+    def test_oncePerOutage(self) -> None:
+        from twisted.internet import defer
+        from twisted.logger import Logger, formatEvent
+
+        from mailgw.auth.workers import Outages
+
+        events: list[dict[str, object]] = []
+        outages = Outages("users.sql", "database", SQLUnavailable, Logger(observer=events.append))
+        for _ in range(3):
+            self.failureResultOf(outages.watch(defer.fail(SQLUnavailable("refused"))))
+        self.failureResultOf(outages.watch(defer.fail(ValueError("a bug"))))  # not an outage
+        self.assertEqual(self.successResultOf(outages.watch(defer.succeed(7))), 7)
+        outages.watch(defer.succeed(8))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["users.sql: database unavailable: refused", "users.sql: database reachable again"],
+        )

@@ -35,7 +35,6 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.auth.ldapconfig import (
@@ -46,7 +45,7 @@ from mailgw.auth.ldapconfig import (
     fillTemplate,
     loadLDAPSettings,
 )
-from mailgw.auth.workers import IRetirable, SharedByKey, Workers
+from mailgw.auth.workers import IRetirable, Outages, SharedByKey, Workers
 
 __all__ = [
     "LDAPChecker",
@@ -90,10 +89,11 @@ class LDAPDirectory:
         init=False, factory=lambda: {"bind": [], "search": []}
     )
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
-    _down: bool = attrs.field(init=False, default=False)
+    _outages: Outages = attrs.field(init=False)
     log = Logger()
 
     def __attrs_post_init__(self) -> None:
+        self._outages = Outages(self.settings.source, "directory", LDAPUnavailable, self.log)
         self.workers = Workers(self.reactor, self.settings.poolSize, f"mailgw-ldap-{id(self):x}")
         self.workers.onClose(self._closeIdle)
 
@@ -287,23 +287,7 @@ class LDAPDirectory:
     # On the reactor thread.
 
     def _run(self, f: Any, *args: Any) -> defer.Deferred[Any]:
-        def ok(result: Any) -> Any:
-            if self._down:
-                self._down = False
-                self.log.info("{source}: directory reachable again", source=self.settings.source)
-            return result
-
-        def failed(failure: Failure) -> Failure:
-            if failure.check(LDAPUnavailable) and not self._down:
-                self._down = True  # logged once per outage, not once per login
-                self.log.error(
-                    "{source}: directory unavailable: {problem}",
-                    source=self.settings.source,
-                    problem=failure.getErrorMessage(),
-                )
-            return failure
-
-        return self.workers.run(f, *args).addCallbacks(ok, failed)
+        return self._outages.watch(self.workers.run(f, *args))
 
     def check(self, login: str, password: bytes) -> defer.Deferred[str | None]:
         """

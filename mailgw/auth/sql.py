@@ -45,7 +45,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailgw.auth.stored import StoredUser
-from mailgw.auth.workers import SharedByKey, Workers
+from mailgw.auth.workers import Outages, SharedByKey, Workers
 
 __all__ = ["SQLDatabase", "SQLSettings", "SQLSettingsError", "SQLUnavailable", "loadSQLSettings"]
 
@@ -231,10 +231,11 @@ class SQLDatabase:
     workers: Workers = attrs.field(init=False)
     _idle: list[Any] = attrs.field(init=False, factory=list)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
-    _down: bool = attrs.field(init=False, default=False)
+    _outages: Outages = attrs.field(init=False)
     log = Logger()
 
     def __attrs_post_init__(self) -> None:
+        self._outages = Outages(self.settings.source, "database", SQLUnavailable, self.log)
         if self.connect is None:
             self.connect = (
                 _connectPostgreSQL if self.settings.driver == "postgresql" else _connectSQLite
@@ -294,25 +295,9 @@ class SQLDatabase:
         raise AssertionError("unreachable")
 
     def _query(self, query: str, login: str, limit: int) -> defer.Deferred[list[tuple[Any, ...]]]:
-        d = self.workers.run(self._run, query, queryParameters(login), limit)
-
-        def ok(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-            if self._down:
-                self._down = False
-                self.log.info("{source}: database reachable again", source=self.settings.source)
-            return rows
-
-        def failed(failure: Any) -> Any:
-            if failure.check(SQLUnavailable) and not self._down:
-                self._down = True  # logged once per outage, not once per login
-                self.log.error(
-                    "{source}: database unavailable: {problem}",
-                    source=self.settings.source,
-                    problem=failure.getErrorMessage(),
-                )
-            return failure
-
-        return d.addCallbacks(ok, failed)
+        return self._outages.watch(
+            self.workers.run(self._run, query, queryParameters(login), limit)
+        )
 
     def fetchUser(self, login: str) -> defer.Deferred[StoredUser | None]:
         """

@@ -160,3 +160,39 @@ class SharedByKey:
         if self._objects.get(key) is found:
             del self._objects[key]
         found.workers.closeWhenIdle()
+
+
+@attrs.define
+class Outages:
+    """
+    A backend's reachability in the log: one line when it becomes
+    unreachable (``unavailable``, the backend's error for that) and one
+    when it answers again, not one per login.
+    """
+
+    source: str
+    what: str  # "database", "directory"
+    unavailable: type[Exception]
+    log: Any
+    down: bool = False
+
+    def watch(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """``d``, its outcome noted."""
+        return d.addCallbacks(self._answered, self._failed)
+
+    def _answered(self, result: Any) -> Any:
+        if self.down:
+            self.down = False
+            self.log.info("{source}: {what} reachable again", source=self.source, what=self.what)
+        return result
+
+    def _failed(self, failure: Any) -> Any:
+        if failure.check(self.unavailable) and not self.down:
+            self.down = True
+            self.log.error(
+                "{source}: {what} unavailable: {problem}",
+                source=self.source,
+                what=self.what,
+                problem=failure.getErrorMessage(),
+            )
+        return failure
